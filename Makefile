@@ -1,0 +1,43 @@
+# recdistill: the two commands a new user types are `make run` and `make test`.
+# Both create .venv and install everything first (idempotent: re-runs only when pyproject.toml changes).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# The CPU wheel of torch; on a CUDA machine use e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index of your choice.
+TORCH_SPEC ?= torch==2.13.0
+CONFIG     ?= configs/tiny.yaml
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.recdistill-installed
+
+.PHONY: setup run test test-unit test-integration bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev,s3]'
+	$(BIN)/python -m cluster.warmup
+	touch $@
+
+## Run the whole pipeline end to end on $(CONFIG) (default: the embedded synthetic dataset).
+run: setup
+	$(BIN)/recdistill pipeline --config $(CONFIG)
+
+## The whole test suite (unit + integration).
+test: setup
+	$(BIN)/pytest -q
+
+test-unit: setup
+	$(BIN)/pytest -q -m "not integration"
+
+test-integration: setup
+	$(BIN)/pytest -q -m integration
+
+## Benchmarks: print tables, write JSON under bench/results/.
+bench: setup
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf runs .pytest_cache

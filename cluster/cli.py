@@ -1,0 +1,75 @@
+"""``recdistill <stage> --config FILE [dotted.key=value ...]``
+
+The same entry point as ``python -m cluster.cli <stage> ...``, the form used with
+``ray job submit --working-dir .``. Every stage reads one validated config,
+writes under ``run.run_dir`` and saves the resolved config to ``run_dir/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable
+
+from data_pipeline.ingest import DataError
+from distill.config import Config, ConfigError, load_config
+from distill.export import ExportError
+
+# stage name -> (module in cluster/, one-line help). Modules are imported lazily so that
+# `--help` stays fast and a stage's heavy dependencies load only when it runs.
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("cluster.prepare", "Ingest the interaction log and write leave-one-out example shards to run_dir/data."),
+    "train-teacher": ("cluster.train_teacher", "Train the teacher with Ray Train + DeepSpeed ZeRO; export to run_dir/teacher."),
+    "precompute": ("cluster.precompute", "Run the teacher once over the training positions; write soft labels to run_dir/soft_labels."),
+    "distill": ("cluster.distill", "Train the student from the soft-label store (or --baseline: without the teacher)."),
+    "evaluate": ("cluster.evaluate", "Full-ranking HR@K/NDCG@K of every model present; write run_dir/report/metrics.json."),
+    "pipeline": ("cluster.pipeline", "Run every stage in order, skipping the ones already done."),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults).")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="dotted.key=value", help="Config overrides, e.g. run.run_dir=s3://bucket/run1"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+    for name, (_, help_text) in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(stage_parser)
+        if name == "distill":
+            stage_parser.add_argument(
+                "--baseline", action="store_true", help="Train the identical student without the teacher (alpha=1)."
+            )
+    return parser
+
+
+def stage_function(name: str) -> Callable[..., object]:
+    module = importlib.import_module(STAGES[name][0])
+    return module.run  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg: Config = load_config(args.config, args.overrides).with_absolute_paths()
+    except ConfigError as exc:
+        print(f"recdistill: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kwargs = {"baseline": True} if getattr(args, "baseline", False) else {}
+    try:
+        stage_function(args.stage)(cfg, **kwargs)
+    except (ConfigError, DataError, ExportError) as exc:
+        print(f"recdistill {args.stage}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

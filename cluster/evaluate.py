@@ -1,0 +1,65 @@
+"""``recdistill evaluate``: full-ranking test metrics of every model present in run_dir.
+
+Always the popularity baseline; the teacher, the distilled student and the baseline
+student when their exports exist. Writes ``run_dir/report/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from cluster.common import require_dataset, save_resolved_config
+from data_pipeline import fsio
+from data_pipeline.dataset import read_split, train_item_counts
+from data_pipeline.layout import RunLayout
+from distill.config import Config
+from distill.evaluate import evaluate_split, model_scorer, popularity_scorer
+from distill.export import ExportError, load_model
+
+log = logging.getLogger(__name__)
+
+# report name -> where its export lives in the run layout
+MODEL_EXPORTS = {"teacher": "teacher", "student_kd": "student", "student_baseline": "baseline"}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    layout = RunLayout(cfg.run.run_dir)
+    storage = cfg.data.storage_options
+    save_resolved_config(cfg)
+    manifest = require_dataset(cfg)
+    num_items = manifest["num_items"]
+    test = read_split(layout.data, "test", storage, manifest)
+    device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
+
+    results: dict[str, Any] = {}
+    counts = train_item_counts(layout.data, num_items, storage)
+    results["popularity"] = evaluate_split(popularity_scorer(counts), test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+    results["popularity"].update(params=0, bytes=int(counts.nbytes))
+    for name, folder in MODEL_EXPORTS.items():
+        try:
+            model, meta = load_model(getattr(layout, folder), storage)
+        except ExportError:
+            continue  # not trained (yet) in this run
+        model.to(device)
+        scores = evaluate_split(model_scorer(model, meta["model"]["max_len"]), test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        params = sum(p.numel() for p in model.parameters())
+        scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"])
+        results[name] = scores
+
+    report = {
+        "split": "test",
+        "protocol": "leave-one-out, full ranking over the catalog, pessimistic ties; "
+        "top level seen-filtered, 'unfiltered' below",
+        "dataset_fingerprint": manifest["fingerprint"],
+        "models": results,
+    }
+    fsio.write_json_atomic(layout.metrics, report, storage)
+    ks = cfg.eval.ks
+    print(f"{'model':<18}" + "".join(f"{'HR@' + str(k):>10}{'NDCG@' + str(k):>10}" for k in ks) + f"{'params':>12}")
+    for name, r in results.items():
+        print(f"{name:<18}" + "".join(f"{r[f'hr@{k}']:>10.4f}{r[f'ndcg@{k}']:>10.4f}" for k in ks) + f"{r['params']:>12,}")
+    print(f"metrics written to {layout.metrics}")
+    return report

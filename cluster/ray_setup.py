@@ -1,0 +1,71 @@
+"""Ray wiring shared by the stages: connect to a cluster, build Ray Train configs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig
+
+from distill.config import Config
+from distill.runtime import select_runtime, use_gpu_for_scaling
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join ``scaling.address`` (or RAY_ADDRESS, e.g. under ``ray job submit``); else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" always starts a fresh cluster for this process and never joins a stray head.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment for train workers: DeepSpeed's accelerator follows the hardware."""
+    use_gpu = use_gpu_for_scaling(cfg.scaling.use_gpu)
+    runtime = select_runtime(cfg.run.device if use_gpu else "cpu", cfg.deepspeed.bf16, cuda_available=use_gpu)
+    return {"DS_ACCELERATOR": runtime.accelerator}
+
+
+def scaling_config(cfg: Config, elastic: bool = False) -> ScalingConfig:
+    use_gpu = use_gpu_for_scaling(cfg.scaling.use_gpu)
+    num_workers: int | tuple[int, int] = cfg.scaling.num_workers
+    if elastic and cfg.scaling.min_workers is not None:
+        num_workers = (cfg.scaling.min_workers, cfg.scaling.num_workers)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def torch_config(cfg: Config) -> TorchConfig:
+    return TorchConfig(backend="nccl" if use_gpu_for_scaling(cfg.scaling.use_gpu) else "gloo")
+
+
+def storage_path(run_dir: str) -> str:
+    """Ray Train's storage: under run_dir; local paths must be absolute."""
+    if "://" in run_dir and not run_dir.startswith("file://"):
+        return f"{run_dir.rstrip('/')}/ray"
+    local = run_dir[len("file://") :] if run_dir.startswith("file://") else run_dir
+    return os.path.join(os.path.abspath(local), "ray")
+
+
+def run_config(cfg: Config, name: str, score_attribute: str | None = None) -> RunConfig:
+    checkpoints = CheckpointConfig(
+        num_to_keep=2,
+        checkpoint_score_attribute=score_attribute,
+        checkpoint_score_order="max",
+    )
+    return RunConfig(
+        name=name,
+        storage_path=storage_path(cfg.run.run_dir),
+        failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        checkpoint_config=checkpoints,
+        worker_runtime_env={"env_vars": worker_env(cfg)},
+    )

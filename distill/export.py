@@ -1,0 +1,102 @@
+"""Exported models: safetensors weights + config + a sha256 fingerprint.
+
+Layout under an export URL (e.g. ``run_dir/teacher``):
+  model.safetensors   consolidated fp32 weights (tied output weight stored once)
+  export.json         written last (the commit point): model config, catalog size,
+                      dataset fingerprint, training metrics, and ``fingerprint`` =
+                      sha256 over the weight bytes and the canonical model config.
+Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from data_pipeline import fsio
+from distill.config import ModelConfig
+from distill.model import SequentialRecommender
+
+WEIGHTS = "model.safetensors"
+META = "export.json"
+KIND = "recdistill.model"
+
+
+class ExportError(ValueError):
+    """A missing, incomplete or tampered export."""
+
+
+def _fingerprint(weights: bytes, model_cfg: dict[str, Any], num_items: int) -> str:
+    h = hashlib.sha256(weights)
+    h.update(json.dumps({"model": model_cfg, "num_items": num_items}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def save_export(
+    url: str,
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    num_items: int,
+    info: dict[str, Any],
+    storage_options: Optional[dict[str, Any]] = None,
+) -> str:
+    """Write an export and return its fingerprint. ``info`` is stored as is (metrics, provenance)."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    if model_cfg.tied_embeddings:
+        tensors.pop("output.weight", None)  # the same Parameter as item_emb.weight
+    weights = save_safetensors(tensors)
+    cfg_dict = model_cfg.model_dump(mode="json")
+    fingerprint = _fingerprint(weights, cfg_dict, num_items)
+    fsio.remove_file(fsio.join(url, META), storage_options)  # uncommit before replacing the weights
+    fsio.atomic_write_bytes(fsio.join(url, WEIGHTS), weights, storage_options)
+    meta = {"kind": KIND, "model": cfg_dict, "num_items": num_items, "fingerprint": fingerprint, **info}
+    fsio.write_json_atomic(fsio.join(url, META), meta, storage_options)
+    return fingerprint
+
+
+def read_export_meta(url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The export's metadata; an error naming the URL if there is no committed export."""
+    try:
+        meta = fsio.read_json(fsio.join(url, META), storage_options)
+    except FileNotFoundError:
+        raise ExportError(f"no exported model at {url} (missing {META})") from None
+    if meta.get("kind") != KIND:
+        raise ExportError(f"{fsio.join(url, META)} is not a recdistill model export")
+    return meta
+
+
+def load_export(
+    url: str, storage_options: Optional[dict[str, Any]] = None, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
+    """(state_dict, model config, metadata) of an export; the fingerprint is checked."""
+    meta = read_export_meta(url, storage_options)
+    fs, path = fsio.get_fs(fsio.join(url, WEIGHTS), storage_options)
+    try:
+        weights = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ExportError(f"export {url} has metadata but no {WEIGHTS}") from None
+    if verify and _fingerprint(weights, meta["model"], meta["num_items"]) != meta["fingerprint"]:
+        raise ExportError(f"export {url}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…")
+    model_cfg = ModelConfig.model_validate(meta["model"])
+    return load_safetensors(weights), model_cfg, meta
+
+
+def load_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[SequentialRecommender, dict[str, Any]]:
+    """An exported model as a plain (unsharded) module in eval mode, on CPU."""
+    state, model_cfg, meta = load_export(url, storage_options)
+    model = SequentialRecommender(model_cfg, meta["num_items"])
+    load_weights(model, state)
+    return model.eval(), meta
+
+
+def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -> None:
+    """Load an export's tensors; with tied embeddings ``output.weight`` comes from ``item_emb.weight``."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied_ok = {"output.weight"} if model.cfg.tied_embeddings else set()
+    if unexpected or set(missing) - tied_ok:
+        raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")

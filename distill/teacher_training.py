@@ -1,0 +1,201 @@
+"""The teacher's training loop, run by every Ray Train worker under DeepSpeed ZeRO.
+
+Each epoch: data-parallel next-item training (global batch fixed whatever the
+worker count), distributed full-ranking validation, a DeepSpeed checkpoint
+reported to Ray Train, and, when validation NDCG@10 improved, a consolidated
+export of the teacher to ``run_dir/teacher``.
+
+Resuming: Ray Train hands the last reported checkpoint to a restarted group. A
+ZeRO checkpoint only loads at the world size that wrote it, so when the worker
+count changed, each worker first converts it to DeepSpeed's *universal*
+checkpoint format (world-size independent) and loads that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.dataset import load_manifest, read_split
+from data_pipeline import fsio
+from data_pipeline.layout import RunLayout
+from distill.config import Config, build_config
+from distill.export import read_export_meta, save_export
+from distill.model import SequentialRecommender
+from distill.runtime import Runtime, deepspeed_config, select_runtime
+from distill.sequences import next_item_batch
+from distill.sizing import count_parameters
+from distill.training import NextItemObjective, distributed_ranking_eval, rank_batches, training_sequences
+
+log = logging.getLogger(__name__)
+
+CKPT_TAG = "ckpt"
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
+
+
+def worker_device(runtime: Runtime) -> torch.device:
+    if runtime.use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _convert_to_universal(checkpoint_dir: str, out_root: str) -> str:
+    """DeepSpeed checkpoint at another world size -> universal checkpoint; returns its tag."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint.ds_to_universal import parse_arguments
+
+    tag = f"{CKPT_TAG}_universal"
+    argv = ["ds_to_universal", "--input_folder", os.path.join(checkpoint_dir, CKPT_TAG), "--output_folder", os.path.join(out_root, tag)]
+    saved, sys.argv = sys.argv, argv
+    try:
+        ds_to_universal(parse_arguments())
+    finally:
+        sys.argv = saved
+    return tag
+
+
+def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full fp32 state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gather:
+        if rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+
+
+def teacher_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``; ``loop_config = {"config": Config.to_dict()}``."""
+    import deepspeed
+    import ray.train
+
+    cfg: Config = build_config(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
+    device = worker_device(runtime)
+    layout = RunLayout(cfg.run.run_dir)
+    storage = cfg.data.storage_options
+    mcfg, tcfg = cfg.teacher.model, cfg.teacher.train
+
+    manifest = load_manifest(layout.data, storage)
+    num_items = manifest["num_items"]
+    sequences = training_sequences(read_split(layout.data, "train", storage, manifest), mcfg.max_len)
+    valid = read_split(layout.data, "valid", storage, manifest)
+
+    # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    checkpoint_dir = None
+    if checkpoint is not None:
+        checkpoint_dir = checkpoint.to_directory()
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            state = json.load(f)
+    universal = checkpoint_dir is not None and state["world_size"] != world
+
+    micro_batch = math.ceil(tcfg.batch_size / world)
+    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime)
+    ds_config["checkpoint"] = {"load_universal": universal}
+
+    # Ray Train already created the process group; DeepSpeed's comm layer adopts it.
+    deepspeed.init_distributed(dist_backend=runtime.backend)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
+    with init_ctx:
+        model = SequentialRecommender(mcfg, num_items)
+    objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
+    engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
+
+    if checkpoint_dir is not None:
+        load_root, tag = checkpoint_dir, CKPT_TAG
+        if universal:
+            load_root = tempfile.mkdtemp(prefix="recdistill-universal-")
+            log.info("rank %d: checkpoint from %d workers, now %d: converting to universal", rank, state["world_size"], world)
+            tag = _convert_to_universal(checkpoint_dir, load_root)
+        engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f)", rank, state["epoch"], state["best_ndcg"])
+        try:  # an export lost in a crash is re-made at the next improvement
+            read_export_meta(layout.teacher, storage)
+        except ValueError:
+            state["best_ndcg"] = -1.0
+
+    params = count_parameters(mcfg, num_items)
+    patience_left = tcfg.patience
+    for epoch in range(state["epoch"], tcfg.epochs):
+        started = time.perf_counter()
+        engine.train()
+        losses = []
+        for rows in rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world):
+            if len(rows):
+                inputs, targets = next_item_batch([sequences[i] for i in rows], mcfg.max_len)
+            else:  # a short last step: still take part in the collectives, with no targets
+                inputs = targets = torch.zeros(1, mcfg.max_len, dtype=torch.long)
+            loss_sum, count = engine(inputs.to(device), targets.to(device))
+            global_count = count.detach().float()
+            torch.distributed.all_reduce(global_count)
+            # Sum over the global batch / its size: DeepSpeed averages gradients over ranks, hence * world.
+            loss = loss_sum * world / global_count.clamp(min=1)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss_sum) / max(float(count), 1.0))
+        train_seconds = time.perf_counter() - started
+
+        engine.eval()
+        metrics = distributed_ranking_eval(
+            engine.module.model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
+        )
+        improved = metrics["ndcg@10"] > state["best_ndcg"]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_seconds": train_seconds,
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
+        state["history"].append(record)
+        if improved:
+            state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1)
+            full = _gather_state_dict(engine.module.model, cfg.deepspeed.zero_stage, rank)
+            if rank == 0:
+                info = {
+                    "role": "teacher",
+                    "params": params,
+                    "dataset_fingerprint": manifest["fingerprint"],
+                    "epoch": epoch + 1,
+                    "valid": metrics,
+                    "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
+                }
+                fingerprint = save_export(layout.teacher, full, mcfg, num_items, info, storage)
+                log.info("epoch %d: new best teacher exported (fingerprint %s)", epoch + 1, fingerprint[:12])
+            patience_left = tcfg.patience
+        else:
+            patience_left -= 1
+        state.update(epoch=epoch + 1, world_size=world)
+        if rank == 0:
+            fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), state["history"], storage)
+
+        with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=CKPT_TAG)
+            if rank == 0:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(state, f)
+            report = {**record, "best_val_ndcg@10": state["best_ndcg"], "params": params, "world_size": world}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if tcfg.patience and patience_left <= 0:
+            log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+            break

@@ -1,0 +1,127 @@
+"""Pieces of data-parallel training that do not depend on Ray: batch plans, the
+next-item objective as one module (so ZeRO-3 gathers every weight it touches
+inside a forward), and distributed full-ranking evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.evaluate import left_pad_list_array
+from distill.metrics import RankingAccumulator, seen_mask, target_ranks
+from distill.model import PAD_ID, SequentialRecommender
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The global sample order of an epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def rank_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """Row indices this rank trains on at each step of an epoch.
+
+    Step s covers rows ``perm[s*B:(s+1)*B]`` of the epoch permutation and rank r takes
+    every W-th of them, so the global batch does not depend on W. Every rank gets the
+    same number of steps (ZeRO-3 needs all ranks in every forward); a rank may get an
+    empty share on a short last step.
+    """
+    perm = epoch_permutation(num_rows, seed, epoch)
+    steps = math.ceil(num_rows / global_batch)
+    return [perm[s * global_batch : (s + 1) * global_batch][rank::world] for s in range(steps)]
+
+
+class NextItemObjective(nn.Module):
+    """Wraps a model so that one ``forward`` returns (sum of next-item losses, target count).
+
+    Returning a sum lets the caller normalise by the *global* number of targets, so the
+    gradient is the same whatever the worker count.
+    """
+
+    def __init__(self, model: SequentialRecommender, loss: str = "full_ce", num_negatives: int = 256):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.num_negatives = num_negatives
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(inputs)  # (B, L, d)
+        keep = targets != PAD_ID
+        h, t = hidden[keep], targets[keep]  # (M, d), (M,)
+        if self.loss == "full_ce":
+            logits = self.model.scores(h)  # (M, C); the padding column is never the target
+            total = F.cross_entropy(logits.float(), t, reduction="sum")
+        else:
+            total = self._sampled(h, t)
+        return total, keep.sum()
+
+    def _sampled(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax with uniform shared negatives and logQ correction (see objectives.py)."""
+        num_classes = self.model.num_scores
+        negatives = torch.randint(1, num_classes, (self.num_negatives,), device=h.device)
+        # Look rows up through the embedding module so ZeRO-3 gathers the table.
+        pos = (h * self.model.item_emb(t)).sum(-1, keepdim=True)
+        neg = h @ self.model.item_emb(negatives).T - math.log(self.num_negatives / (num_classes - 1))
+        neg = neg.masked_fill(negatives[None, :] == t[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], dim=1).float()
+        return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
+
+
+def training_sequences(train: pa.Table, max_len: int) -> list[np.ndarray]:
+    """Users' training histories with at least 2 items (one next-item pair), most recent max_len+1 items."""
+    lists = train.column("items").combine_chunks()
+    offsets = lists.offsets.to_numpy()
+    values = lists.flatten().to_numpy(zero_copy_only=False)
+    out = []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        if end - start >= 2:
+            out.append(values[max(start, end - max_len - 1) : end])
+    return out
+
+
+def distributed_ranking_eval(
+    score_fn: Callable[[torch.Tensor], torch.Tensor],
+    split: pa.Table,
+    num_items: int,
+    ks: list[int] | tuple[int, ...],
+    batch_size: int,
+    rank: int,
+    world: int,
+    device: torch.device | str,
+    max_len: int,
+) -> dict[str, float]:
+    """Seen-filtered HR@K / NDCG@K over ``split``, users dealt round-robin to ranks.
+
+    Every rank runs the same number of forward passes (a short rank repeats its first
+    row and drops the result), which ZeRO-3's collectives require. Sums are all-reduced.
+    """
+    import torch.distributed as dist
+
+    mine = np.arange(rank, split.num_rows, world)
+    per_rank = math.ceil(split.num_rows / world)
+    num_batches = math.ceil(per_rank / batch_size)
+    acc = RankingAccumulator(ks)
+    for b in range(num_batches):
+        rows = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(rows)
+        if real == 0:
+            rows = np.arange(1)  # dummy forward to keep collectives in lockstep
+        chunk = split.take(pa.array(rows))
+        histories = torch.from_numpy(left_pad_list_array(chunk.column("history"))).to(device)
+        targets = torch.from_numpy(chunk.column("target").to_numpy().astype(np.int64)).to(device)
+        with torch.no_grad():
+            scores = score_fn(histories[:, -max_len:]).float()
+        if real:
+            acc.add(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)).cpu())
+    keys = sorted(acc.sums)
+    totals = torch.tensor([acc.sums[k] for k in keys] + [acc.count], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    count = max(float(totals[-1]), 1.0)
+    return {k: float(v) / count for k, v in zip(keys, totals[:-1])}

@@ -1,0 +1,97 @@
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from distill.evaluate import evaluate_split, left_pad_list_array, popularity_scorer
+from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, seen_mask, target_ranks
+
+
+def brute_force_metrics(scores, targets, histories, k, filter_seen):
+    """Reference: sort the catalog per user in Python, pessimistic ties."""
+    hr, ndcg = [], []
+    for row, target in enumerate(targets):
+        seen = set(histories[row]) - {0, target} if filter_seen else set()
+        t = scores[row][target]
+        rank = sum(
+            1 for item in range(1, len(scores[row])) if item != target and item not in seen and scores[row][item] >= t
+        )
+        hr.append(1.0 if rank < k else 0.0)
+        ndcg.append(1.0 / math.log2(rank + 2) if rank < k else 0.0)
+    return float(np.mean(hr)), float(np.mean(ndcg))
+
+
+@pytest.mark.parametrize("filter_seen", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_matches_brute_force_with_ties(filter_seen, k):
+    rng = np.random.default_rng(0)
+    num_classes, batch = 40, 64
+    # Integer scores in a small range create many ties.
+    scores = rng.integers(0, 6, size=(batch, num_classes)).astype(np.float32)
+    targets = rng.integers(1, num_classes, size=batch)
+    histories = rng.integers(0, num_classes, size=(batch, 7))
+    histories[:, 0] = targets  # the target in the history must not filter itself
+    ranks = target_ranks(
+        torch.from_numpy(scores),
+        torch.from_numpy(targets),
+        exclude=seen_mask(torch.from_numpy(histories), num_classes) if filter_seen else None,
+    )
+    ref_hr, ref_ndcg = brute_force_metrics(scores.tolist(), targets.tolist(), histories.tolist(), k, filter_seen)
+    assert float(hit_rate_at_k(ranks, k).mean()) == pytest.approx(ref_hr)
+    assert float(ndcg_at_k(ranks, k).mean()) == pytest.approx(ref_ndcg)
+
+
+def test_constant_scorer_gets_no_credit():
+    scores = torch.zeros(3, 11)
+    ranks = target_ranks(scores, torch.tensor([1, 5, 10]))
+    assert ranks.tolist() == [9, 9, 9]  # every other real item ties and counts above
+    assert float(hit_rate_at_k(ranks, 9).sum()) == 0.0
+
+
+def test_padding_column_is_never_ranked():
+    scores = torch.tensor([[100.0, 1.0, 0.5]])
+    assert target_ranks(scores, torch.tensor([1])).item() == 0
+
+
+def test_perfect_and_known_ranks():
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.5, 0.7]])
+    assert target_ranks(scores, torch.tensor([2])).item() == 0
+    assert target_ranks(scores, torch.tensor([3])).item() == 2
+    ranks = torch.tensor([0, 2, 20])
+    assert ndcg_at_k(ranks, 10).tolist() == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_accumulator_empty_is_nan():
+    acc = RankingAccumulator([10])
+    assert math.isnan(acc.result()["hr@10"])
+
+
+def test_left_pad_keeps_most_recent():
+    arr = pa.array([[1, 2, 3], [4], []], type=pa.list_(pa.int32()))
+    assert left_pad_list_array(arr).tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
+    assert left_pad_list_array(arr, 2).tolist() == [[2, 3], [0, 4], [0, 0]]
+
+
+def test_evaluate_split_batched_equals_single_batch_and_reference():
+    rng = np.random.default_rng(1)
+    num_items = 30
+    histories = [rng.integers(1, num_items + 1, size=rng.integers(1, 9)).tolist() for _ in range(50)]
+    targets = rng.integers(1, num_items + 1, size=50)
+    table = pa.table({"history": pa.array(histories, type=pa.list_(pa.int32())), "target": pa.array(targets, pa.int32())})
+    counts = rng.integers(0, 4, size=num_items + 1)
+    counts[0] = 0
+    scorer = popularity_scorer(counts)
+    small = evaluate_split(scorer, table, num_items, ks=[5], batch_size=7)
+    large = evaluate_split(scorer, table, num_items, ks=[5], batch_size=1000)
+    assert small["unfiltered"] == pytest.approx(large["unfiltered"])
+    assert {k: v for k, v in small.items() if k != "unfiltered"} == pytest.approx(
+        {k: v for k, v in large.items() if k != "unfiltered"}
+    )
+    scores = np.tile(counts.astype(np.float32), (50, 1))
+    ref = brute_force_metrics(scores.tolist(), targets.tolist(), histories, 5, True)
+    assert (small["hr@5"], small["ndcg@5"]) == pytest.approx(ref)
+    ref_unf = brute_force_metrics(scores.tolist(), targets.tolist(), histories, 5, False)
+    assert (large["unfiltered"]["hr@5"], large["unfiltered"]["ndcg@5"]) == pytest.approx(ref_unf)
+    assert small["num_users"] == 50

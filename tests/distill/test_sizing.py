@@ -1,0 +1,37 @@
+"""Parameter counts: closed formula == meta-device build == real build; the 1B config is >= 1e9."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import ModelConfig, load_config
+from distill.model import SequentialRecommender
+from distill.sizing import count_parameters, count_parameters_meta
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ML1M_NUM_ITEMS = 3416
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_formula_matches_meta_and_real_model(tied):
+    cfg = ModelConfig(d_model=12, num_layers=3, num_heads=3, ffn_dim=20, max_len=7, tied_embeddings=tied)
+    real = sum(p.numel() for p in SequentialRecommender(cfg, 17).parameters())
+    assert count_parameters(cfg, 17) == count_parameters_meta(cfg, 17) == real
+
+
+def test_meta_build_allocates_nothing():
+    with torch.device("meta"):
+        model = SequentialRecommender(ModelConfig(d_model=64, num_layers=1, num_heads=2, ffn_dim=64), 100)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_teacher_1b_config_has_a_billion_parameters():
+    cfg = load_config(CONFIGS / "teacher-1b.yaml")
+    model_cfg = cfg.teacher.model
+    n = count_parameters(model_cfg, ML1M_NUM_ITEMS)
+    assert n >= 1.0e9
+    assert count_parameters_meta(model_cfg, ML1M_NUM_ITEMS) == n
+    assert cfg.scaling.num_workers == 8
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.data.format == "sasrec"
