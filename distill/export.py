@@ -37,6 +37,23 @@ def _fingerprint(weights: bytes, model_cfg: dict[str, Any], num_items: int) -> s
     return h.hexdigest()
 
 
+def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Check the weights against the recorded fingerprint, streaming (no tensors loaded); returns the metadata."""
+    meta = read_export_meta(url, storage_options)
+    fs, path = fsio.get_fs(fsio.join(url, WEIGHTS), storage_options)
+    h = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise ExportError(f"export {url} has metadata but no {WEIGHTS}") from None
+    h.update(json.dumps({"model": meta["model"], "num_items": meta["num_items"]}, sort_keys=True).encode())
+    if h.hexdigest() != meta["fingerprint"]:
+        raise ExportError(f"export {url}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…")
+    return meta
+
+
 def save_export(
     url: str,
     state_dict: dict[str, torch.Tensor],

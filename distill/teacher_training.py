@@ -100,7 +100,7 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     valid = read_split(layout.data, "valid", storage, manifest)
 
     # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
-    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": []}
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": []}
     checkpoint = ray.train.get_checkpoint()
     checkpoint_dir = None
     if checkpoint is not None:
@@ -130,6 +130,7 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             tag = _convert_to_universal(checkpoint_dir, load_root)
         engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f)", rank, state["epoch"], state["best_ndcg"])
+        state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
         try:  # an export lost in a crash is re-made at the next improvement
             read_export_meta(layout.teacher, storage)
         except ValueError:
@@ -187,7 +188,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             patience_left -= 1
         state.update(epoch=epoch + 1, world_size=world)
         if rank == 0:
-            fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), state["history"], storage)
+            progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"]}
+            fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
         with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CKPT_TAG)

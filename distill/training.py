@@ -37,6 +37,27 @@ def rank_batches(num_rows: int, global_batch: int, seed: int, epoch: int, rank: 
     return [perm[s * global_batch : (s + 1) * global_batch][rank::world] for s in range(steps)]
 
 
+def lockstep_batches(num_rows: int, batch_size: int, rank: int, world: int) -> list[tuple[np.ndarray, int]]:
+    """Rows ``rank::world`` in batches; every rank gets ``ceil(ceil(N/W)/B)`` batches.
+
+    Returns ``(row indices, number of real rows)`` per batch. A batch with fewer real
+    rows than ``batch_size`` is padded by repeating its first row (or row 0), so the
+    forward still runs; callers drop everything past the real rows.
+    """
+    mine = np.arange(rank, num_rows, world)
+    num_batches = math.ceil(math.ceil(num_rows / world) / batch_size)
+    out = []
+    for b in range(num_batches):
+        rows = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(rows)
+        if real < batch_size:
+            filler = rows[0] if real else 0
+            rows = np.concatenate([rows, np.full(batch_size - real, filler, dtype=rows.dtype)])
+        out.append((rows, real))
+    return out
+
+
+
 class NextItemObjective(nn.Module):
     """Wraps a model so that one ``forward`` returns (sum of next-item losses, target count).
 
@@ -98,27 +119,21 @@ def distributed_ranking_eval(
 ) -> dict[str, float]:
     """Seen-filtered HR@K / NDCG@K over ``split``, users dealt round-robin to ranks.
 
-    Every rank runs the same number of forward passes (a short rank repeats its first
-    row and drops the result), which ZeRO-3's collectives require. Sums are all-reduced.
+    Every rank runs the same number of forward passes (see :func:`lockstep_batches`),
+    which ZeRO-3's collectives require. Sums are all-reduced.
     """
     import torch.distributed as dist
 
-    mine = np.arange(rank, split.num_rows, world)
-    per_rank = math.ceil(split.num_rows / world)
-    num_batches = math.ceil(per_rank / batch_size)
     acc = RankingAccumulator(ks)
-    for b in range(num_batches):
-        rows = mine[b * batch_size : (b + 1) * batch_size]
-        real = len(rows)
-        if real == 0:
-            rows = np.arange(1)  # dummy forward to keep collectives in lockstep
+    for rows, real in lockstep_batches(split.num_rows, batch_size, rank, world):
         chunk = split.take(pa.array(rows))
         histories = torch.from_numpy(left_pad_list_array(chunk.column("history"))).to(device)
         targets = torch.from_numpy(chunk.column("target").to_numpy().astype(np.int64)).to(device)
         with torch.no_grad():
             scores = score_fn(histories[:, -max_len:]).float()
         if real:
-            acc.add(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)).cpu())
+            exclude = seen_mask(histories[:real], num_items + 1)
+            acc.add(target_ranks(scores[:real], targets[:real], exclude=exclude).cpu())
     keys = sorted(acc.sums)
     totals = torch.tensor([acc.sums[k] for k in keys] + [acc.count], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():

@@ -1,0 +1,118 @@
+"""Hosting an exported teacher for inference across Ray Train workers under ZeRO-3.
+
+Each worker holds 1/W of every parameter; DeepSpeed gathers a layer's weights
+just before that layer runs and frees them after. ZeRO-3's gathers are
+collectives, so every worker must run every forward: :func:`lockstep_batches`
+(in distill.training) gives each rank the same number of batches, padding the short ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+
+from data_pipeline import fsio
+from distill.config import ModelConfig
+from distill.export import WEIGHTS, ExportError, load_export, read_export_meta, verify_export
+from distill.model import SequentialRecommender
+from distill.training import lockstep_batches  # noqa: F401  (re-exported: hosting callers batch with it)
+
+
+def inference_ds_config(zero_stage: int, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed config for a forward-only engine (the batch sizes are placeholders DeepSpeed requires)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+class ShardedTeacher:
+    """An exported teacher loaded into the current Ray Train worker group under ZeRO.
+
+    Every rank constructs it (collectively) and then calls :meth:`score_last` the same
+    number of times. ``zero_stage=3`` partitions the parameters; 0 replicates them.
+    """
+
+    def __init__(
+        self,
+        export_url: str,
+        storage_options: Optional[dict[str, Any]] = None,
+        zero_stage: int = 3,
+        bf16: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        import deepspeed
+
+        self.meta = read_export_meta(export_url, storage_options)
+        self.model_cfg = ModelConfig.model_validate(self.meta["model"])
+        self.num_items = int(self.meta["num_items"])
+        self.fingerprint = self.meta["fingerprint"]
+        self.device = torch.device(device)
+        ds_config = inference_ds_config(zero_stage, bf16)
+        init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage == 3 else contextlib.nullcontext()
+        with init:
+            model = SequentialRecommender(self.model_cfg, self.num_items)
+        self._load_weights(model, export_url, storage_options, zero_stage)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+        self.engine.eval()
+        self.bf16 = bf16
+
+    def _load_weights(self, model: SequentialRecommender, url: str, storage_options, zero_stage: int) -> None:
+        """Rank 0 reads tensors one at a time and DeepSpeed scatters them into the partitions."""
+        import deepspeed
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if zero_stage != 3:
+            state, _, _ = load_export(url, storage_options)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - ({"output.weight"} if self.model_cfg.tied_embeddings else set()):
+                raise ExportError(f"export {url} does not fit the model: missing {missing}, unexpected {unexpected}")
+            return
+        handle = None
+        if rank == 0:
+            local = _local_copy(fsio.join(url, WEIGHTS), storage_options)
+            handle = safe_open(local, framework="pt")
+            verify_export(url, storage_options)
+        seen: set[int] = set()
+        for name, param in model.named_parameters():
+            if id(param) in seen:  # the tied output weight is item_emb.weight
+                continue
+            seen.add(id(param))
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(handle.get_tensor(name).to(param.dtype))
+
+    def local_parameter_count(self) -> int:
+        """Parameters this rank stores (its ZeRO-3 partitions, or everything when not partitioned)."""
+        total, seen = 0, set()
+        for p in self.engine.module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        return total
+
+    @torch.no_grad()
+    def score_last(self, histories: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded ids -> (B, num_items + 1) fp32 next-item scores. Collective under ZeRO-3."""
+        inputs = histories[:, -self.model_cfg.max_len :].to(self.device)
+        return self.engine.module.score_last(inputs).float()
+
+
+def _local_copy(url: str, storage_options) -> str:
+    """safetensors needs a local file for lazy reads; remote exports are downloaded once."""
+    fs, path = fsio.get_fs(url, storage_options)
+    if fsio.is_local(fs):
+        return path
+    import tempfile
+
+    local = tempfile.NamedTemporaryFile(prefix="recdistill-teacher-", suffix=".safetensors", delete=False).name
+    fs.get_file(path, local)
+    return local
+

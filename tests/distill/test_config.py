@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+
+from distill.config import Config, ConfigError, build_config, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = build_config({})
+    assert isinstance(cfg, Config)
+    assert cfg.run.seed == 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.run.run_dir
+
+
+def test_shipped_configs_include_the_documented_ones():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "ml1m.yaml", "ml100k.yaml", "beauty.yaml", "teacher-1b.yaml"} <= names
+
+
+def test_unknown_top_level_key_lists_sections():
+    with pytest.raises(ConfigError) as err:
+        build_config({"trainer": {}})
+    msg = str(err.value)
+    assert "unknown key 'trainer'" in msg
+    for section in ("run", "data", "teacher", "student", "distill", "precompute", "scaling", "deepspeed"):
+        assert section in msg
+
+
+def test_misspelt_nested_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({"teacher": {"model": {"d_modle": 32}}})
+    msg = str(err.value)
+    assert "teacher.model.d_modle" in msg
+    assert "d_model" in msg and "num_layers" in msg and "max_len" in msg
+
+
+@pytest.mark.parametrize(
+    "tree, key",
+    [
+        ({"teacher": {"model": {"d_model": -4}}}, "teacher.model.d_model"),
+        ({"precompute": {"k": 0}}, "precompute.k"),
+        ({"teacher": {"train": {"batch_size": "big"}}}, "teacher.train.batch_size"),
+        ({"distill": {"alpha": 1.5}}, "distill.alpha"),
+        ({"data": {"format": "xml"}}, "data.format"),
+        ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage"),
+        ({"data": {"min_user_interactions": 2}}, "data.min_user_interactions"),
+    ],
+)
+def test_bad_values_name_the_key(tree, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config(tree)
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ConfigError, match="divisible"):
+        build_config({"student": {"model": {"d_model": 10, "num_heads": 3}}})
+
+
+def test_min_workers_bound():
+    with pytest.raises(ConfigError, match="min_workers"):
+        build_config({"scaling": {"num_workers": 2, "min_workers": 3}})
+
+
+def test_k_larger_than_catalog_is_an_error():
+    cfg = build_config({"precompute": {"k": 500}})
+    with pytest.raises(ConfigError, match="precompute.k=500"):
+        cfg.check_catalog(100)
+    cfg.check_catalog(500)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = build_config({}, ["teacher.model.d_model=96", "run.run_dir=s3://bucket/run", "deepspeed.offload_optimizer=true"])
+    assert cfg.teacher.model.d_model == 96
+    assert cfg.run.run_dir == "s3://bucket/run"
+    assert cfg.deepspeed.offload_optimizer is True
+
+
+def test_override_of_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown key 'run.sede'"):
+        build_config({}, ["run.sede=3"])
+
+
+@pytest.mark.parametrize("text", ["no_equals_sign", "=3", "a..b=1"])
+def test_malformed_overrides(text):
+    with pytest.raises(ConfigError):
+        parse_override(text)
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {seed: [1, 2}\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = build_config({}, ["teacher.model.d_model=48", "eval.ks=[5,10]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+def test_absolute_paths_leave_urls_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"run": {"run_dir": "runs/x"}, "data": {"path": "s3://b/log.txt"}}).with_absolute_paths()
+    assert cfg.run.run_dir == str(tmp_path / "runs" / "x")
+    assert cfg.data.path == "s3://b/log.txt"

@@ -1,0 +1,56 @@
+import pytest
+
+from distill.config import DeepSpeedConfig, TrainConfig
+from distill.runtime import deepspeed_config, select_runtime, use_gpu_for_scaling
+
+
+def test_gpu_selects_cuda_nccl_bf16():
+    rt = select_runtime("auto", "auto", cuda_available=True, bf16_supported=True)
+    assert (rt.device, rt.backend, rt.bf16, rt.accelerator) == ("cuda", "nccl", True, "cuda")
+
+
+def test_gpu_without_bf16_support_uses_fp32():
+    assert select_runtime("auto", "auto", cuda_available=True, bf16_supported=False).bf16 is False
+
+
+def test_cpu_falls_back_to_gloo_fp32():
+    rt = select_runtime("auto", "auto", cuda_available=False)
+    assert (rt.device, rt.backend, rt.bf16, rt.accelerator) == ("cpu", "gloo", False, "cpu")
+
+
+def test_explicit_cpu_on_a_gpu_machine():
+    assert select_runtime("cpu", "auto", cuda_available=True).device == "cpu"
+
+
+def test_cuda_requested_without_gpu_is_an_error():
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        select_runtime("cuda", "auto", cuda_available=False)
+
+
+def test_use_gpu_for_scaling():
+    assert use_gpu_for_scaling("auto", cuda_available=True) is True
+    assert use_gpu_for_scaling("auto", cuda_available=False) is False
+    assert use_gpu_for_scaling("false", cuda_available=True) is False
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_batch_arithmetic_and_optimizer(stage):
+    train = TrainConfig(batch_size=100, lr=0.01, warmup_steps=10)
+    cpu = select_runtime("cpu", "auto", cuda_available=False)
+    cfg = deepspeed_config(DeepSpeedConfig(zero_stage=stage), train, micro_batch_size=34, world_size=3, runtime=cpu)
+    assert cfg["train_batch_size"] == 34 * 3 * cfg["gradient_accumulation_steps"]
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["optimizer"]["params"]["torch_adam"] is True  # FusedAdam needs CUDA
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 10
+    gpu = select_runtime("auto", "auto", cuda_available=True, bf16_supported=True)
+    cfg_gpu = deepspeed_config(DeepSpeedConfig(zero_stage=stage), train, 34, 3, gpu)
+    assert cfg_gpu["bf16"]["enabled"] is True and cfg_gpu["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_no_scheduler_without_warmup_and_offload_options():
+    cpu = select_runtime("cpu", "auto", cuda_available=False)
+    ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_params=True)
+    cfg = deepspeed_config(ds, TrainConfig(warmup_steps=0), 8, 2, cpu)
+    assert "scheduler" not in cfg
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
