@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +66,23 @@ def _convert_to_universal(checkpoint_dir: str, out_root: str) -> str:
     finally:
         sys.argv = saved
     return tag
+
+
+def _resume(engine, checkpoint_dir: str, universal: bool, state: dict[str, Any], rank: int, world: int) -> None:
+    """Load the DeepSpeed checkpoint Ray Train handed back, converting it first if the world size changed."""
+    scratch = tempfile.mkdtemp(prefix="recdistill-universal-") if universal else None
+    try:
+        load_root, tag = checkpoint_dir, CKPT_TAG
+        if universal:
+            log.info("rank %d: checkpoint from %d workers, now %d: converting to universal", rank, state["world_size"], world)
+            load_root, tag = scratch, _convert_to_universal(checkpoint_dir, scratch)
+        engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # our local copy of the checkpoint
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f)", rank, state["epoch"], state["best_ndcg"])
+    state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
 
 
 def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
@@ -123,14 +141,7 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
 
     if checkpoint_dir is not None:
-        load_root, tag = checkpoint_dir, CKPT_TAG
-        if universal:
-            load_root = tempfile.mkdtemp(prefix="recdistill-universal-")
-            log.info("rank %d: checkpoint from %d workers, now %d: converting to universal", rank, state["world_size"], world)
-            tag = _convert_to_universal(checkpoint_dir, load_root)
-        engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f)", rank, state["epoch"], state["best_ndcg"])
-        state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
+        _resume(engine, checkpoint_dir, universal, state, rank, world)
         try:  # an export lost in a crash is re-made at the next improvement
             read_export_meta(layout.teacher, storage)
         except ValueError:

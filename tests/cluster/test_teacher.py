@@ -1,0 +1,171 @@
+"""Teacher training and hosting on a real local Ray cluster with real DeepSpeed (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import ray.cloudpickle
+import torch
+
+from cluster import prepare, train_teacher
+from data_pipeline.dataset import read_split, train_item_counts
+from data_pipeline.layout import RunLayout
+from distill.evaluate import evaluate_split, popularity_scorer
+from distill.export import load_model, save_export
+from distill.model import SequentialRecommender
+from conftest import small_config
+
+pytestmark = pytest.mark.integration
+# The worker loop below is defined in this test module, which Ray workers cannot import.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def read_history(cfg) -> dict:
+    with open(f"{RunLayout(cfg.run.run_dir).teacher}/history.json") as f:
+        return json.load(f)
+
+
+def hosting_loop(loop_config: dict) -> None:
+    """Each worker loads the export under ZeRO-3, records its share and scores its rows."""
+    import ray.train
+    import deepspeed
+
+    from distill.teacher_hosting import ShardedTeacher
+    from distill.training import lockstep_batches
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    teacher = ShardedTeacher(loop_config["export"], zero_stage=3)
+    histories = torch.tensor(loop_config["histories"])
+    rows_out, scores_out = [], []
+    for rows, real in lockstep_batches(len(histories), 3, rank, world):
+        scores = teacher.score_last(histories[torch.from_numpy(rows)])  # every rank runs every forward
+        rows_out.append(rows[:real])
+        scores_out.append(scores[:real].numpy())
+    np.savez(
+        f"{loop_config['out']}/rank{rank}.npz",
+        rows=np.concatenate(rows_out),
+        scores=np.concatenate(scores_out),
+        local_params=teacher.local_parameter_count(),
+    )
+
+
+def test_zero3_hosting_partitions_parameters_and_matches_unsharded_scores(ray_session, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = small_config(tmp_path / "run", "teacher.model.dropout=0.0")
+    torch.manual_seed(3)
+    model = SequentialRecommender(cfg.teacher.model, 60).eval()
+    export = str(tmp_path / "teacher")
+    save_export(export, model.state_dict(), cfg.teacher.model, 60, {"role": "teacher"})
+    rng = np.random.default_rng(0)
+    histories = rng.integers(0, 61, size=(11, 20))  # 11 rows: uneven across 2 ranks and batches of 3
+    histories[:, -1] = rng.integers(1, 61, size=11)
+    out = tmp_path / "out"
+    out.mkdir()
+    trainer = TorchTrainer(
+        hosting_loop,
+        train_loop_config={"export": export, "histories": histories.tolist(), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="hosting", storage_path=str(tmp_path / "ray"), worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+    )
+    trainer.fit()
+
+    total = sum(p.numel() for p in set(model.parameters()))
+    parts = [np.load(out / f"rank{r}.npz") for r in range(2)]
+    for part in parts:
+        # Each rank holds half of every parameter (ZeRO pads odd sizes by at most one element each).
+        assert abs(int(part["local_params"]) - total / 2) <= len(list(model.parameters()))
+    rows = np.concatenate([p["rows"] for p in parts])
+    assert sorted(rows.tolist()) == list(range(11))
+    sharded = np.concatenate([p["scores"] for p in parts])[np.argsort(rows)]
+    with torch.no_grad():
+        reference = model.score_last(torch.from_numpy(histories)).numpy()
+    real = slice(1, None)  # column 0 is padding (the dtype's minimum in both)
+    assert np.max(np.abs(sharded[:, real] - reference[:, real])) < 1e-4
+
+
+def test_two_worker_training_beats_popularity_and_exports(ray_session, tmp_path):
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=4")
+    prepare.run(cfg)
+    meta = train_teacher.run(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    valid = read_split(layout.data, "valid")
+    popularity = evaluate_split(popularity_scorer(train_item_counts(layout.data, 60)), valid, 60, [10])
+    assert meta["valid"]["ndcg@10"] > popularity["ndcg@10"] * 1.2
+    assert meta["trained_with"] == {"workers": 2, "zero_stage": 3, "bf16": False}
+    # The export reproduces the validation number the workers measured.
+    model, _ = load_model(layout.teacher)
+    from distill.evaluate import model_scorer
+
+    again = evaluate_split(model_scorer(model, cfg.teacher.model.max_len), valid, 60, [10])
+    assert again["ndcg@10"] == pytest.approx(meta["valid"]["ndcg@10"], abs=1e-6)
+    history = read_history(cfg)
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
+    assert history["restarts"] == []
+
+
+def _registered_checkpoints(storage: str) -> int:
+    """Checkpoints the Ray Train controller has registered (a failure restarts from the last of these)."""
+    try:
+        snapshot = json.loads((Path(storage) / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
+
+
+def _kill_one_worker_after_first_checkpoint(storage: str, killed: list, stop: threading.Event) -> None:
+    me = psutil.Process()
+    while not stop.is_set():
+        if _registered_checkpoints(storage) >= 1:
+            for proc in me.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        proc.kill()  # SIGKILL
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=5", "scaling.max_failures=2")
+    prepare.run(cfg)
+    storage = f"{cfg.run.run_dir}/ray/teacher"
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(storage, killed, stop), daemon=True)
+    killer.start()
+    try:
+        train_teacher.run(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no train worker was killed"
+    history = read_history(cfg)
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4, 5]
+    assert history["restarts"] and history["restarts"][0]["at_epoch"] >= 1
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_at_another_worker_count(ray_session, tmp_path, before, after):
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", f"scaling.num_workers={before}")
+    prepare.run(cfg)
+    train_teacher.run(cfg)
+    cfg_more = small_config(tmp_path / "run", "teacher.train.epochs=3", f"scaling.num_workers={after}")
+    meta = train_teacher.run(cfg_more)
+    history = read_history(cfg)
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
+    assert history["restarts"] == [{"at_epoch": 2, "from_workers": before, "workers": after}]
+    assert meta["valid"]["ndcg@10"] >= history["history"][0]["val_ndcg@10"]
