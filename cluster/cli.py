@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from data_pipeline.ingest import DataError
+from data_pipeline.soft_labels import SoftLabelError
 from distill.config import Config, ConfigError, load_config
 from distill.export import ExportError
 
@@ -26,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("cluster.distill", "Train the student from the soft-label store (or --baseline: without the teacher)."),
     "evaluate": ("cluster.evaluate", "Full-ranking HR@K/NDCG@K of every model present; write run_dir/report/metrics.json."),
     "pipeline": ("cluster.pipeline", "Run every stage in order, skipping the ones already done."),
+    "inspect": ("cluster.inspect", "Print a soft-label store's manifest and verify every shard's checksum and row count."),
 }
 
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         _add_common(stage_parser)
+        if name == "inspect":
+            stage_parser.add_argument("url", help="Soft-label store URL (e.g. runs/tiny/soft_labels or s3://bucket/run/soft_labels).")
         if name == "distill":
             stage_parser.add_argument(
                 "--baseline", action="store_true", help="Train the identical student without the teacher (alpha=1)."
@@ -62,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recdistill: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = {"baseline": True} if getattr(args, "baseline", False) else {}
+    kwargs: dict[str, object] = {"baseline": True} if getattr(args, "baseline", False) else {}
+    if args.stage == "inspect":
+        kwargs["url"] = args.url
     try:
         stage_function(args.stage)(cfg, **kwargs)
-    except (ConfigError, DataError, ExportError) as exc:
+    except (ConfigError, DataError, ExportError, SoftLabelError) as exc:
         print(f"recdistill {args.stage}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -133,7 +133,7 @@ class PrecomputeConfig(_Section):
     num_sampled: int = Field(0, ge=0, description="Draws per position for sampled soft labels (0 = off).")
     rows_per_shard: int = Field(20_000, gt=0)
     row_group_size: int = Field(2048, gt=0)
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(32, gt=0, description="Sequences per teacher forward (memory: batch x max_len x catalog floats).")
 
 
 class ScalingConfig(_Section):

@@ -99,6 +99,12 @@ class ShardedTeacher:
         return total
 
     @torch.no_grad()
+    def logits_all(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded ids, L <= max_len -> (B, L, num_items + 1) fp32 scores at every position. Collective."""
+        module = self.engine.module
+        return module.scores(module(inputs.to(self.device))).float()
+
+    @torch.no_grad()
     def score_last(self, histories: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded ids -> (B, num_items + 1) fp32 next-item scores. Collective under ZeRO-3."""
         inputs = histories[:, -self.model_cfg.max_len :].to(self.device)

@@ -96,14 +96,21 @@ class NextItemObjective(nn.Module):
 
 def training_sequences(train: pa.Table, max_len: int) -> list[np.ndarray]:
     """Users' training histories with at least 2 items (one next-item pair), most recent max_len+1 items."""
+    return training_sequences_with_users(train, max_len)[1]
+
+
+def training_sequences_with_users(train: pa.Table, max_len: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(users, sequences): as :func:`training_sequences`, with each sequence's user id, in table order."""
     lists = train.column("items").combine_chunks()
+    all_users = train.column("user").to_numpy()
     offsets = lists.offsets.to_numpy()
     values = lists.flatten().to_numpy(zero_copy_only=False)
-    out = []
-    for start, end in zip(offsets[:-1], offsets[1:]):
+    users, seqs = [], []
+    for user, start, end in zip(all_users, offsets[:-1], offsets[1:]):
         if end - start >= 2:
-            out.append(values[max(start, end - max_len - 1) : end])
-    return out
+            users.append(user)
+            seqs.append(values[max(start, end - max_len - 1) : end])
+    return np.asarray(users, dtype=np.int64), seqs
 
 
 def distributed_ranking_eval(

@@ -1,0 +1,294 @@
+"""Offline soft labels: run the teacher once over every training position.
+
+Work is planned in *shards* of consecutive training sequences (``precompute.rows_per_shard``
+sequences each), so shard boundaries never depend on the worker count. Worker r
+of W takes the not-yet-committed shards ``r::W``. The teacher is hosted under
+ZeRO-3, so all workers run their forwards in lockstep (a worker with nothing
+left runs a one-row dummy forward). A writer thread encodes and uploads each
+finished shard while the teacher computes the next batches.
+
+Re-running after a crash skips committed shards; per-shard sampling seeds and
+fixed per-shard batches make the values identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from data_pipeline import soft_labels as store
+from distill.sequences import left_pad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardPlan:
+    """The sequences of one shard and where its positions sit in the global example order."""
+
+    index: int
+    seq_indices: np.ndarray  # (R,) into the global sequence list
+    example_start: np.ndarray  # (R,) global id of each sequence's first position
+
+
+def plan_shards(sequences: list[np.ndarray], rows_per_shard: int) -> list[ShardPlan]:
+    """Consecutive runs of ``rows_per_shard`` sequences; example ids count positions in sequence order."""
+    positions = np.array([len(s) - 1 for s in sequences], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(positions)[:-1]]) if len(positions) else positions
+    plans = []
+    for index, begin in enumerate(range(0, len(sequences), rows_per_shard)):
+        rows = np.arange(begin, min(begin + rows_per_shard, len(sequences)))
+        plans.append(ShardPlan(index, rows, starts[rows]))
+    return plans
+
+
+def assign_shards(todo: list[int], rank: int, world: int) -> list[int]:
+    """Deterministic, worker-count-aware assignment of the remaining shards."""
+    return todo[rank::world]
+
+
+def shard_seed(seed: int, shard_index: int) -> int:
+    """Sampling seed of one shard: independent of which worker computes it, or when."""
+    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+
+
+@dataclass
+class TeacherOutputs:
+    """Per-sequence teacher outputs for one batch, positions oldest first."""
+
+    topk_ids: list[np.ndarray]  # each (n_i, k) int64
+    topk_logits: list[np.ndarray]  # each (n_i, k) float32
+    lse: list[np.ndarray]  # each (n_i,) float32
+    sampled: Optional[tuple[list, list, list]] = None
+
+
+def teacher_outputs(
+    logits: torch.Tensor, inputs: torch.Tensor, k: int, num_sampled: int, generator: Optional[torch.Generator]
+) -> TeacherOutputs:
+    """Top-k ids/logits, log-normaliser and sampled labels at every real position.
+
+    logits: (B, L, C) fp32 with column 0 = padding; inputs: (B, L) left-padded ids.
+    The padding column is excluded from top-k, the log-normaliser and sampling.
+    """
+    real = inputs != 0  # (B, L)
+    flat = logits[real][:, 1:]  # (P, C-1): row-major, so each sequence's positions stay in order
+    top_values, top_columns = flat.topk(k, dim=-1)
+    lse = torch.logsumexp(flat, dim=-1)
+    counts = real.sum(dim=1).tolist()
+    split = lambda t: [a.numpy() for a in torch.split(t, counts)]  # noqa: E731
+    sampled = None
+    if num_sampled:
+        padded = torch.nn.functional.pad(flat, (1, 0), value=torch.finfo(flat.dtype).min)
+        ids, cnts, vals = store.sample_soft_labels(padded, num_sampled, generator)
+        bounds = np.cumsum([0] + counts)
+        sampled = tuple([x[a:b] for a, b in zip(bounds[:-1], bounds[1:])] for x in (ids, cnts, vals))
+    return TeacherOutputs(split(top_columns + 1), split(top_values), split(lse), sampled)
+
+
+@dataclass
+class _ShardBuffer:
+    plan: ShardPlan
+    batches: list[tuple[np.ndarray, TeacherOutputs]] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Encodes and commits finished shards on a background thread (bounded queue = bounded memory)."""
+
+    def __init__(self, store_url: str, spec: store.StoreSpec, provenance: dict[str, Any], row_group_size: int, storage_options):
+        self.store_url, self.spec, self.provenance = store_url, spec, provenance
+        self.row_group_size, self.storage_options = row_group_size, storage_options
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self.records: list[dict] = []
+        self.thread = threading.Thread(target=self._run, name="soft-label-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put((shard, users, sequences))
+
+    def close(self) -> list[dict]:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return self.records
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error:
+                continue  # drain: the main thread raises at its next submit/close
+            try:
+                self.records.append(self._write(*item))
+            except BaseException as exc:  # surfaced on the main thread
+                self.error = exc
+
+    def _write(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> dict:
+        rows = shard.plan.seq_indices
+        outs = [o for _, o in shard.batches]
+        cat = lambda name: [a for o in outs for a in getattr(o, name)]  # noqa: E731
+        sampled = None
+        if self.spec.num_sampled:
+            sampled = tuple([a for o in outs for a in o.sampled[i]] for i in range(3))
+        table = store.encode_rows(
+            self.spec,
+            seq_index=rows,
+            users=users[rows],
+            example_start=shard.plan.example_start,
+            inputs=[sequences[i][:-1] for i in rows],
+            targets=[sequences[i][1:] for i in rows],
+            topk_ids=cat("topk_ids"),
+            topk_logits=cat("topk_logits"),
+            lse=cat("lse"),
+            sampled=sampled,
+            shard_name=store.shard_name(shard.plan.index),
+        )
+        return store.write_shard(self.store_url, shard.plan.index, table, self.provenance, self.row_group_size, self.storage_options)
+
+
+def run_precompute(
+    teacher,
+    users: np.ndarray,
+    sequences: list[np.ndarray],
+    plans: list[ShardPlan],
+    todo: list[int],
+    spec: store.StoreSpec,
+    provenance: dict[str, Any],
+    store_url: str,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world: int,
+    row_group_size: int,
+    storage_options=None,
+    progress=None,
+) -> list[dict]:
+    """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records."""
+    mine = assign_shards(todo, rank, world)
+    # The number of forwards every rank runs: the largest share, in batches.
+    def batches_of(shards: list[int]) -> int:
+        return sum(math.ceil(len(plans[j].seq_indices) / batch_size) for j in shards)
+
+    steps = max(batches_of(assign_shards(todo, r, world)) for r in range(world)) if todo else 0
+    writer = ShardWriter(store_url, spec, provenance, row_group_size, storage_options)
+    tasks = [(j, b) for j in mine for b in range(0, len(plans[j].seq_indices), batch_size)]
+    current: Optional[_ShardBuffer] = None
+    generator = None
+    try:
+        for step in range(steps):
+            if step >= len(tasks):  # nothing left here: a dummy forward keeps ZeRO-3 in lockstep
+                teacher.logits_all(torch.ones(1, 1, dtype=torch.long))
+                continue
+            j, begin = tasks[step]
+            if current is None or current.plan.index != j:
+                current = _ShardBuffer(plans[j])
+                generator = torch.Generator().manual_seed(shard_seed(seed, j))
+            rows = plans[j].seq_indices[begin : begin + batch_size]
+            inputs = left_pad([sequences[i][:-1] for i in rows], max(len(sequences[i]) - 1 for i in rows))
+            logits = teacher.logits_all(inputs).cpu()
+            current.batches.append((rows, teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)))
+            if progress is not None:
+                progress(int((inputs != 0).sum()))
+            if begin + batch_size >= len(plans[j].seq_indices):
+                writer.submit(current, users, sequences)
+                current = None
+    finally:
+        records = writer.close()
+    return records
+
+
+def precompute_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` for ``recdistill precompute``."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from data_pipeline.dataset import load_manifest, read_split
+    from data_pipeline.layout import RunLayout
+    from distill.config import build_config
+    from distill.runtime import select_runtime
+    from distill.teacher_hosting import ShardedTeacher
+    from distill.teacher_training import worker_device
+    from distill.training import training_sequences_with_users
+
+    cfg = build_config(loop_config["config"])
+    teacher_url = loop_config["teacher_url"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
+    deepspeed.init_distributed(dist_backend=runtime.backend)
+    layout = RunLayout(cfg.run.run_dir)
+    storage = cfg.data.storage_options
+    pcfg = cfg.precompute
+
+    manifest = load_manifest(layout.data, storage)
+    teacher = ShardedTeacher(teacher_url, storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16, device=worker_device(runtime))
+    check_teacher_fits_dataset(teacher.meta, manifest, teacher_url)
+    users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
+    plans = plan_shards(sequences, pcfg.rows_per_shard)
+    spec = store.StoreSpec(
+        num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled, max_len=teacher.model_cfg.max_len
+    )
+    provenance = store_provenance(teacher.fingerprint, manifest["fingerprint"], spec, cfg.run.seed)
+    done = store.committed_shards(layout.soft_labels, provenance, storage)
+    todo = [p.index for p in plans if p.index not in done]
+    total_positions = sum(len(sequences[i]) - 1 for j in todo for i in plans[j].seq_indices)
+    if rank == 0:
+        log.info("precompute: %d shards, %d already committed, %d positions to go on %d workers", len(plans), len(done), total_positions, world)
+
+    started = time.perf_counter()
+    bar = tqdm(total=total_positions, unit="pos", desc="precompute", disable=rank != 0, mininterval=5)
+    # Rank 0 shows the progress of the whole job, assuming the others keep the same pace.
+    run_precompute(
+        teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
+        rank, world, pcfg.row_group_size, storage, progress=lambda n: bar.update(n * world),
+    )
+    bar.close()
+    dist.barrier()  # every shard is committed before the manifest
+    if rank == 0:
+        records = store.committed_shards(layout.soft_labels, provenance, storage)
+        positions = sum(len(s) - 1 for s in sequences)
+        store.write_manifest(
+            layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(sequences), positions,
+            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
+            storage_options=storage,
+        )
+    ray.train.report({"positions": total_positions, "seconds": time.perf_counter() - started})
+
+
+def check_teacher_fits_dataset(teacher_meta: dict[str, Any], dataset_manifest: dict[str, Any], teacher_url: str) -> None:
+    """A teacher trained on another dataset would label the wrong items: refuse it."""
+    if teacher_meta["num_items"] != dataset_manifest["num_items"]:
+        raise ValueError(
+            f"teacher at {teacher_url} scores {teacher_meta['num_items']} items but the dataset has {dataset_manifest['num_items']}"
+        )
+    trained_on = teacher_meta.get("dataset_fingerprint")
+    if trained_on and trained_on != dataset_manifest["fingerprint"]:
+        raise ValueError(
+            f"teacher at {teacher_url} was trained on dataset {trained_on[:12]}…, "
+            f"but this run's dataset is {dataset_manifest['fingerprint'][:12]}…"
+        )
+
+
+def store_provenance(teacher_fingerprint: str, dataset_fingerprint: str, spec: "store.StoreSpec", seed: int) -> dict[str, Any]:
+    """What a committed shard must match to be reused."""
+    return {
+        "teacher_fingerprint": teacher_fingerprint,
+        "dataset_fingerprint": dataset_fingerprint,
+        "spec": spec.to_dict(),
+        "seed": seed,
+        "schema_version": store.SCHEMA_VERSION,
+    }
