@@ -1,10 +1,13 @@
-"""``recdistill pipeline``: every stage in order, each skipped when its output already exists."""
+"""``recdistill pipeline``: every stage in order, each skipped when its output already exists,
+so a re-submitted job continues where it stopped."""
 
 from __future__ import annotations
 
 import logging
+import time
 
-from cluster import evaluate, prepare, train_teacher
+from cluster import distill, evaluate, precompute, prepare, train_teacher
+from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest
 from data_pipeline.layout import RunLayout
 from distill.config import Config
@@ -13,30 +16,54 @@ from distill.export import ExportError, read_export_meta
 log = logging.getLogger(__name__)
 
 
-def _dataset_ready(cfg: Config) -> bool:
+def _dataset(cfg: Config):
     try:
-        load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)
-        return True
+        return load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)
     except DataError:
-        return False
+        return None
 
 
-def _teacher_ready(cfg: Config) -> bool:
+def _export(url: str, cfg: Config):
     try:
-        read_export_meta(RunLayout(cfg.run.run_dir).teacher, cfg.data.storage_options)
-        return True
+        return read_export_meta(url, cfg.data.storage_options)
     except ExportError:
+        return None
+
+
+def _store_ready(cfg: Config, teacher: dict, dataset: dict) -> bool:
+    try:
+        soft_labels.load_store_manifest(
+            RunLayout(cfg.run.run_dir).soft_labels, cfg.data.storage_options,
+            expect_teacher=teacher["fingerprint"], expect_dataset=dataset["fingerprint"], expect_num_items=dataset["num_items"],
+        )
+        return True
+    except soft_labels.SoftLabelError:
         return False
 
 
-def run(cfg: Config) -> None:
-    if _dataset_ready(cfg):
-        print("prepare: dataset already prepared, skipping")
-    else:
-        prepare.run(cfg)
-    if _teacher_ready(cfg):
-        print("train-teacher: teacher already exported, skipping")
-    else:
-        train_teacher.run(cfg)
-    evaluate.run(cfg)
-    print(f"results: {RunLayout(cfg.run.run_dir).metrics}")
+def run(cfg: Config) -> dict[str, float]:
+    layout = RunLayout(cfg.run.run_dir)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, done: bool, fn, *args, **kwargs) -> None:
+        if done:
+            print(f"[pipeline] {name}: already done, skipping")
+            return
+        print(f"[pipeline] {name} ...", flush=True)
+        started = time.perf_counter()
+        fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - started
+
+    stage("prepare", _dataset(cfg) is not None, prepare.run, cfg)
+    dataset = _dataset(cfg)
+    teacher_at = precompute.teacher_url(cfg)
+    stage("train-teacher", cfg.teacher.checkpoint is not None or _export(layout.teacher, cfg) is not None, train_teacher.run, cfg)
+    teacher = _export(teacher_at, cfg)
+    if teacher is None:
+        raise ExportError(f"no teacher export at {teacher_at}")
+    stage("precompute", _store_ready(cfg, teacher, dataset), precompute.run, cfg)
+    stage("distill", _export(layout.student, cfg) is not None, distill.run, cfg)
+    stage("distill --baseline", _export(layout.baseline, cfg) is not None, distill.run, cfg, baseline=True)
+    stage("evaluate", False, evaluate.run, cfg)
+    print(f"[pipeline] results: {layout.metrics}")
+    return timings

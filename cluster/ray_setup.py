@@ -41,7 +41,8 @@ def scaling_config(cfg: Config, elastic: bool = False) -> ScalingConfig:
     if elastic and cfg.scaling.min_workers is not None:
         num_workers = (cfg.scaling.min_workers, cfg.scaling.num_workers)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
-    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    extra = {"elastic_resize_monitor_interval_s": cfg.scaling.elastic_resize_interval_s} if isinstance(num_workers, tuple) else {}
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, **extra)
 
 
 def torch_config(cfg: Config) -> TorchConfig:

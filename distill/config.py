@@ -125,6 +125,12 @@ class DistillConfig(_Section):
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label loss; 1 = no teacher.")
     online: bool = Field(False, description="Run the teacher in the loop instead of reading the store (benchmark).")
+    ranking_top: int = Field(10, gt=0, description="Teacher top-K used as weighted positives by loss=ranking.")
+    # The streaming order: J virtual shards, fixed for a run, independent of the worker count (J >= workers).
+    num_virtual_shards: int = Field(16, gt=0)
+    prefetch_blocks: int = Field(3, gt=0)
+    checkpoint_every_steps: int = Field(50, gt=0, description="Mid-epoch checkpoints (plus one at every epoch end).")
+    log_consumed: bool = Field(False, description="Audit log of the rows each step consumed (student/consumed/).")
 
 
 class PrecomputeConfig(_Section):
@@ -143,6 +149,7 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=-1)
     address: Optional[str] = Field(None, description="Ray address; None starts or joins a local cluster.")
+    elastic_resize_interval_s: float = Field(60.0, ge=0, description="How often an elastic run looks for more workers.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":

@@ -242,9 +242,14 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     spec = store.StoreSpec(
         num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled, max_len=teacher.model_cfg.max_len
     )
-    provenance = store_provenance(teacher.fingerprint, manifest["fingerprint"], spec, cfg.run.seed)
+    # The sampling seed decides stored values too, so it is part of what a reusable shard must match.
+    provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed}
     done = store.committed_shards(layout.soft_labels, provenance, storage)
     todo = [p.index for p in plans if p.index not in done]
+    if todo:
+        if rank == 0:
+            store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
+        dist.barrier()
     total_positions = sum(len(sequences[i]) - 1 for j in todo for i in plans[j].seq_indices)
     if rank == 0:
         log.info("precompute: %d shards, %d already committed, %d positions to go on %d workers", len(plans), len(done), total_positions, world)
@@ -281,14 +286,3 @@ def check_teacher_fits_dataset(teacher_meta: dict[str, Any], dataset_manifest: d
             f"teacher at {teacher_url} was trained on dataset {trained_on[:12]}…, "
             f"but this run's dataset is {dataset_manifest['fingerprint'][:12]}…"
         )
-
-
-def store_provenance(teacher_fingerprint: str, dataset_fingerprint: str, spec: "store.StoreSpec", seed: int) -> dict[str, Any]:
-    """What a committed shard must match to be reused."""
-    return {
-        "teacher_fingerprint": teacher_fingerprint,
-        "dataset_fingerprint": dataset_fingerprint,
-        "spec": spec.to_dict(),
-        "seed": seed,
-        "schema_version": store.SCHEMA_VERSION,
-    }

@@ -41,3 +41,45 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real moto S3 server on 127.0.0.1 (a free port) for the whole session, with one bucket.
+
+    Returns ``{"endpoint_url", "storage_options", "bucket"}``; pass ``storage_options`` to
+    anything that takes fsspec options and use ``s3://{bucket}/<unique prefix>`` URLs.
+    Dummy credentials are put in the environment for the session only (restored after), and
+    the AWS config/credential files are pointed at /dev/null, so no real account is ever used.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import boto3
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            env.setenv(key, value)
+        for key in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
+                    "AWS_ENDPOINT_URL_S3"):
+            env.delenv(key, raising=False)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            bucket = "recdistill-test"
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+            yield {
+                "endpoint_url": endpoint,
+                "storage_options": {"client_kwargs": {"endpoint_url": endpoint}},
+                "bucket": bucket,
+            }
+        finally:
+            server.stop()

@@ -1,0 +1,51 @@
+"""``recdistill distill [--baseline]``: train the student on Ray Train workers (DDP, elastic).
+
+The store is checked against this run (teacher, dataset, catalog) on the driver,
+before any worker starts.
+"""
+
+from __future__ import annotations
+
+from ray.train.torch import TorchTrainer
+
+from cluster.common import require_dataset, save_resolved_config
+from cluster.precompute import teacher_url
+from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+from data_pipeline import soft_labels
+from data_pipeline.layout import RunLayout
+from distill.config import Config
+from distill.export import read_export_meta
+from distill.student_training import student_train_loop
+
+
+def run(cfg: Config, baseline: bool = False) -> dict:
+    layout = RunLayout(cfg.run.run_dir)
+    baseline = baseline or cfg.distill.alpha >= 1.0
+    save_resolved_config(cfg)
+    dataset = require_dataset(cfg)
+    soft_manifest = None
+    if not baseline:
+        teacher = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
+        soft_manifest = soft_labels.load_store_manifest(
+            layout.soft_labels,
+            cfg.data.storage_options,
+            expect_teacher=teacher["fingerprint"],
+            expect_dataset=dataset["fingerprint"],
+            expect_num_items=dataset["num_items"],
+        )
+    ensure_ray(cfg)
+    trainer = TorchTrainer(
+        student_train_loop,
+        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": soft_manifest},
+        scaling_config=scaling_config(cfg, elastic=True),
+        torch_config=torch_config(cfg),
+        run_config=run_config(cfg, name="baseline" if baseline else "student"),
+    )
+    trainer.fit()
+    out = layout.baseline if baseline else layout.student
+    meta = read_export_meta(out, cfg.data.storage_options)
+    print(
+        f"{'baseline' if baseline else 'student'}: {meta['params']:,} parameters, best validation NDCG@10 "
+        f"{meta['valid']['ndcg@10']:.4f} (epoch {meta['epoch']}), exported to {out}"
+    )
+    return meta

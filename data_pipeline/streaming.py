@@ -1,0 +1,541 @@
+"""Stream Parquet row groups to data-parallel workers in an order that does not depend on the worker count.
+
+The problem: W data-parallel workers each read their share of a Parquet store,
+sequentially, and we want
+
+* the same global batches whatever W is (a run can be restarted on more or
+  fewer machines and still see exactly the same data, in the same order);
+* every row exactly once per epoch;
+* a resume state of just ``(epoch, step)``;
+* sequential I/O: whole row groups, never random rows across the store.
+
+The idea is MosaicML StreamingDataset's "canonical nodes" (see
+``shared/notes/elastic-reader.md``): the data is dealt into a fixed number J of
+*virtual shards* and physical workers only decide which virtual shards they
+serve.
+
+Vocabulary
+    block          one Parquet row group, identified by a :class:`BlockRef`. The
+                   unit of I/O: a worker always reads a whole block.
+    virtual shard  an ordered list of blocks. Its *stream* is the concatenation of
+                   its blocks' rows, each block's rows shuffled.
+    J              ``num_virtual_shards``: fixed for the whole run, independent of W.
+    B              ``global_batch_size``: rows (user sequences) per global step.
+
+An epoch (:class:`EpochPlan`, a pure function of ``seed`` and ``epoch``)
+    1. Permute the blocks with a generator seeded by ``(seed, epoch)`` and deal
+       them round-robin into the J virtual shards.
+    2. Shuffle each block's rows with a generator seeded by
+       ``(seed, epoch, block_id)``; this is the only shuffle below block level,
+       so it needs just one block in memory.
+    3. Global step ``s`` takes rows ``[s * b_j, (s + 1) * b_j)`` of every virtual
+       shard j's stream, where ``b_j = B // J + (1 if j < B % J else 0)``
+       (so the b_j add up to B).
+    4. Virtual shards hold different numbers of rows, so towards the end of an
+       epoch some are exhausted and contribute fewer or no rows: **late global
+       batches can be smaller than B**. The epoch ends when every virtual shard
+       is exhausted, so ``steps = max_j ceil(len_j / b_j)``. Because the deal
+       changes each epoch, so can the number of steps (see
+       :meth:`StreamingReader.steps_per_epoch`).
+
+Workers
+    Worker ``rank`` of ``world`` owns virtual shards ``{j : j % world == rank}``.
+    When W does not divide J workers get unequal local batches (and late in an
+    epoch possibly empty ones: the reader still yields them, because
+    data-parallel workers must step together). Reduce the loss as a *sum* over
+    the global batch divided by the global batch's row count
+    (:meth:`EpochPlan.global_rows`, computable on every worker without
+    communication), not as a mean of per-worker means.
+
+Resume
+    The state is ``(epoch, step)`` plus the fixed config (blocks, J, B, seed).
+    Every virtual shard's offset after ``step`` steps is ``step * b_j``,
+    whatever W was, so a reader restarted with any ``1 <= W' <= J`` continues
+    the same global batches. It reads only the block holding each offset (and
+    the ones after it), never the skipped ones.
+
+Typical use::
+
+    blocks = list_blocks(files, storage_options, expected_rows=manifest_rows)
+    reader = StreamingReader(blocks, ["user", "items"], num_virtual_shards=64,
+                             global_batch_size=1024, seed=0, rank=rank, world=world)
+    for step, table in reader.iter_epoch(epoch, start_step=resume_step):
+        ...  # table: this worker's rows, plus _block_id and _row_in_block (int64)
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline import fsio
+
+__all__ = [
+    "BLOCK_ID_COLUMN",
+    "ROW_IN_BLOCK_COLUMN",
+    "BlockReadError",
+    "BlockRef",
+    "BlockSlice",
+    "EpochPlan",
+    "StreamingReader",
+    "list_blocks",
+    "owned_virtual_shards",
+    "read_block",
+]
+
+#: Columns added to every table the reader yields: where each row came from.
+#: ``_row_in_block`` is the row's index inside its row group as stored (before shuffling).
+BLOCK_ID_COLUMN = "_block_id"
+ROW_IN_BLOCK_COLUMN = "_row_in_block"
+
+# Domain tags keep the two kinds of generator seeds apart. They sit *before* the
+# variable-length part because numpy's SeedSequence ignores trailing zeros
+# ([s, e] and [s, e, 0] seed the same stream).
+_TAG_BLOCK_ORDER = 0
+_TAG_ROW_ORDER = 1
+
+
+class BlockReadError(RuntimeError):
+    """Reading a block failed (raised in the consumer; the original error is ``__cause__``)."""
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One Parquet row group: the unit of reading and of the epoch permutation.
+
+    ``block_id`` is the block's position in the listing (:func:`list_blocks`);
+    it seeds the block's row shuffle, so it must be stable for a run.
+    """
+
+    file: str
+    row_group: int
+    num_rows: int
+    block_id: int
+
+
+class BlockSlice(NamedTuple):
+    """Positions ``[start, stop)`` of ``block``'s *shuffled* row order taken at one step."""
+
+    block: BlockRef
+    start: int
+    stop: int
+
+
+# --------------------------------------------------------------------------------------
+# Listing
+
+
+def list_blocks(
+    files: Sequence[str],
+    storage_options: Optional[dict[str, Any]] = None,
+    expected_rows: Optional[Sequence[int]] = None,
+) -> list[BlockRef]:
+    """List every row group of ``files`` as a :class:`BlockRef`, reading only the Parquet footers.
+
+    Blocks come in a deterministic order (files as given, row groups in order)
+    and ``block_id`` is the position in that list. ``expected_rows`` (per-file
+    row counts, e.g. from a dataset manifest) guards against a file that was
+    replaced or truncated: a mismatch raises ``ValueError`` naming the file.
+    Empty row groups are listed too (so ids match row-group positions) but are
+    never read.
+    """
+    if expected_rows is not None and len(expected_rows) != len(files):
+        raise ValueError(f"expected_rows has {len(expected_rows)} entries for {len(files)} files")
+    if len(set(files)) != len(files):
+        # A file listed twice would have its rows used twice per epoch.
+        raise ValueError("files must not contain duplicates")
+    blocks: list[BlockRef] = []
+    for i, file in enumerate(files):
+        fs, path = fsio.get_fs(file, storage_options)
+        with fs.open(path, "rb") as f:
+            meta = pq.read_metadata(f)
+        if expected_rows is not None and meta.num_rows != expected_rows[i]:
+            raise ValueError(f"{file}: the Parquet footer says {meta.num_rows} rows, expected {expected_rows[i]}")
+        for rg in range(meta.num_row_groups):
+            blocks.append(BlockRef(file, rg, meta.row_group(rg).num_rows, len(blocks)))
+    return blocks
+
+
+def read_block(
+    block: BlockRef,
+    columns: Optional[Sequence[str]] = None,
+    storage_options: Optional[dict[str, Any]] = None,
+) -> pa.Table:
+    """Read one whole row group (in stored row order).
+
+    Raises ``ValueError`` if its row count differs from the listing: the file
+    changed since :func:`list_blocks`, and the exactly-once bookkeeping would
+    silently break.
+    """
+    fs, path = fsio.get_fs(block.file, storage_options)
+    columns = list(columns) if columns is not None else None
+    with fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(block.row_group, columns=columns)
+    if table.num_rows != block.num_rows:
+        raise ValueError(
+            f"{block.file}: row group {block.row_group} has {table.num_rows} rows, the listing said {block.num_rows}"
+        )
+    return table
+
+
+# --------------------------------------------------------------------------------------
+# The epoch plan (pure: no I/O)
+
+
+def _check_shape(num_virtual_shards: int, global_batch_size: int) -> None:
+    if num_virtual_shards < 1:
+        raise ValueError(f"num_virtual_shards must be >= 1, got {num_virtual_shards}")
+    if global_batch_size < num_virtual_shards:
+        # Otherwise some virtual shard would get 0 rows per step and never drain.
+        raise ValueError(
+            f"global_batch_size ({global_batch_size}) must be >= num_virtual_shards ({num_virtual_shards}): "
+            "every virtual shard contributes at least one row per step"
+        )
+
+
+def owned_virtual_shards(rank: int, world: int, num_virtual_shards: int) -> list[int]:
+    """The virtual shards worker ``rank`` of ``world`` reads: ``j % world == rank``, increasing."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    if world > num_virtual_shards:
+        raise ValueError(
+            f"world ({world}) must be <= num_virtual_shards ({num_virtual_shards}): "
+            "a virtual shard is the smallest unit a worker can own"
+        )
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return list(range(rank, num_virtual_shards, world))
+
+
+class EpochPlan:
+    """Which rows every virtual shard contributes at every step of one epoch.
+
+    A pure function of ``(blocks, num_virtual_shards, global_batch_size, seed,
+    epoch)``: no I/O, no dependence on the number of workers. The reader
+    follows it; tests use it as the reference.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[BlockRef],
+        num_virtual_shards: int,
+        global_batch_size: int,
+        seed: int,
+        epoch: int,
+    ) -> None:
+        _check_shape(num_virtual_shards, global_batch_size)
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        if len({b.block_id for b in blocks}) != len(blocks):
+            raise ValueError("block ids must be unique")
+        self.blocks = tuple(blocks)
+        self.num_virtual_shards = num_virtual_shards
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.epoch = epoch
+
+        order = np.random.default_rng([seed, epoch, _TAG_BLOCK_ORDER]).permutation(len(self.blocks))
+        J = num_virtual_shards
+        self._shards = [tuple(self.blocks[i] for i in order[j::J]) for j in range(J)]
+        # _starts[j][k]: offset of shard j's k-th block in the shard's stream; the
+        # last entry is the stream length. Lets a step's row range be mapped to
+        # blocks by bisection, without walking the stream.
+        self._starts = [[0, *np.cumsum([b.num_rows for b in shard]).tolist()] for shard in self._shards]
+        self.steps = max((math.ceil(self.shard_num_rows(j) / self.rows_per_step(j)) for j in range(J)), default=0)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the epoch (every block's, once)."""
+        return sum(b.num_rows for b in self.blocks)
+
+    def virtual_shard_blocks(self, j: int) -> list[BlockRef]:
+        """Virtual shard ``j``'s blocks, in stream order."""
+        return list(self._shards[j])
+
+    def shard_num_rows(self, j: int) -> int:
+        """Length of virtual shard ``j``'s stream."""
+        return self._starts[j][-1]
+
+    def rows_per_step(self, j: int) -> int:
+        """``b_j``: rows virtual shard ``j`` contributes to a full global batch."""
+        B, J = self.global_batch_size, self.num_virtual_shards
+        return B // J + (1 if j < B % J else 0)
+
+    def block_row_order(self, block: BlockRef) -> np.ndarray:
+        """The block's rows (indices into the stored row group) in this epoch's shuffled order."""
+        rng = np.random.default_rng([self.seed, self.epoch, _TAG_ROW_ORDER, block.block_id])
+        return rng.permutation(block.num_rows)
+
+    def step_slices(self, j: int, step: int) -> list[BlockSlice]:
+        """The pieces of blocks virtual shard ``j`` contributes at ``step``, in stream order.
+
+        Empty after the shard is exhausted; more than one piece when the step's
+        range crosses a block boundary. Empty blocks never appear.
+        """
+        b = self.rows_per_step(j)
+        starts, shard = self._starts[j], self._shards[j]
+        lo, hi = step * b, min((step + 1) * b, starts[-1])
+        pieces = []
+        k = bisect.bisect_right(starts, lo) - 1  # the last block starting at or before lo
+        while lo < hi:
+            end = starts[k + 1]
+            if end > lo:  # skips empty blocks
+                stop = min(hi, end)
+                pieces.append(BlockSlice(shard[k], lo - starts[k], stop - starts[k]))
+                lo = stop
+            k += 1
+        return pieces
+
+    def read_order(self, shards: Iterable[int], start_step: int = 0) -> list[BlockRef]:
+        """Blocks of ``shards`` that steps ``start_step...`` need, in the order a reader first needs them.
+
+        Ordered by (first step that needs the block, shard, position in shard),
+        which is the order in which :meth:`StreamingReader.iter_epoch` walks the
+        steps. Blocks entirely before ``start_step`` (and empty ones) are left
+        out: resuming never reads them.
+        """
+        needed = []
+        for j in shards:
+            b, starts = self.rows_per_step(j), self._starts[j]
+            offset = start_step * b
+            for k, block in enumerate(self._shards[j]):
+                if block.num_rows == 0 or starts[k + 1] <= offset:
+                    continue
+                first_step = max(start_step, starts[k] // b)
+                needed.append((first_step, j, k, block))
+        needed.sort(key=lambda item: item[:3])
+        return [block for *_, block in needed]
+
+    def _rows(self, shards: Iterable[int], step: int) -> list[tuple[int, int]]:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} is outside the epoch's {self.steps} steps")
+        rows = []
+        for j in shards:
+            for piece in self.step_slices(j, step):
+                order = self.block_row_order(piece.block)[piece.start : piece.stop]
+                rows.extend((piece.block.block_id, int(r)) for r in order)
+        return rows
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        """The ``(block_id, row_in_block)`` pairs of global step ``step``, in virtual-shard order."""
+        return self._rows(range(self.num_virtual_shards), step)
+
+    def worker_rows(self, rank: int, world: int, step: int) -> list[tuple[int, int]]:
+        """The ``(block_id, row_in_block)`` pairs worker ``rank`` of ``world`` trains on at ``step``."""
+        return self._rows(owned_virtual_shards(rank, world, self.num_virtual_shards), step)
+
+    def global_rows(self, step: int) -> int:
+        """Rows in global step ``step`` (``global_batch_size`` except near the end of the epoch)."""
+        return sum(
+            max(0, min(self.rows_per_step(j), self.shard_num_rows(j) - step * self.rows_per_step(j)))
+            for j in range(self.num_virtual_shards)
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Prefetching
+
+
+class _Prefetcher:
+    """Reads ``blocks`` in order on a background thread, at most ``depth`` blocks ahead.
+
+    :meth:`next` hands them out in the same order; a read error is re-raised
+    there as :class:`BlockReadError`, and nothing after it is read.
+    :meth:`close` stops the thread (also when the consumer stops early).
+    """
+
+    _POLL_S = 0.05  # how often a producer blocked on a full queue checks for close()
+
+    def __init__(self, blocks: list[BlockRef], read: Callable[[BlockRef], pa.Table], depth: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(blocks, read), name="streaming-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, blocks: list[BlockRef], read: Callable[[BlockRef], pa.Table]) -> None:
+        for block in blocks:
+            if self._stop.is_set():
+                return
+            try:
+                result: pa.Table | Exception = read(block)
+            except Exception as exc:  # handed to the consumer, who re-raises it
+                result = exc
+            if not self._put((block, result)) or isinstance(result, Exception):
+                return
+
+    def _put(self, item: tuple[BlockRef, Any]) -> bool:
+        # A timed put, so that a producer waiting on a full queue notices close().
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def next(self, expected: BlockRef) -> pa.Table:
+        block, result = self._queue.get()
+        if isinstance(result, Exception):
+            raise BlockReadError(
+                f"prefetch failed reading row group {block.row_group} of {block.file}: "
+                f"{type(result).__name__}: {result}"
+            ) from result
+        if block != expected:  # the reader and the plan disagree on the read order: a bug here, not bad data
+            raise RuntimeError(f"internal error: expected block {expected}, the prefetcher read {block}")
+        return result
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # drop prefetched tables now rather than when the generator is collected
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        # A read in progress finishes first; don't wait forever on a stalled remote read
+        # (the daemon thread exits by itself once the read returns).
+        self._thread.join(timeout=10.0)
+
+
+# --------------------------------------------------------------------------------------
+# The reader
+
+
+class _LoadedBlock(NamedTuple):
+    block: BlockRef
+    table: pa.Table
+    order: np.ndarray  # the epoch's shuffled row order of this block
+
+
+class StreamingReader:
+    """One data-parallel worker's view of the store: its virtual shards, read sequentially.
+
+    ``iter_epoch(epoch, start_step)`` yields ``(step, table)`` for every step of
+    the epoch from ``start_step``. ``table`` holds this worker's rows for that
+    step (:meth:`EpochPlan.worker_rows`): the columns asked for plus
+    ``_block_id`` and ``_row_in_block`` (int64), concatenated over the owned
+    virtual shards in increasing j. It can have 0 rows, and may be made of
+    several chunks.
+
+    Memory: the current block of each owned virtual shard (dropped once fully
+    used) plus up to ``prefetch_blocks`` blocks read ahead by a background
+    thread. Every block is read at most once per epoch, whole, with one
+    ``read_row_group``.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[BlockRef],
+        columns: Optional[Sequence[str]],
+        num_virtual_shards: int,
+        global_batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        storage_options: Optional[dict[str, Any]] = None,
+        prefetch_blocks: int = 3,
+    ) -> None:
+        _check_shape(num_virtual_shards, global_batch_size)
+        if prefetch_blocks < 1:
+            raise ValueError(f"prefetch_blocks must be >= 1, got {prefetch_blocks}")
+        self.blocks = tuple(blocks)
+        self.columns = list(columns) if columns is not None else None
+        self.num_virtual_shards = num_virtual_shards
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.storage_options = storage_options
+        self.prefetch_blocks = prefetch_blocks
+        self.virtual_shards = owned_virtual_shards(rank, world, num_virtual_shards)
+        self._empty: Optional[pa.Table] = None  # a 0-row table with the output schema, once known
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The (worker-independent) plan of ``epoch``."""
+        return EpochPlan(self.blocks, self.num_virtual_shards, self.global_batch_size, self.seed, epoch)
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Steps in ``epoch`` (the same on every worker and for every world size).
+
+        A method, not a property: the deal of blocks into virtual shards changes
+        every epoch and with it the longest shard, so the count can differ
+        between epochs. It is cheap (no I/O), so an LR schedule can
+        sum it over the planned epochs.
+        """
+        return self.plan(epoch).steps
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, pa.Table]]:
+        """Yield ``(step, local_batch)`` for steps ``start_step, ..., steps - 1`` of ``epoch``.
+
+        ``start_step`` is the number of steps already taken in this epoch (by any
+        world size); ``start_step == steps`` yields nothing. Arguments are
+        checked here, not at the first ``next()``.
+        """
+        plan = self.plan(epoch)
+        if not 0 <= start_step <= plan.steps:
+            raise ValueError(f"start_step must be in [0, {plan.steps}] for epoch {epoch}, got {start_step}")
+        return self._iterate(plan, start_step)
+
+    def _iterate(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[int, pa.Table]]:
+        read_order = plan.read_order(self.virtual_shards, start_step)
+        prefetcher = _Prefetcher(
+            read_order, lambda block: read_block(block, self.columns, self.storage_options), self.prefetch_blocks
+        )
+        current: dict[int, _LoadedBlock] = {}  # virtual shard -> its block being consumed
+        try:
+            for step in range(start_step, plan.steps):
+                pieces = []
+                # Walk the steps exactly as EpochPlan.read_order orders them (shards in
+                # increasing j, a shard's pieces in stream order), so each new block
+                # needed is the next one the prefetcher hands out.
+                for j in self.virtual_shards:
+                    for piece in plan.step_slices(j, step):
+                        loaded = current.get(j)
+                        if loaded is None or loaded.block != piece.block:
+                            loaded = current[j] = self._load(plan, prefetcher, piece.block)
+                        pieces.append(self._take(loaded, piece))
+                        if piece.stop == piece.block.num_rows:
+                            del current[j]  # fully used: free it before the next one arrives
+                yield step, (pa.concat_tables(pieces) if pieces else self._empty_table())
+        finally:
+            prefetcher.close()
+
+    def _load(self, plan: EpochPlan, prefetcher: _Prefetcher, block: BlockRef) -> _LoadedBlock:
+        table = prefetcher.next(block)
+        for name in (BLOCK_ID_COLUMN, ROW_IN_BLOCK_COLUMN):
+            if name in table.column_names:
+                raise ValueError(f"{block.file}: column {name!r} is reserved for the reader's provenance columns")
+        return _LoadedBlock(block, table, plan.block_row_order(block))
+
+    def _take(self, loaded: _LoadedBlock, piece: BlockSlice) -> pa.Table:
+        rows = pa.array(loaded.order[piece.start : piece.stop], type=pa.int64())
+        table = loaded.table.take(rows)
+        block_ids = pa.array(np.full(len(rows), piece.block.block_id, dtype=np.int64))
+        table = table.append_column(BLOCK_ID_COLUMN, block_ids)
+        table = table.append_column(ROW_IN_BLOCK_COLUMN, rows)
+        if self._empty is None:
+            self._empty = table.slice(0, 0)
+        return table
+
+    def _empty_table(self) -> pa.Table:
+        """A 0-row table with the output schema, for steps where this worker has no rows.
+
+        Taken from a block already read, else from the first file's footer.
+        """
+        if self._empty is None:
+            file = self.blocks[0].file
+            fs, path = fsio.get_fs(file, self.storage_options)
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).schema_arrow.empty_table()
+            if self.columns is not None:
+                table = table.select(self.columns)
+            empty = pa.array([], type=pa.int64())
+            self._empty = table.append_column(BLOCK_ID_COLUMN, empty).append_column(ROW_IN_BLOCK_COLUMN, empty)
+        return self._empty

@@ -1,0 +1,248 @@
+"""The student's training loop, run by every Ray Train worker (DDP; elastic).
+
+Data comes from the soft-label store (distillation) or from the dataset's
+training split (the baseline, alpha = 1, no teacher), streamed by
+:class:`data_pipeline.streaming.StreamingReader`: the global batch of step s in
+epoch e is a pure function of (seed, e, s), whatever the worker count, so the
+resume state is just (epoch, step) plus model, optimiser and RNG state. After a
+restart at another worker count the epoch continues with every row used once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from data_pipeline import fsio
+from data_pipeline import soft_labels as store
+from data_pipeline.dataset import load_manifest, read_split
+from data_pipeline.layout import RunLayout
+from data_pipeline.streaming import StreamingReader, list_blocks
+from distill.config import Config, build_config
+from distill.export import save_export
+from distill.losses import distillation_loss
+from distill.model import PAD_ID, SequentialRecommender
+from distill.runtime import select_runtime
+from distill.sequences import left_pad
+from distill.sizing import count_parameters
+from distill.training import distributed_ranking_eval
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "student_state.json"
+WEIGHTS_FILE = "student.pt"
+
+
+@dataclass
+class StudentBatch:
+    """One worker's share of a global step, as tensors.
+
+    inputs/targets: (B, L) left-padded; ``soft``: per-position teacher labels aligned
+    with the real (non-padding) positions of ``inputs`` in row-major order; ``rows``:
+    an identifier per row (for the consumed-rows audit log).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    soft: Optional[dict[str, torch.Tensor]]
+    rows: list[int]
+
+
+def _lists(table: pa.Table, name: str) -> list[np.ndarray]:
+    col = table.column(name).combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
+    """A soft-label store batch; positions older than the student's ``max_len`` window are dropped."""
+    inputs, targets = _lists(table, "inputs"), _lists(table, "targets")
+    soft = store.decode_positions(table, spec) if table.num_rows else None
+    if soft is not None:
+        # Keep each row's last min(n, max_len) positions (the student's window), labels alike.
+        offsets = soft.pop("row_offsets").numpy()
+        keep = np.concatenate([np.arange(max(a, b - max_len), b) for a, b in zip(offsets[:-1], offsets[1:])] or [np.zeros(0, int)])
+        soft = {name: t[torch.from_numpy(keep)] for name, t in soft.items()}
+    width = max([min(len(x), max_len) for x in inputs], default=1) or 1
+    return StudentBatch(
+        inputs=_pad_or_empty(inputs, width),
+        targets=_pad_or_empty(targets, width),
+        soft=soft,
+        rows=table.column("seq_index").to_pylist() if table.num_rows else [],
+    )
+
+
+def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
+    """A batch of training histories (the baseline): next-item pairs from the last max_len+1 items."""
+    seqs = [s[-(max_len + 1) :] for s in _lists(table, "items") if len(s) >= 2]
+    width = max([len(s) - 1 for s in seqs], default=1)
+    return StudentBatch(
+        inputs=_pad_or_empty([s[:-1] for s in seqs], width),
+        targets=_pad_or_empty([s[1:] for s in seqs], width),
+        soft=None,
+        rows=table.column("user").to_pylist() if table.num_rows else [],
+    )
+
+
+def _pad_or_empty(seqs: list[np.ndarray], width: int) -> torch.Tensor:
+    # A worker with no rows this step still runs a forward (DDP all-reduces in backward): one padding row.
+    return left_pad(seqs, width) if seqs else torch.zeros(1, width, dtype=torch.long)
+
+
+class PositionLogits(nn.Module):
+    """Student logits at the real positions only: (B, L) -> (P, C). One module, so DDP sees every weight in forward."""
+
+    def __init__(self, model: SequentialRecommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(inputs)
+        return self.model.scores(hidden[inputs != PAD_ID]).float()
+
+
+def student_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``; ``loop_config = {"config": ..., "baseline": bool}``."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg: Config = build_config(loop_config["config"])
+    baseline: bool = loop_config["baseline"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    runtime = select_runtime(cfg.run.device, "false")
+    device = ray.train.torch.get_device() if runtime.use_gpu else torch.device("cpu")
+    layout = RunLayout(cfg.run.run_dir)
+    storage = cfg.data.storage_options
+    mcfg, tcfg, dcfg = cfg.student.model, cfg.student.train, cfg.distill
+    out_url = layout.baseline if baseline else layout.student
+
+    dataset = load_manifest(layout.data, storage)
+    num_items = dataset["num_items"]
+    valid = read_split(layout.data, "valid", storage, dataset)
+    if baseline:
+        files = [fsio.join(layout.data, f) for f in dataset["splits"]["train"]["files"]]
+        blocks = list_blocks(files, storage, dataset["splits"]["train"]["rows"])
+        columns, spec = ["user", "items"], None
+    else:
+        soft_manifest = loop_config["soft_manifest"]
+        spec = store.StoreSpec.from_dict(soft_manifest["spec"])
+        shards = soft_manifest["shards"]
+        blocks = list_blocks([fsio.join(layout.soft_labels, s["file"]) for s in shards], storage, [s["rows"] for s in shards])
+        columns = None
+    reader = StreamingReader(
+        blocks, columns, dcfg.num_virtual_shards, tcfg.batch_size, cfg.run.seed, rank, world, storage, dcfg.prefetch_blocks
+    )
+
+    torch.manual_seed(cfg.run.seed)
+    model = SequentialRecommender(mcfg, num_items)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
+                saved = json.load(f)
+            blob = torch.load(os.path.join(ckpt_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"])
+        saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
+        state = saved
+        log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
+    model.to(device)
+    forward = ray.train.torch.prepare_model(PositionLogits(model), move_to_device=False) if world > 1 else PositionLogits(model)
+    attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
+    attempt_id = _broadcast_object(attempt, dist) if world > 1 else attempt
+    params = count_parameters(mcfg, num_items)
+    kd_options = {"K": dcfg.ranking_top} if dcfg.loss == "ranking" else {}
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, os.path.join(tmp, WEIGHTS_FILE))
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump({**state, "world_size": world}, f)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    for epoch in range(state["epoch"], tcfg.epochs):
+        started, losses = time.perf_counter(), []
+        forward.train()
+        for step, table in reader.iter_epoch(epoch, start_step=state["step"]):
+            batch = batch_from_dataset(table, mcfg.max_len) if baseline else batch_from_store(table, spec, mcfg.max_len)
+            logits = forward(batch.inputs.to(device))
+            targets = batch.targets[batch.inputs != PAD_ID].to(device)
+            soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None
+            alpha = 1.0 if baseline else dcfg.alpha
+            loss_sum, count, _ = distillation_loss(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, **kd_options)
+            global_count = torch.as_tensor(float(count), device=device)
+            if world > 1:
+                dist.all_reduce(global_count)
+            # Sum over the global batch / its size; DDP averages gradients over ranks, hence * world.
+            loss = loss_sum * world / global_count.clamp(min=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            losses.append(float(loss_sum) / max(float(count), 1.0))
+            if dcfg.log_consumed:
+                _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
+            state["step"] = step + 1
+            if state["step"] % dcfg.checkpoint_every_steps == 0 and state["step"] < reader.steps_per_epoch(epoch):
+                save_and_report({"epoch": epoch, "step": state["step"], "train_loss": float(np.mean(losses))})
+        forward.eval()
+        metrics = distributed_ranking_eval(
+            model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
+        )
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
+                  "train_seconds": time.perf_counter() - started, "workers": world,
+                  **{f"val_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        if metrics["ndcg@10"] > state["best_ndcg"]:
+            state["best_ndcg"] = metrics["ndcg@10"]
+            if rank == 0:
+                info = {"role": "baseline" if baseline else "student", "params": params, "epoch": epoch + 1, "valid": metrics,
+                        "dataset_fingerprint": dataset["fingerprint"],
+                        "distill": None if baseline else {**dcfg.model_dump(mode="json"), "teacher_fingerprint": soft_manifest["teacher_fingerprint"]}}
+                save_export(out_url, model.state_dict(), mcfg, num_items, info, storage)
+        state.update(epoch=epoch + 1, step=0)
+        if rank == 0:
+            fsio.write_json_atomic(fsio.join(out_url, "history.json"), {"history": state["history"], "restarts": state["restarts"]}, storage)
+        save_and_report({**record, "best_val_ndcg@10": state["best_ndcg"]})
+        if tcfg.patience and len(state["history"]) > tcfg.patience:
+            recent = [h["val_ndcg@10"] for h in state["history"][-tcfg.patience:]]
+            if max(recent) < state["best_ndcg"]:
+                log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+                break
+
+
+def _broadcast_object(obj: Any, dist) -> Any:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _log_consumed(out_url: str, storage, attempt: str, epoch: int, step: int, rank: int, world: int, rows: list[int]) -> None:
+    """Append-only audit record of the rows this worker trained on at (epoch, step)."""
+    record = json.dumps({"attempt": attempt, "epoch": epoch, "step": step, "rank": rank, "world": world, "rows": rows})
+    fs, path = fsio.get_fs(fsio.join(out_url, "consumed", f"{attempt}-rank{rank}.jsonl"), storage)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "a") as f:
+        f.write(record + "\n")
