@@ -72,7 +72,7 @@ class DataConfig(_Section):
     min_user_interactions: int = Field(3, ge=3, description="Users with fewer are dropped (leave-one-out needs 3).")
     min_item_interactions: int = Field(1, ge=1)
     rows_per_shard: int = Field(50_000, gt=0)
-    row_group_size: int = Field(2048, gt=0)
+    row_group_size: int = Field(64, gt=0, description="Users per Parquet row group (the streaming block of the baseline).")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -137,8 +137,9 @@ class PrecomputeConfig(_Section):
     k: int = Field(64, gt=0, description="Top-k ids and logits stored per position.")
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     num_sampled: int = Field(0, ge=0, description="Draws per position for sampled soft labels (0 = off).")
-    rows_per_shard: int = Field(20_000, gt=0)
-    row_group_size: int = Field(2048, gt=0)
+    # Rows are whole training sequences (up to max_len positions each).
+    rows_per_shard: int = Field(1024, gt=0)
+    row_group_size: int = Field(64, gt=0, description="Sequences per row group: the streaming reader's block.")
     batch_size: int = Field(32, gt=0, description="Sequences per teacher forward (memory: batch x max_len x catalog floats).")
 
 

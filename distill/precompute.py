@@ -251,15 +251,16 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
             store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
         dist.barrier()
     total_positions = sum(len(sequences[i]) - 1 for j in todo for i in plans[j].seq_indices)
+    my_positions = sum(len(sequences[i]) - 1 for j in assign_shards(todo, rank, world) for i in plans[j].seq_indices)
     if rank == 0:
         log.info("precompute: %d shards, %d already committed, %d positions to go on %d workers", len(plans), len(done), total_positions, world)
 
     started = time.perf_counter()
-    bar = tqdm(total=total_positions, unit="pos", desc="precompute", disable=rank != 0, mininterval=5)
-    # Rank 0 shows the progress of the whole job, assuming the others keep the same pace.
+    # Rank 0 shows its own share; the others run at the same pace (lockstep).
+    bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
     run_precompute(
         teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
-        rank, world, pcfg.row_group_size, storage, progress=lambda n: bar.update(n * world),
+        rank, world, pcfg.row_group_size, storage, progress=bar.update,
     )
     bar.close()
     dist.barrier()  # every shard is committed before the manifest
