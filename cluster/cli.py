@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for name, (_, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
-        _add_common(stage_parser)
-        if name == "inspect":
+        if name == "inspect":  # before the overrides, which take every remaining positional
             stage_parser.add_argument("url", help="Soft-label store URL (e.g. runs/tiny/soft_labels or s3://bucket/run/soft_labels).")
+        _add_common(stage_parser)
         if name == "distill":
             stage_parser.add_argument(
                 "--baseline", action="store_true", help="Train the identical student without the teacher (alpha=1)."

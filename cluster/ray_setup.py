@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+import fsspec
+import pyarrow.fs
 import ray
+from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
@@ -49,12 +52,13 @@ def torch_config(cfg: Config) -> TorchConfig:
     return TorchConfig(backend="nccl" if use_gpu_for_scaling(cfg.scaling.use_gpu) else "gloo")
 
 
-def storage_path(run_dir: str) -> str:
-    """Ray Train's storage: under run_dir; local paths must be absolute."""
-    if "://" in run_dir and not run_dir.startswith("file://"):
-        return f"{run_dir.rstrip('/')}/ray"
-    local = run_dir[len("file://") :] if run_dir.startswith("file://") else run_dir
-    return os.path.join(os.path.abspath(local), "ray")
+def storage_location(run_dir: str, storage_options: dict) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray Train's storage under ``run_dir/ray``: a local absolute path, or the same fsspec
+    filesystem (and options: endpoint, credentials) that the rest of the run uses."""
+    fs, path = fsspec.core.url_to_fs(run_dir, **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.join(os.path.abspath(path), "ray"), None
+    return f"{path.rstrip('/')}/ray", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def run_config(cfg: Config, name: str, score_attribute: str | None = None) -> RunConfig:
@@ -63,9 +67,11 @@ def run_config(cfg: Config, name: str, score_attribute: str | None = None) -> Ru
         checkpoint_score_attribute=score_attribute,
         checkpoint_score_order="max",
     )
+    path, filesystem = storage_location(cfg.run.run_dir, cfg.data.storage_options)
     return RunConfig(
         name=name,
-        storage_path=storage_path(cfg.run.run_dir),
+        storage_path=path,
+        storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
         checkpoint_config=checkpoints,
         worker_runtime_env={"env_vars": worker_env(cfg)},

@@ -30,6 +30,9 @@ from fsspec.implementations.local import LocalFileSystem
 def get_fs(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    # fsspec caches filesystem instances and their directory listings; another process
+    # (a Ray worker) may have committed this very file since, so never trust a stale listing.
+    fs.invalidate_cache(path)
     return fs, path
 
 

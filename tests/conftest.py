@@ -52,9 +52,8 @@ def s3_server():
     Dummy credentials are put in the environment for the session only (restored after), and
     the AWS config/credential files are pointed at /dev/null, so no real account is ever used.
     """
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
     import boto3
+    import moto.server as moto_server
 
     with pytest.MonkeyPatch.context() as env:
         for key, value in {
@@ -78,7 +77,8 @@ def s3_server():
             boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
             yield {
                 "endpoint_url": endpoint,
-                "storage_options": {"client_kwargs": {"endpoint_url": endpoint}},
+                # Credentials travel in the options too: Ray workers may have started before this fixture.
+                "storage_options": {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}},
                 "bucket": bucket,
             }
         finally:

@@ -1,0 +1,177 @@
+"""Precompute on a real local Ray cluster with DeepSpeed ZeRO-3 (CPU, gloo), writing through
+real fsspec filesystems: local disk, and S3 on a real moto server on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from cluster import precompute, prepare
+from cluster.cli import main as cli_main
+from conftest import small_config
+from data_pipeline import fsio
+from data_pipeline import soft_labels as store
+from data_pipeline.dataset import load_manifest
+from data_pipeline.layout import RunLayout
+from distill.export import load_model, save_export
+from distill.model import SequentialRecommender
+
+pytestmark = pytest.mark.integration
+
+PRECOMPUTE = ["precompute.k=8", "precompute.rows_per_shard=40", "precompute.row_group_size=16", "precompute.batch_size=8"]
+
+
+def _run_config(base: str, storage: dict, *overrides: str):
+    cfg = small_config(base, *PRECOMPUTE, *overrides)
+    if storage:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"storage_options": storage})})
+    return cfg
+
+
+def _make_teacher(cfg) -> None:
+    """Prepare the dataset and export a random teacher with well-spread logits (no training needed here)."""
+    prepare.run(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = load_manifest(layout.data, cfg.data.storage_options)
+    torch.manual_seed(1)
+    model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
+    with torch.no_grad():
+        model.item_emb.weight.mul_(30)  # spread the scores so top-k has no near-ties
+    info = {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]}
+    save_export(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"], info, cfg.data.storage_options)
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path):
+    """(run_dir URL, storage options) on local disk or on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "run"), {}
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server['bucket']}/{tmp_path.name}", server["storage_options"]
+
+
+def _read_store(url: str, storage: dict) -> tuple[dict, list]:
+    manifest = store.load_store_manifest(url, storage)
+    tables = [store.read_shard(url, manifest, s["index"], storage, verify_checksum=True) for s in manifest["shards"]]
+    return manifest, tables
+
+
+def test_store_equals_the_unsharded_teacher(ray_session, backend):
+    run_dir, storage = backend
+    cfg = _run_config(run_dir, storage)
+    _make_teacher(cfg)
+    precompute.run(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    manifest, tables = _read_store(layout.soft_labels, storage)
+    spec = store.manifest_spec(manifest)
+    teacher, _ = load_model(layout.teacher, storage)
+
+    seq_index = np.concatenate([t.column("seq_index").to_numpy() for t in tables])
+    assert sorted(seq_index.tolist()) == list(range(manifest["num_sequences"]))  # no holes, no duplicates
+    checked = 0
+    for table in tables:
+        decoded = store.decode_positions(table, spec)
+        inputs = table.column("inputs").to_pylist()
+        offsets = decoded["row_offsets"].tolist()
+        for row, seq in enumerate(inputs):
+            with torch.no_grad():
+                logits = teacher.scores(teacher(torch.tensor([seq])))[0, :, 1:]  # (n, C-1)
+            top_values, top_columns = logits.topk(spec.k, dim=-1)
+            a, b = offsets[row], offsets[row + 1]
+            assert torch.equal(decoded["topk_ids"][a:b], top_columns + 1)  # ids exact
+            # Values within fp16 rounding of the unsharded teacher's.
+            tolerance = top_values.abs() * 2.0**-10 + 1e-4
+            assert torch.all((decoded["topk_logits"][a:b] - top_values).abs() <= tolerance)
+            assert torch.allclose(decoded["lse"][a:b], torch.logsumexp(logits, -1), atol=1e-4)
+            checked += b - a
+    assert checked == manifest["num_positions"] > 0
+
+
+def _kill_worker_after_commits(store_url: str, storage: dict, at_least: int, killed: list, stop: threading.Event) -> None:
+    fs, path = fsio.get_fs(store_url, storage)
+    me = psutil.Process()
+    while not stop.is_set():
+        try:
+            commits = [p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".json") and "part-" in p]
+        except FileNotFoundError:
+            commits = []
+        if len(commits) >= at_least:
+            for proc in me.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        proc.kill()  # SIGKILL
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.05)
+
+
+def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, tmp_path):
+    run_dir, storage = backend
+    cfg = _run_config(run_dir, storage, "precompute.rows_per_shard=10", "precompute.batch_size=2")
+    _make_teacher(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_worker_after_commits, args=(layout.soft_labels, storage, 3, killed, stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(Exception):
+            precompute.run(cfg)  # max_failures=0: the killed worker fails the run
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no precompute worker was killed"
+    with pytest.raises(store.SoftLabelError):
+        store.load_store_manifest(layout.soft_labels, storage)  # no manifest: the store is not committed
+    precompute.run(cfg)  # the re-run skips committed shards
+    rerun_manifest, rerun_tables = _read_store(layout.soft_labels, storage)
+
+    # An uninterrupted run on a copy of the same dataset and teacher.
+    clean = _run_config(f"{run_dir}-clean", storage, "precompute.rows_per_shard=10", "precompute.batch_size=2")
+    _make_teacher(clean)
+    precompute.run(clean)
+    clean_manifest, clean_tables = _read_store(RunLayout(clean.run.run_dir).soft_labels, storage)
+
+    assert rerun_manifest["num_positions"] == clean_manifest["num_positions"]
+    assert [s["sha256"] for s in rerun_manifest["shards"]] == [s["sha256"] for s in clean_manifest["shards"]]
+    for a, b in zip(rerun_tables, clean_tables):
+        assert a.equals(b)
+    examples = np.concatenate([t.column("example_start").to_numpy() for t in rerun_tables])
+    assert len(np.unique(examples)) == len(examples) == rerun_manifest["num_sequences"]
+
+
+def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
+    run_dir, storage = backend
+    cfg = _run_config(run_dir, storage)
+    _make_teacher(cfg)
+    precompute.run(cfg)
+    url = RunLayout(cfg.run.run_dir).soft_labels
+    fs, root = fsio.get_fs(url, storage)
+    overrides = [f"run.run_dir={run_dir}"] + [f"data.storage_options={storage!r}".replace("'", '"')] if storage else []
+    assert cli_main(["inspect", url, *overrides]) == 0
+    assert "verified" in capsys.readouterr().out
+
+    manifest = store.load_store_manifest(url, storage)
+    # A manifest from another teacher is refused by readers expecting this run's teacher.
+    with pytest.raises(store.SoftLabelError, match="teacher"):
+        store.load_store_manifest(url, storage, expect_teacher="0" * 64)
+
+    first = f"{root}/{manifest['shards'][0]['file']}"
+    second = f"{root}/{manifest['shards'][1]['file']}"
+    data = fs.cat_file(first)
+    fs.pipe_file(first, data[: len(data) // 2])  # truncated shard
+    fs.rm_file(second)  # missing shard
+    assert cli_main(["inspect", url, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert manifest["shards"][0]["file"] in err and manifest["shards"][1]["file"] in err
+    with pytest.raises(store.SoftLabelError, match=manifest["shards"][0]["file"]):
+        store.read_shard(url, manifest, manifest["shards"][0]["index"], storage)
+    with pytest.raises(store.SoftLabelError, match=manifest["shards"][1]["file"]):
+        store.read_shard(url, manifest, manifest["shards"][1]["index"], storage)
