@@ -13,9 +13,12 @@ fixed per-shard batches make the values identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -174,8 +177,12 @@ def run_precompute(
     row_group_size: int,
     storage_options=None,
     progress=None,
+    forward_only: bool = False,
 ) -> list[dict]:
-    """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records."""
+    """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records.
+
+    ``forward_only`` runs the same teacher forwards and nothing else (the benchmark's reference time).
+    """
     mine = assign_shards(todo, rank, world)
     # The number of forwards every rank runs: the largest share, in batches.
     def batches_of(shards: list[int]) -> int:
@@ -198,6 +205,8 @@ def run_precompute(
             rows = plans[j].seq_indices[begin : begin + batch_size]
             inputs = left_pad([sequences[i][:-1] for i in rows], max(len(sequences[i]) - 1 for i in rows))
             logits = teacher.logits_all(inputs).cpu()
+            if forward_only:
+                continue
             current.batches.append((rows, teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)))
             if progress is not None:
                 progress(int((inputs != 0).sum()))
@@ -226,6 +235,7 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = build_config(loop_config["config"])
     teacher_url = loop_config["teacher_url"]
+    forward_only = loop_config.get("forward_only", False)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
@@ -244,9 +254,9 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     )
     # The sampling seed decides stored values too, so it is part of what a reusable shard must match.
     provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed}
-    done = store.committed_shards(layout.soft_labels, provenance, storage)
+    done = {} if forward_only else store.committed_shards(layout.soft_labels, provenance, storage)
     todo = [p.index for p in plans if p.index not in done]
-    if todo:
+    if todo and not forward_only:
         if rank == 0:
             store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
         dist.barrier()
@@ -260,11 +270,11 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
     run_precompute(
         teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
-        rank, world, pcfg.row_group_size, storage, progress=bar.update,
+        rank, world, pcfg.row_group_size, storage, progress=bar.update, forward_only=forward_only,
     )
     bar.close()
     dist.barrier()  # every shard is committed before the manifest
-    if rank == 0:
+    if rank == 0 and not forward_only:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         positions = sum(len(s) - 1 for s in sequences)
         store.write_manifest(
@@ -272,7 +282,15 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
             extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
             storage_options=storage,
         )
-    ray.train.report({"positions": total_positions, "seconds": time.perf_counter() - started})
+    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "forward_only": forward_only}
+    # Ray Train V2 surfaces metrics of checkpointed reports only, so rank 0 attaches a tiny one.
+    with tempfile.TemporaryDirectory(prefix="recdistill-precompute-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            with open(os.path.join(tmp, "timing.json"), "w") as f:
+                json.dump(metrics, f)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def check_teacher_fits_dataset(teacher_meta: dict[str, Any], dataset_manifest: dict[str, Any], teacher_url: str) -> None:

@@ -1,0 +1,91 @@
+"""Precompute benchmark (issue 4): how much does storing soft labels cost on top of the teacher?
+
+    python -m bench.precompute_overhead --config configs/tiny.yaml [overrides...]
+
+In one run, on the same examples and workers: (1) the teacher's forwards alone, (2) the full
+precompute (top-k, encode, write beside the forwards). Both times are measured inside the
+workers (Ray start-up excluded). Also bytes per stored position against the raw floor
+k x (id bytes + 2). Needs a prepared dataset and an exported teacher in run_dir (the
+pipeline or bench.teacher_quality make them). Writes bench/results/precompute_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+from ray.train.torch import TorchTrainer
+
+from cluster.common import require_dataset
+from cluster.precompute import teacher_url
+from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+from data_pipeline import fsio
+from data_pipeline import soft_labels as store
+from data_pipeline.layout import RunLayout
+from distill.config import load_config
+from distill.precompute import precompute_loop
+
+
+def timed_run(cfg, forward_only: bool) -> float:
+    trainer = TorchTrainer(
+        precompute_loop,
+        train_loop_config={"config": cfg.to_dict(), "teacher_url": teacher_url(cfg), "forward_only": forward_only},
+        scaling_config=scaling_config(cfg),
+        torch_config=torch_config(cfg),
+        run_config=run_config(cfg, name=f"bench-precompute-{'forward' if forward_only else 'full'}"),
+    )
+    return float(trainer.fit().metrics["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate forward-only and full runs this many times")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides).with_absolute_paths()
+    layout = RunLayout(cfg.run.run_dir)
+    require_dataset(cfg)
+    ensure_ray(cfg)
+    forward, full = [], []
+    for _ in range(args.repeats):
+        forward.append(timed_run(cfg, forward_only=True))
+        fsio.remove_tree(layout.soft_labels, cfg.data.storage_options)  # a full run from scratch each time
+        full.append(timed_run(cfg, forward_only=False))
+    manifest = store.load_store_manifest(layout.soft_labels, cfg.data.storage_options)
+    spec = store.manifest_spec(manifest)
+    result = {
+        "benchmark": "precompute_overhead",
+        "config": args.config,
+        "overrides": args.overrides,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "workers": cfg.scaling.num_workers,
+        "positions": manifest["num_positions"],
+        "forward_only_seconds": forward,
+        "precompute_seconds": full,
+        "ratio_best": min(full) / min(forward),
+        "goal_ratio": 1.10,
+        "k": spec.k,
+        "value_dtype": spec.value_dtype,
+        "id_dtype": spec.id_dtype,
+        "bytes_per_position": store.bytes_per_position(manifest),
+        "raw_floor_bytes": store.raw_floor_bytes(spec),
+    }
+    out = Path("bench/results") / f"precompute_{args.name or Path(args.config).stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'measure':<36}{'value':>14}")
+    print(f"{'positions':<36}{result['positions']:>14,}")
+    print(f"{'teacher forward only (s, best)':<36}{min(forward):>14.2f}")
+    print(f"{'full precompute (s, best)':<36}{min(full):>14.2f}")
+    print(f"{'ratio (goal <= 1.10)':<36}{result['ratio_best']:>14.3f}")
+    print(f"{'bytes / position':<36}{result['bytes_per_position']:>14.1f}")
+    print(f"{'raw floor k x (id bytes + 2)':<36}{result['raw_floor_bytes']:>14}")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
