@@ -70,12 +70,12 @@ def _lists(table: pa.Table, name: str) -> list[np.ndarray]:
 def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
     """A soft-label store batch; positions older than the student's ``max_len`` window are dropped."""
     inputs, targets = _lists(table, "inputs"), _lists(table, "targets")
-    soft = store.decode_positions(table, spec) if table.num_rows else None
-    if soft is not None:
-        # Keep each row's last min(n, max_len) positions (the student's window), labels alike.
-        offsets = soft.pop("row_offsets").numpy()
-        keep = np.concatenate([np.arange(max(a, b - max_len), b) for a, b in zip(offsets[:-1], offsets[1:])] or [np.zeros(0, int)])
-        soft = {name: t[torch.from_numpy(keep)] for name, t in soft.items()}
+    # Decoded even for an empty share (0 positions), so every worker runs the same loss code.
+    soft = store.decode_positions(table, spec)
+    # Keep each row's last min(n, max_len) positions (the student's window), labels alike.
+    offsets = soft.pop("row_offsets").numpy()
+    keep = np.concatenate([np.arange(max(a, b - max_len), b) for a, b in zip(offsets[:-1], offsets[1:])] or [np.zeros(0, int)])
+    soft = {name: t[torch.from_numpy(keep)] for name, t in soft.items()}
     width = max([min(len(x), max_len) for x in inputs], default=1) or 1
     return StudentBatch(
         inputs=_pad_or_empty(inputs, width),
@@ -206,7 +206,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
                 _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
             state["step"] = step + 1
             if state["step"] % dcfg.checkpoint_every_steps == 0 and state["step"] < reader.steps_per_epoch(epoch):
-                save_and_report({"epoch": epoch, "step": state["step"], "train_loss": float(np.mean(losses))})
+                save_and_report({"epoch": epoch, "step": state["step"], "workers": world, "train_loss": float(np.mean(losses))})
         forward.eval()
         metrics = distributed_ranking_eval(
             model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len

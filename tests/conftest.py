@@ -83,3 +83,37 @@ def s3_server():
             }
         finally:
             server.stop()
+
+
+def read_consumed(consumed_dir: Path) -> dict[tuple[int, int], dict[str, set]]:
+    """The student's audit log: {(epoch, step): {attempt: set of rows}} over all workers."""
+    import json
+
+    steps: dict[tuple[int, int], dict[str, set]] = {}
+    for path in sorted(Path(consumed_dir).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault((rec["epoch"], rec["step"]), {}).setdefault(rec["attempt"], set()).update(rec["rows"])
+    return steps
+
+
+def assert_exactly_once(consumed_dir: Path, all_rows: set, epochs: int) -> int:
+    """Every row exactly once per epoch; a replayed step (after a restart) consumed the same rows.
+
+    Returns the number of replayed steps seen."""
+    steps = read_consumed(consumed_dir)
+    replayed = 0
+    for epoch in range(epochs):
+        seen: list = []
+        epoch_steps = sorted(s for (e, s) in steps if e == epoch)
+        assert epoch_steps == list(range(len(epoch_steps))), f"epoch {epoch}: steps missing: {epoch_steps}"
+        for step in epoch_steps:
+            attempts = list(steps[(epoch, step)].values())
+            # An attempt killed mid-step may have logged only some workers' rows: a subset.
+            full = max(attempts, key=len)
+            assert all(a <= full for a in attempts), f"epoch {epoch} step {step}: attempts consumed different rows"
+            replayed += len(attempts) - 1
+            seen.extend(full)
+        assert len(seen) == len(set(seen)), f"epoch {epoch}: a row was used twice"
+        assert set(seen) == all_rows, f"epoch {epoch}: {len(all_rows - set(seen))} rows never used"
+    return replayed

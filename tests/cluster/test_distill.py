@@ -1,0 +1,179 @@
+"""Student distillation on a real local Ray cluster: refusal of foreign stores, exactly-once
+streaming across a killed worker and across worker-count changes, and (in a separate
+process with its own multi-node cluster) elastic shrink and grow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from cluster import distill, precompute, prepare
+from conftest import assert_exactly_once, small_config
+from data_pipeline import soft_labels as store
+from data_pipeline.dataset import load_manifest
+from data_pipeline.layout import RunLayout
+from distill.export import read_export_meta, save_export
+from distill.model import SequentialRecommender
+
+pytestmark = pytest.mark.integration
+
+STUDENT = [
+    "precompute.k=8", "precompute.rows_per_shard=100", "precompute.row_group_size=8",
+    "student.model.d_model=8", "student.model.num_heads=1", "student.model.ffn_dim=16",
+    "student.train.batch_size=32", "student.train.epochs=2",
+    "distill.num_virtual_shards=8", "distill.checkpoint_every_steps=2", "distill.log_consumed=true",
+]
+
+
+def make_store(run_dir: Path, *overrides: str):
+    """Prepared data + a random (spread) teacher export + its soft-label store."""
+    cfg = small_config(run_dir, *STUDENT, *overrides)
+    prepare.run(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = load_manifest(layout.data)
+    torch.manual_seed(2)
+    model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
+    with torch.no_grad():
+        model.item_emb.weight.mul_(30)
+    save_export(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"],
+                {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]})
+    precompute.run(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def store_template(ray_session, tmp_path_factory):
+    """One store, copied for each test that trains (training writes into run_dir)."""
+    return make_store(tmp_path_factory.mktemp("template") / "run")
+
+
+def copy_run(template, tmp_path: Path, *overrides: str):
+    src = Path(template.run.run_dir)
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray", "student", "baseline"))
+    return small_config(dst, *STUDENT, *overrides)
+
+
+def store_rows(cfg) -> set:
+    manifest = store.load_store_manifest(RunLayout(cfg.run.run_dir).soft_labels)
+    return set(range(manifest["num_sequences"]))
+
+
+def test_store_from_another_teacher_or_dataset_is_refused_before_training(store_template, tmp_path):
+    cfg = copy_run(store_template, tmp_path)
+    layout = RunLayout(cfg.run.run_dir)
+    # Another teacher: same architecture, other weights.
+    other = SequentialRecommender(cfg.teacher.model, load_manifest(layout.data)["num_items"])
+    other_url = str(tmp_path / "other-teacher")
+    save_export(other_url, other.state_dict(), cfg.teacher.model, other.num_items, {"role": "teacher"})
+    with pytest.raises(store.SoftLabelError, match="teacher"):
+        distill.run(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": other_url})}))
+    # Another dataset (other seed): the store's dataset fingerprint no longer matches.
+    other_data = small_config(tmp_path / "other-data", *STUDENT, "run.seed=5")
+    prepare.run(other_data)
+    shutil.copytree(layout.soft_labels, RunLayout(other_data.run.run_dir).soft_labels)
+    shutil.copytree(layout.teacher, RunLayout(other_data.run.run_dir).teacher)
+    with pytest.raises(store.SoftLabelError, match="dataset"):
+        distill.run(other_data)
+    assert not (Path(cfg.run.run_dir) / "student").exists()  # nothing trained
+
+
+def _registered(storage: Path) -> list[dict]:
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def kill_worker_mid_epoch(storage: Path, killed: list, stop: threading.Event) -> None:
+    """SIGKILL one train worker once a mid-epoch checkpoint is registered."""
+    me = psutil.Process()
+    while not stop.is_set():
+        if any("step" in m for m in _registered(storage)):
+            for proc in me.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.1)
+
+
+def run_with_kill(cfg) -> tuple[list, Exception | None]:
+    killed: list[int] = []
+    stop = threading.Event()
+    storage = Path(cfg.run.run_dir) / "ray" / "student"
+    killer = threading.Thread(target=kill_worker_mid_epoch, args=(storage, killed, stop), daemon=True)
+    killer.start()
+    error = None
+    try:
+        distill.run(cfg)
+    except Exception as exc:  # noqa: BLE001 - the caller decides whether a failure was expected
+        error = exc
+    finally:
+        stop.set()
+        killer.join()
+    return killed, error
+
+
+def history(cfg) -> dict:
+    return json.loads((Path(cfg.run.run_dir) / "student" / "history.json").read_text())
+
+
+def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_template, tmp_path):
+    cfg = copy_run(store_template, tmp_path, "scaling.max_failures=2")
+    killed, error = run_with_kill(cfg)
+    assert error is None and killed
+    restarts = history(cfg)["restarts"]
+    assert restarts and restarts[0]["workers"] == 2
+    assert_exactly_once(Path(cfg.run.run_dir) / "student" / "consumed", store_rows(cfg), epochs=2)
+    assert read_export_meta(RunLayout(cfg.run.run_dir).student)["role"] == "student"
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_mid_epoch_at_another_worker_count(store_template, tmp_path, before, after):
+    first = copy_run(store_template, tmp_path, f"scaling.num_workers={before}", "scaling.max_failures=0")
+    killed, error = run_with_kill(first)
+    assert killed and error is not None  # the first run died (max_failures=0) after a mid-epoch checkpoint
+    second = copy_run(store_template, tmp_path / "unused", f"scaling.num_workers={after}")
+    second = second.model_copy(update={"run": first.run})  # same run_dir: resume from its checkpoint
+    distill.run(second)
+    restarts = history(second)["restarts"]
+    assert restarts and restarts[-1]["from_workers"] == before and restarts[-1]["workers"] == after
+    assert restarts[-1]["step"] > 0 or restarts[-1]["epoch"] > 0
+    assert_exactly_once(Path(first.run.run_dir) / "student" / "consumed", store_rows(first), epochs=2)
+
+
+def test_baseline_trains_without_soft_labels(store_template, tmp_path):
+    cfg = copy_run(store_template, tmp_path, "distill.log_consumed=false")
+    shutil.rmtree(RunLayout(cfg.run.run_dir).soft_labels)  # the baseline must not need the store
+    meta = distill.run(cfg, baseline=True)
+    assert meta["role"] == "baseline" and meta["distill"] is None
+    assert 0 < meta["valid"]["ndcg@10"] <= 1
+
+
+def test_elastic_shrink_and_grow_on_a_multi_node_cluster(store_template, tmp_path):
+    """Runs in its own process: it needs its own Ray cluster (0-CPU head + two 1-CPU nodes)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(store_template.run.run_dir), run_dir, ignore=shutil.ignore_patterns("ray", "student", "baseline"))
+    script = Path(__file__).with_name("elastic_scenario.py")
+    out = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    workers_seen = [r["workers"] for r in result["restarts"]]
+    assert 1 in workers_seen and workers_seen[-1] == 2, result  # shrank to 1, grew back to 2
+    cfg = small_config(run_dir, *STUDENT, *result["overrides"])
+    assert_exactly_once(run_dir / "student" / "consumed", store_rows(cfg), epochs=cfg.student.train.epochs)
