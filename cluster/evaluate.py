@@ -16,7 +16,7 @@ from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from distill.config import Config
-from distill.evaluate import evaluate_split, model_scorer, popularity_scorer
+from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
 from distill.export import ExportError, load_model
 
 log = logging.getLogger(__name__)
@@ -35,18 +35,22 @@ def run(cfg: Config) -> dict[str, Any]:
     device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     results: dict[str, Any] = {}
+    # Latency: one batch of 256 requests (the test users' histories) on this device.
+    requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history"))).to(device)
     counts = train_item_counts(layout.data, num_items, storage)
-    results["popularity"] = evaluate_split(popularity_scorer(counts), test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
-    results["popularity"].update(params=0, bytes=int(counts.nbytes))
+    popularity = popularity_scorer(counts)
+    results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+    results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
     for name, folder in MODEL_EXPORTS.items():
         try:
             model, meta = load_model(getattr(layout, folder), storage)
         except ExportError:
             continue  # not trained (yet) in this run
         model.to(device)
-        scores = evaluate_split(model_scorer(model, meta["model"]["max_len"]), test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        scorer = model_scorer(model, meta["model"]["max_len"])
+        scores = evaluate_split(scorer, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
         params = sum(p.numel() for p in model.parameters())
-        scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"])
+        scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"], latency=latency_per_batch(scorer, requests))
         results[name] = scores
 
     report = {
@@ -54,12 +58,14 @@ def run(cfg: Config) -> dict[str, Any]:
         "protocol": "leave-one-out, full ranking over the catalog, pessimistic ties; "
         "top level seen-filtered, 'unfiltered' below",
         "dataset_fingerprint": manifest["fingerprint"],
+        "device": str(device),
         "models": results,
     }
     fsio.write_json_atomic(layout.metrics, report, storage)
     ks = cfg.eval.ks
-    print(f"{'model':<18}" + "".join(f"{'HR@' + str(k):>10}{'NDCG@' + str(k):>10}" for k in ks) + f"{'params':>12}")
+    print(f"{'model':<18}" + "".join(f"{'HR@' + str(k):>10}{'NDCG@' + str(k):>10}" for k in ks) + f"{'params':>12}{'p50 ms/256':>12}")
     for name, r in results.items():
-        print(f"{name:<18}" + "".join(f"{r[f'hr@{k}']:>10.4f}{r[f'ndcg@{k}']:>10.4f}" for k in ks) + f"{r['params']:>12,}")
+        print(f"{name:<18}" + "".join(f"{r[f'hr@{k}']:>10.4f}{r[f'ndcg@{k}']:>10.4f}" for k in ks)
+              + f"{r['params']:>12,}{r['latency']['p50_ms']:>12.2f}")
     print(f"metrics written to {layout.metrics}")
     return report

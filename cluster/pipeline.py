@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
-from cluster import distill, evaluate, precompute, prepare, train_teacher
+from cluster import distill, evaluate, precompute, prepare, report, train_teacher
+from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest
 from data_pipeline.layout import RunLayout
@@ -65,5 +66,8 @@ def run(cfg: Config) -> dict[str, float]:
     stage("distill", _export(layout.student, cfg) is not None, distill.run, cfg)
     stage("distill --baseline", _export(layout.baseline, cfg) is not None, distill.run, cfg, baseline=True)
     stage("evaluate", False, evaluate.run, cfg)
-    print(f"[pipeline] results: {layout.metrics}")
+    fsio.write_json_atomic(fsio.join(layout.report, "timings.json"), timings, cfg.data.storage_options)
+    line = report.run(cfg)
+    print(f"[pipeline] report: {fsio.join(layout.report, 'report.md')}")
+    print(f"[pipeline] {line}")
     return timings

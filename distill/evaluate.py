@@ -84,3 +84,22 @@ def model_scorer(model: torch.nn.Module, max_len: int) -> Scorer:
         return model.score_last(histories[:, -max_len:])
 
     return score
+
+
+def latency_per_batch(scorer: Scorer, histories: torch.Tensor, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Wall time of one scorer call on a batch of requests (e.g. 256 users): p50 and p99 in ms."""
+    import time
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            scorer(histories)
+        times = []
+        for _ in range(repeats):
+            if histories.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            scorer(histories)
+            if histories.is_cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "batch": int(histories.shape[0])}

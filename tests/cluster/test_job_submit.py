@@ -1,0 +1,73 @@
+"""The user's path: `ray start --head`, then `ray job submit ... python -m cluster.cli pipeline`.
+
+Starts its own head on non-default ports with --block and stops only that head (never `ray stop`,
+which would kill every Ray process on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMALL_RUN
+
+pytestmark = pytest.mark.integration
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray-tmp'}", "--disable-usage-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        head.kill()
+        pytest.fail("the Ray head did not come up: " + (head.stdout.read() if head.stdout else ""))
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)  # only the processes this head started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
+    address, env = ray_head
+    run_dir = tmp_path / "job-run"
+    overrides = [f"run.run_dir={run_dir}", *SMALL_RUN, "teacher.train.epochs=2", "student.train.epochs=2",
+                 "student.model.max_len=20", "precompute.rows_per_shard=100", "precompute.row_group_size=16"]
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "-m", "cluster.cli", "pipeline", "--config", "configs/tiny.yaml", *overrides]
+    job = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"popularity", "teacher", "student_kd", "student_baseline"}
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "student keeps" in report and (run_dir / "report" / "quality_vs_params.png").stat().st_size > 1000
