@@ -13,11 +13,11 @@ STAMP      := $(VENV)/.recdistill-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[dev,s3]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,s3]'
 	$(BIN)/python -m cluster.warmup
 	touch $@
 

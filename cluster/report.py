@@ -127,7 +127,7 @@ def run(cfg: Config) -> str:
             "",
             f"**{line}.**",
             "",
-            f"Test split, full ranking over {metrics.get('protocol', 'the catalog')}. Latency on `{metrics.get('device', 'cpu')}`.",
+            f"Test split; {metrics.get('protocol', '')}. Latency measured on `{metrics.get('device', 'cpu')}`.",
             "",
             *rows,
             "",
