@@ -56,6 +56,8 @@ def main() -> None:
         "test": report["models"]["teacher"],
         "popularity_test": report["models"]["popularity"],
         "wall_seconds": {"prepare": prepared - started, "train_teacher": trained - prepared, "total": time.perf_counter() - started},
+        # Over all epochs, also those done before a resume (the wall times above cover this invocation only).
+        "train_seconds_sum_all_epochs": sum(h["train_seconds"] for h in history),
         "history": history,
     }
     out = Path("bench/results") / f"teacher_{name}.json"
