@@ -1,14 +1,27 @@
-"""``recdistill inspect URL``: a soft-label store's manifest, and a full integrity check."""
+"""``recdistill inspect URL``: a soft-label store's manifest, and a full integrity check.
+
+With a config whose run has a teacher export (or ``teacher.checkpoint``), the store must
+also come from that teacher.
+"""
 
 from __future__ import annotations
 
+from cluster.precompute import teacher_url
 from data_pipeline import soft_labels
 from distill.config import Config
+from distill.export import ExportError, read_export_meta
 
 
 def run(cfg: Config, url: str) -> dict:
     manifest = soft_labels.load_store_manifest(url, cfg.data.storage_options)
     print(soft_labels.format_manifest(manifest))
+    try:
+        teacher = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
+    except ExportError:
+        teacher = None  # no teacher in this run to compare against
+    if teacher is not None:
+        soft_labels.load_store_manifest(url, cfg.data.storage_options, expect_teacher=teacher["fingerprint"])
+        print(f"teacher: matches {teacher_url(cfg)}")
     summary = soft_labels.verify_store(url, cfg.data.storage_options)
     print(f"verified: every shard present, row counts and sha256 checksums match ({summary})")
     return summary

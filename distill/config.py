@@ -124,7 +124,6 @@ class DistillConfig(_Section):
     loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking"] = "kl_topk_tail"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label loss; 1 = no teacher.")
-    online: bool = Field(False, description="Run the teacher in the loop instead of reading the store (benchmark).")
     ranking_top: int = Field(10, gt=0, description="Teacher top-K used as weighted positives by loss=ranking.")
     # The streaming order: J virtual shards, fixed for a run, independent of the worker count (J >= workers).
     num_virtual_shards: int = Field(16, gt=0)

@@ -3,6 +3,7 @@ real fsspec filesystems: local disk, and S3 on a real moto server on loopback.""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -154,14 +155,20 @@ def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
     precompute.run(cfg)
     url = RunLayout(cfg.run.run_dir).soft_labels
     fs, root = fsio.get_fs(url, storage)
-    overrides = [f"run.run_dir={run_dir}"] + [f"data.storage_options={storage!r}".replace("'", '"')] if storage else []
+    overrides = [f"run.run_dir={run_dir}"] + ([f"data.storage_options={json.dumps(storage)}"] if storage else [])
     assert cli_main(["inspect", url, *overrides]) == 0
     assert "verified" in capsys.readouterr().out
 
     manifest = store.load_store_manifest(url, storage)
-    # A manifest from another teacher is refused by readers expecting this run's teacher.
+    # A manifest from another teacher is refused by readers expecting this run's teacher...
     with pytest.raises(store.SoftLabelError, match="teacher"):
         store.load_store_manifest(url, storage, expect_teacher="0" * 64)
+    # ...and by inspect, given a run whose teacher is another one.
+    other_teacher = f"{run_dir}-other-teacher"
+    model = SequentialRecommender(cfg.teacher.model, manifest["num_items"])
+    save_export(other_teacher, model.state_dict(), cfg.teacher.model, manifest["num_items"], {}, storage)
+    assert cli_main(["inspect", url, *overrides, f"teacher.checkpoint={other_teacher}"]) == 2
+    assert "teacher" in capsys.readouterr().err
 
     first = f"{root}/{manifest['shards'][0]['file']}"
     second = f"{root}/{manifest['shards'][1]['file']}"
