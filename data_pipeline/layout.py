@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def join_url(base: str, *parts: str) -> str:
-    """Join URL/path segments with '/', without touching the scheme."""
-    out = base.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
+from data_pipeline.fsio import join as join_url
 
 
 @dataclass(frozen=True)
