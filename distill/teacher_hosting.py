@@ -18,7 +18,6 @@ from data_pipeline import fsio
 from distill.config import ModelConfig
 from distill.export import WEIGHTS, ExportError, load_export, read_export_meta, verify_export
 from distill.model import SequentialRecommender
-from distill.training import lockstep_batches  # noqa: F401  (re-exported: hosting callers batch with it)
 
 
 def inference_ds_config(zero_stage: int, bf16: bool) -> dict[str, Any]:

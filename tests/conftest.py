@@ -117,3 +117,34 @@ def assert_exactly_once(consumed_dir: Path, all_rows: set, epochs: int) -> int:
         assert len(seen) == len(set(seen)), f"epoch {epoch}: a row was used twice"
         assert set(seen) == all_rows, f"epoch {epoch}: {len(all_rows - set(seen))} rows never used"
     return replayed
+
+
+def registered_checkpoints(storage: Path) -> list[dict]:
+    """Metrics of the checkpoints the Ray Train controller has registered (a failure restarts from the last)."""
+    import json
+
+    try:
+        snapshot = json.loads((Path(storage) / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def kill_train_worker_when(condition, killed: list, stop) -> None:
+    """Poll ``condition()``; once true, SIGKILL one Ray Train worker started by this process."""
+    import time
+
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        if condition():
+            for proc in me.children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):
+                        proc.kill()  # SIGKILL: no clean-up, like a preempted node
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.05)

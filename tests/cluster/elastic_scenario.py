@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from conftest import small_config  # noqa: E402
+from conftest import registered_checkpoints, small_config  # noqa: E402
 from test_distill import STUDENT  # noqa: E402
 
 OVERRIDES = [
@@ -30,14 +30,6 @@ OVERRIDES = [
     "scaling.elastic_resize_interval_s=2",
     "student.train.epochs=3",
 ]
-
-
-def registered(storage: Path) -> list[dict]:
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -69,9 +61,9 @@ def main() -> None:
     thread.start()
     storage = run_dir / "ray" / "student"
     try:
-        wait_for(lambda: any(m.get("workers") == 2 and "step" in m for m in registered(storage)), 300, "a 2-worker checkpoint")
+        wait_for(lambda: any(m.get("workers") == 2 and "step" in m for m in registered_checkpoints(storage)), 300, "a 2-worker checkpoint")
         cluster.remove_node(nodes.pop())  # its worker dies: the group restarts with 1 worker
-        wait_for(lambda: any(m.get("workers") == 1 for m in registered(storage)), 300, "a 1-worker checkpoint")
+        wait_for(lambda: any(m.get("workers") == 1 for m in registered_checkpoints(storage)), 300, "a 1-worker checkpoint")
         nodes.append(cluster.add_node(num_cpus=1))  # the elastic monitor grows the group back to 2
         thread.join(timeout=400)
         if thread.is_alive():

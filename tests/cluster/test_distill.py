@@ -9,16 +9,13 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
-import psutil
 import pytest
 import torch
 
 from cluster import distill, precompute, prepare
-from conftest import assert_exactly_once, small_config
+from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest
 from data_pipeline.layout import RunLayout
@@ -88,35 +85,12 @@ def test_store_from_another_teacher_or_dataset_is_refused_before_training(store_
     assert not (Path(cfg.run.run_dir) / "student").exists()  # nothing trained
 
 
-def _registered(storage: Path) -> list[dict]:
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
-
-
-def kill_worker_mid_epoch(storage: Path, killed: list, stop: threading.Event) -> None:
-    """SIGKILL one train worker once a mid-epoch checkpoint is registered."""
-    me = psutil.Process()
-    while not stop.is_set():
-        if any("step" in m for m in _registered(storage)):
-            for proc in me.children(recursive=True):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-        time.sleep(0.1)
-
-
 def run_with_kill(cfg) -> tuple[list, Exception | None]:
     killed: list[int] = []
     stop = threading.Event()
     storage = Path(cfg.run.run_dir) / "ray" / "student"
-    killer = threading.Thread(target=kill_worker_mid_epoch, args=(storage, killed, stop), daemon=True)
+    mid_epoch = lambda: any("step" in m for m in registered_checkpoints(storage))  # noqa: E731
+    killer = threading.Thread(target=kill_train_worker_when, args=(mid_epoch, killed, stop), daemon=True)
     killer.start()
     error = None
     try:

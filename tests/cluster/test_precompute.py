@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
 from cluster import precompute, prepare
 from cluster.cli import main as cli_main
-from conftest import small_config
+from conftest import kill_train_worker_when, small_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest
@@ -93,24 +91,12 @@ def test_store_equals_the_unsharded_teacher(ray_session, backend):
     assert checked == manifest["num_positions"] > 0
 
 
-def _kill_worker_after_commits(store_url: str, storage: dict, at_least: int, killed: list, stop: threading.Event) -> None:
+def _commits(store_url: str, storage: dict) -> int:
     fs, path = fsio.get_fs(store_url, storage)
-    me = psutil.Process()
-    while not stop.is_set():
-        try:
-            commits = [p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".json") and "part-" in p]
-        except FileNotFoundError:
-            commits = []
-        if len(commits) >= at_least:
-            for proc in me.children(recursive=True):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
-                        proc.kill()  # SIGKILL
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-        time.sleep(0.05)
+    try:
+        return sum(1 for p in fs.ls(path, detail=False, refresh=True) if p.endswith(".json") and "part-" in p)
+    except FileNotFoundError:
+        return 0
 
 
 def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, tmp_path):
@@ -120,7 +106,8 @@ def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, t
     layout = RunLayout(cfg.run.run_dir)
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_worker_after_commits, args=(layout.soft_labels, storage, 3, killed, stop), daemon=True)
+    condition = lambda: _commits(layout.soft_labels, storage) >= 3  # noqa: E731
+    killer = threading.Thread(target=kill_train_worker_when, args=(condition, killed, stop), daemon=True)
     killer.start()
     try:
         with pytest.raises(Exception):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import ray.cloudpickle
 import torch
@@ -20,7 +18,7 @@ from data_pipeline.layout import RunLayout
 from distill.evaluate import evaluate_split, popularity_scorer
 from distill.export import load_model, save_export
 from distill.model import SequentialRecommender
-from conftest import small_config
+from conftest import kill_train_worker_when, registered_checkpoints, small_config
 
 pytestmark = pytest.mark.integration
 # The worker loop below is defined in this test module, which Ray workers cannot import.
@@ -115,37 +113,14 @@ def test_two_worker_training_beats_popularity_and_exports(ray_session, tmp_path)
     assert history["restarts"] == []
 
 
-def _registered_checkpoints(storage: str) -> int:
-    """Checkpoints the Ray Train controller has registered (a failure restarts from the last of these)."""
-    try:
-        snapshot = json.loads((Path(storage) / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return len(snapshot.get("checkpoint_results", []))
-
-
-def _kill_one_worker_after_first_checkpoint(storage: str, killed: list, stop: threading.Event) -> None:
-    me = psutil.Process()
-    while not stop.is_set():
-        if _registered_checkpoints(storage) >= 1:
-            for proc in me.children(recursive=True):
-                try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()):
-                        proc.kill()  # SIGKILL
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-        time.sleep(0.2)
-
-
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     cfg = small_config(tmp_path / "run", "teacher.train.epochs=5", "scaling.max_failures=2")
     prepare.run(cfg)
     storage = f"{cfg.run.run_dir}/ray/teacher"
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(storage, killed, stop), daemon=True)
+    condition = lambda: len(registered_checkpoints(Path(storage))) >= 1  # noqa: E731
+    killer = threading.Thread(target=kill_train_worker_when, args=(condition, killed, stop), daemon=True)
     killer.start()
     try:
         train_teacher.run(cfg)
