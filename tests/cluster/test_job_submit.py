@@ -6,11 +6,14 @@ which would kill every Ray process on the machine)."""
 from __future__ import annotations
 
 import json
+import secrets
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,13 +33,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
+def ray_head():
+    # Every port of this head is a free one: other Ray instances may run on this machine.
+    port, dashboard, agent_http, agent_grpc, metrics, client = (free_port() for _ in range(6))
+    # Short: Ray's Unix socket paths under it must stay below 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
+    # Token authentication, as on a real head: head and client share a fresh random token.
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
+    # The job's `python` is the head's: this project's environment, as on a provisioned cluster.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray-tmp'}", "--disable-usage-stats"],
+         "--num-cpus=2", "--include-dashboard=true", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -55,6 +65,7 @@ def ray_head(tmp_path):
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
@@ -64,7 +75,11 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
                  "student.model.max_len=20", "precompute.rows_per_shard=100", "precompute.row_group_size=16"]
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "-m", "cluster.cli", "pipeline", "--config", "configs/tiny.yaml", *overrides]
-    job = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    for _ in range(30):  # the head's job agent may come up a little after its HTTP server
+        job = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if "No available agent" not in job.stderr + job.stdout:
+            break
+        time.sleep(3)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())

@@ -77,7 +77,7 @@ def test_sampled_objective_is_finite_and_trains():
 
 
 def test_training_sequences_truncates_and_drops_single_items():
-    table = pa.table({"items": pa.array([[1], [1, 2], list(range(1, 11))], type=pa.list_(pa.int32()))})
+    table = pa.table({"user": pa.array([1, 2, 3], pa.int32()), "items": pa.array([[1], [1, 2], list(range(1, 11))], type=pa.list_(pa.int32()))})
     seqs = training_sequences(table, max_len=4)
     assert [s.tolist() for s in seqs] == [[1, 2], [6, 7, 8, 9, 10]]
 
