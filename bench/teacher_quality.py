@@ -38,7 +38,8 @@ def main() -> None:
     teacher = train_teacher.run(cfg)
     trained = time.perf_counter()
     report = evaluate.run(cfg)
-    history = fsio.read_json(fsio.join(layout.teacher, "history.json"))["history"]
+    progress = fsio.read_json(fsio.join(layout.teacher, "history.json"))
+    history = progress["history"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "benchmark": "teacher_quality",
@@ -59,6 +60,7 @@ def main() -> None:
         # Over all epochs, also those done before a resume (the wall times above cover this invocation only).
         "train_seconds_sum_all_epochs": sum(h["train_seconds"] for h in history),
         "history": history,
+        "restarts": progress["restarts"],
     }
     out = Path("bench/results") / f"teacher_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
