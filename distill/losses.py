@@ -211,6 +211,17 @@ def kl_topk(
     return _kl_rows(log_p, log_q).sum() * (T * T), count
 
 
+
+def _tail_buckets(student_logits, topk_ids, topk_logits, lse, temperature, mask):
+    """Teacher and student log-probabilities over the (k + 1) buckets: (log_p, log_q, count, T)."""
+    T = _check_temperature(temperature)
+    s, (ids, z), (lse_,), count = _prepare(student_logits, mask, (topk_ids, topk_logits), (lse,))
+    k = _check_topk(s, ids, z)
+    num_items = s.shape[1] - 1
+    log_p = teacher_bucket_log_probs(z, lse_, num_items, T)
+    log_q = _student_log_probs(s, ids, T, with_tail=k < num_items)
+    return log_p, log_q, count, T
+
 def kl_topk_tail(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -240,12 +251,7 @@ def kl_topk_tail(
     Returns:
         ``(loss_sum, count)``.
     """
-    T = _check_temperature(temperature)
-    s, (ids, z), (lse_,), count = _prepare(student_logits, mask, (topk_ids, topk_logits), (lse,))
-    k = _check_topk(s, ids, z)
-    num_items = s.shape[1] - 1
-    log_p = teacher_bucket_log_probs(z, lse_, num_items, T)
-    log_q = _student_log_probs(s, ids, T, with_tail=k < num_items)
+    log_p, log_q, count, T = _tail_buckets(student_logits, topk_ids, topk_logits, lse, temperature, mask)
     return _kl_rows(log_p, log_q).sum() * (T * T), count
 
 
@@ -307,12 +313,7 @@ def jsd_topk(
     Returns:
         ``(loss_sum, count)``.
     """
-    T = _check_temperature(temperature)
-    s, (ids, z), (lse_,), count = _prepare(student_logits, mask, (topk_ids, topk_logits), (lse,))
-    k = _check_topk(s, ids, z)
-    num_items = s.shape[1] - 1
-    log_p = teacher_bucket_log_probs(z, lse_, num_items, T)
-    log_q = _student_log_probs(s, ids, T, with_tail=k < num_items)
+    log_p, log_q, count, T = _tail_buckets(student_logits, topk_ids, topk_logits, lse, temperature, mask)
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # finite: log_q is
     rows = 0.5 * _kl_rows(log_p, log_m) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
     return rows.sum() * (T * T), count
