@@ -122,7 +122,9 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     checkpoint_dir = None
     if checkpoint is not None:
-        checkpoint_dir = checkpoint.to_directory()
+        # A directory of this rank's own: Ray's default download path is shared by every
+        # worker on a node, and each rank deletes its copy after loading.
+        checkpoint_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"recdistill-resume-rank{rank}-"))
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             state = json.load(f)
     universal = checkpoint_dir is not None and state["world_size"] != world
