@@ -178,10 +178,12 @@ def run_precompute(
     storage_options=None,
     progress=None,
     forward_only: bool = False,
+    labels_only: bool = False,
 ) -> list[dict]:
     """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records.
 
-    ``forward_only`` runs the same teacher forwards and nothing else (the benchmark's reference time).
+    For the benchmark: ``forward_only`` runs the same teacher forwards and nothing else (the
+    reference time); ``labels_only`` also computes the soft labels but stores nothing.
     """
     mine = assign_shards(todo, rank, world)
     # The number of forwards every rank runs: the largest share, in batches.
@@ -207,7 +209,10 @@ def run_precompute(
             logits = teacher.logits_all(inputs).cpu()
             if forward_only:
                 continue
-            current.batches.append((rows, teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)))
+            outputs = teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)
+            if labels_only:
+                continue
+            current.batches.append((rows, outputs))
             if progress is not None:
                 progress(int((inputs != 0).sum()))
             if begin + batch_size >= len(plans[j].seq_indices):
@@ -235,7 +240,8 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = build_config(loop_config["config"])
     teacher_url = loop_config["teacher_url"]
-    forward_only = loop_config.get("forward_only", False)
+    labels_only = loop_config.get("labels_only", False)
+    forward_only = loop_config.get("forward_only", False) or labels_only  # neither touches the store
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
@@ -270,7 +276,8 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
     run_precompute(
         teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
-        rank, world, pcfg.row_group_size, storage, progress=bar.update, forward_only=forward_only,
+        rank, world, pcfg.row_group_size, storage, progress=bar.update,
+        forward_only=forward_only and not labels_only, labels_only=labels_only,
     )
     bar.close()
     dist.barrier()  # every shard is committed before the manifest
