@@ -240,8 +240,8 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = build_config(loop_config["config"])
     teacher_url = loop_config["teacher_url"]
-    labels_only = loop_config.get("labels_only", False)
-    forward_only = loop_config.get("forward_only", False) or labels_only  # neither touches the store
+    forward_only, labels_only = loop_config.get("forward_only", False), loop_config.get("labels_only", False)
+    benchmark_only = forward_only or labels_only  # neither touches the store
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
@@ -260,9 +260,9 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     )
     # The sampling seed decides stored values too, so it is part of what a reusable shard must match.
     provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed}
-    done = {} if forward_only else store.committed_shards(layout.soft_labels, provenance, storage)
+    done = {} if benchmark_only else store.committed_shards(layout.soft_labels, provenance, storage)
     todo = [p.index for p in plans if p.index not in done]
-    if todo and not forward_only:
+    if todo and not benchmark_only:
         if rank == 0:
             store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
         dist.barrier()
@@ -277,11 +277,11 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     run_precompute(
         teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
         rank, world, pcfg.row_group_size, storage, progress=bar.update,
-        forward_only=forward_only and not labels_only, labels_only=labels_only,
+        forward_only=forward_only, labels_only=labels_only,
     )
     bar.close()
     dist.barrier()  # every shard is committed before the manifest
-    if rank == 0 and not forward_only:
+    if rank == 0 and not benchmark_only:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         positions = sum(len(s) - 1 for s in sequences)
         store.write_manifest(
@@ -289,7 +289,7 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
             extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
             storage_options=storage,
         )
-    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "forward_only": forward_only}
+    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only}
     # Ray Train V2 surfaces metrics of checkpointed reports only, so rank 0 attaches a tiny one.
     with tempfile.TemporaryDirectory(prefix="recdistill-precompute-") as tmp:
         checkpoint = None

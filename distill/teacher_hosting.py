@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from data_pipeline import fsio
 from distill.config import ModelConfig
-from distill.export import WEIGHTS, ExportError, load_export, read_export_meta, verify_export
+from distill.export import WEIGHTS, load_export, load_weights, read_export_meta, verify_export
 from distill.model import SequentialRecommender
 
 
@@ -68,10 +68,7 @@ class ShardedTeacher:
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         if zero_stage != 3:
-            state, _, _ = load_export(url, storage_options)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or set(missing) - ({"output.weight"} if self.model_cfg.tied_embeddings else set()):
-                raise ExportError(f"export {url} does not fit the model: missing {missing}, unexpected {unexpected}")
+            load_weights(model, load_export(url, storage_options)[0])
             return
         handle = None
         if rank == 0:
