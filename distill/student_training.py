@@ -201,7 +201,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             if tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
-            losses.append(float(loss_sum) / max(float(count), 1.0))
+            losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
             if dcfg.log_consumed:
                 _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
             state["step"] = step + 1
@@ -215,6 +215,9 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
                   "train_seconds": time.perf_counter() - started, "workers": world,
                   **{f"val_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
+        if rank == 0:
+            log.info("%s epoch %d: train loss %.4f, val NDCG@10 %.4f, %.1f s on %d workers", "baseline" if baseline else "student",
+                     epoch + 1, record["train_loss"], metrics["ndcg@10"], record["train_seconds"], world)
         if metrics["ndcg@10"] > state["best_ndcg"]:
             state["best_ndcg"] = metrics["ndcg@10"]
             if rank == 0:
