@@ -37,7 +37,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import StreamingReader, list_blocks
+from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
 from distill.config import load_config
 from distill.export import load_model
 from distill.losses import distillation_loss
@@ -146,8 +146,9 @@ def main() -> None:
         throughput[key] = {"reader_rows_per_s": ours, "ray_data_rows_per_s": theirs, "reader_over_ray_data": ours / theirs}
     ray.shutdown()
 
-    def streaming() -> Iterable[StudentBatch]:
-        return (batch_from_store(t, spec, max_len) for _, t in _reader(cfg, manifest).iter_epoch(0))
+    def streaming() -> Iterable[StudentBatch]:  # as student_train_loop: read + decode on a background thread
+        return prefetch_iter((batch_from_store(t, spec, max_len) for _, t in _reader(cfg, manifest).iter_epoch(0)),
+                             cfg.distill.prefetch_blocks)
 
     cached = []
     for batch in streaming():

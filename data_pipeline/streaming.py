@@ -88,6 +88,7 @@ __all__ = [
     "StreamingReader",
     "list_blocks",
     "owned_virtual_shards",
+    "prefetch_iter",
     "read_block",
 ]
 
@@ -402,6 +403,66 @@ class _Prefetcher:
         # A read in progress finishes first; don't wait forever on a stalled remote read
         # (the daemon thread exits by itself once the read returns).
         self._thread.join(timeout=10.0)
+
+
+class _Done:
+    """End-of-stream marker for :func:`prefetch_iter`."""
+
+
+def prefetch_iter(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """Run ``items`` (e.g. read + decode into tensors) on a background thread, ``depth`` items ahead.
+
+    The training step then overlaps the next batch's preparation (the GIL is released by
+    Arrow, numpy and torch kernels). Order is preserved; an exception from ``items`` is
+    re-raised in the consumer at the point it occurred; stopping early (``break``, an
+    exception in the consumer, ``close()``) stops the producer and closes ``items``.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=_Prefetcher._POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put((True, item)):
+                    return
+            put((True, _Done))
+        except BaseException as exc:  # handed to the consumer
+            put((False, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # in this thread, the one that ran it: e.g. the reader's finally
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is _Done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while True:
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=10.0)
 
 
 # --------------------------------------------------------------------------------------

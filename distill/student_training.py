@@ -29,7 +29,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import StreamingReader, list_blocks
+from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
 from distill.config import Config, build_config
 from distill.export import save_export
 from distill.losses import distillation_loss
@@ -184,8 +184,10 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], tcfg.epochs):
         started, losses = time.perf_counter(), []
         forward.train()
-        for step, table in reader.iter_epoch(epoch, start_step=state["step"]):
-            batch = batch_from_dataset(table, mcfg.max_len) if baseline else batch_from_store(table, spec, mcfg.max_len)
+        # Reading and decoding the next batches runs beside this step (a background thread).
+        to_batch = (lambda t: batch_from_dataset(t, mcfg.max_len)) if baseline else (lambda t: batch_from_store(t, spec, mcfg.max_len))
+        batches = prefetch_iter(((step, to_batch(t)) for step, t in reader.iter_epoch(epoch, start_step=state["step"])), dcfg.prefetch_blocks)
+        for step, batch in batches:
             logits = forward(batch.inputs.to(device))
             targets = batch.targets[batch.inputs != PAD_ID].to(device)
             soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None

@@ -338,3 +338,54 @@ def test_stopping_early_stops_the_prefetch_thread(store, reads):
     first_step_blocks = {row[0] for row in plan.global_batch(0)}
     assert len(first_step_blocks) + 2 < len(blocks)
     assert len(reads) <= len(first_step_blocks) + 2
+
+
+# --------------------------------------------------------------------------------------
+# prefetch_iter: the background thread that prepares the next batches beside a step
+
+
+def test_prefetch_iter_preserves_order_and_ends():
+    from data_pipeline.streaming import prefetch_iter
+
+    assert list(prefetch_iter(iter(range(100)), depth=3)) == list(range(100))
+    assert list(prefetch_iter([], depth=1)) == []
+
+
+def test_prefetch_iter_reraises_the_producers_error_after_the_items_before_it():
+    from data_pipeline.streaming import prefetch_iter
+
+    def items():
+        yield 1
+        yield 2
+        raise OSError("shard part-00003.parquet: truncated")
+
+    got = []
+    with pytest.raises(OSError, match="part-00003"):
+        for x in prefetch_iter(items(), depth=2):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetch_iter_stops_and_closes_the_source_when_the_consumer_stops():
+    import threading
+
+    from data_pipeline.streaming import prefetch_iter
+
+    closed = threading.Event()
+    produced = []
+
+    def items():
+        try:
+            for i in range(10_000):
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = prefetch_iter(items(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert closed.wait(5), "the source generator was not closed"
+    assert len(produced) < 10  # bounded read-ahead: it stopped, it did not drain the source
+    with pytest.raises(ValueError, match="depth"):
+        next(prefetch_iter([1], depth=0))
