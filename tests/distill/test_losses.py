@@ -134,6 +134,31 @@ def test_kl_topk_tail_equals_dense_bucket_kl_at_T1():
     torch.testing.assert_close(log_p.exp(), p, rtol=1e-5, atol=1e-7)
 
 
+def test_student_tail_is_exact_for_peaked_and_spread_rows_with_finite_gradients():
+    # Rows 0-1: the student puts > 99.9% (even all, in fp32) of its mass on the teacher's top-k,
+    # where log(1 - top mass) is useless; rows 2-3 are ordinary. Both must match float64.
+    C, k = 50, 5
+    teacher, student = pair(P=4, C=C, seed=3)
+    soft = soft_labels(teacher, k)
+    with torch.no_grad():
+        for row, gap in ((0, 12.0), (1, 40.0)):
+            student[row, soft["topk_ids"][row]] += gap
+    for T in (1.0, 2.0):
+        loss, _ = kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T)
+        (g,) = torch.autograd.grad(loss, student)
+        s64 = student.detach().double().requires_grad_(True)
+        log_q = F.log_softmax(s64[:, 1:] / T, dim=-1)
+        top = log_q.gather(1, soft["topk_ids"] - 1)
+        in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, soft["topk_ids"] - 1, True)
+        tail = torch.logsumexp(log_q.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+        log_p = teacher_bucket_log_probs(soft["topk_logits"], soft["lse"], C - 1, T).double()
+        ref = (log_p.exp() * (log_p - torch.cat([top, tail], dim=1))).sum() * T * T
+        (g_ref,) = torch.autograd.grad(ref, s64)
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-3, atol=1e-5)
+
+
 def test_teacher_tail_at_T_not_1_is_exact_for_equal_tail_logits_and_biased_as_documented():
     k, n_items = 5, 30
     g = torch.Generator().manual_seed(1)
