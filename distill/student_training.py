@@ -236,6 +236,9 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             if max(recent) < state["best_ndcg"]:
                 log.info("no improvement for %d epochs: stopping early", tcfg.patience)
                 break
+    if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
+        fsio.write_json_atomic(fsio.join(out_url, "history.json"),
+                               {"history": state["history"], "restarts": state["restarts"], "complete": True}, storage)
 
 
 def _broadcast_object(obj: Any, dist) -> Any:

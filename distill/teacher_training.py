@@ -214,3 +214,6 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
         if tcfg.patience and patience_left <= 0:
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
             break
+    if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
+        progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"], "complete": True}
+        fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)

@@ -93,3 +93,9 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
     assert teacher > models["popularity"]["ndcg@10"] and models["student_kd"]["params"] * 8 < models["teacher"]["params"]
     report = (run_dir / "report" / "report.md").read_text()
     assert "student keeps" in report and (run_dir / "report" / "quality_vs_params.png").stat().st_size > 1000
+
+    # Re-submitted, the job continues where it stopped: here, everything is done but the report.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    for name in ("prepare", "train-teacher", "precompute", "distill", "distill --baseline"):
+        assert f"[pipeline] {name}: already done, skipping" in again.stdout
