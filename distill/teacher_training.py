@@ -103,6 +103,7 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
+    setup_started = time.perf_counter()
     cfg: Config = build_config(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -149,6 +150,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
         except ValueError:
             state["best_ndcg"] = -1.0
 
+    if rank == 0:
+        log.info("teacher: DeepSpeed ZeRO-%d engine ready on %d workers in %.1f s", cfg.deepspeed.zero_stage, world, time.perf_counter() - setup_started)
     params = count_parameters(mcfg, num_items)
     patience_left = tcfg.patience
     for epoch in range(state["epoch"], tcfg.epochs):
@@ -167,7 +170,7 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             loss = loss_sum * world / global_count.clamp(min=1)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss_sum) / max(float(count), 1.0))
+            losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
         train_seconds = time.perf_counter() - started
 
         engine.eval()
