@@ -122,8 +122,10 @@ class StudentConfig(_Section):
 
 class DistillConfig(_Section):
     loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking"] = "kl_topk_tail"
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label loss; 1 = no teacher.")
+    # T=1 by default: the only temperature at which the top-k + tail bucket is exact (the store keeps
+    # the T=1 normaliser); at T=2 the equal-tail approximation inflates the tail on a large catalog.
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.2, ge=0, le=1, description="Weight of the hard-label loss; 1 = no teacher.")
     ranking_top: int = Field(10, gt=0, description="Teacher top-K used as weighted positives by loss=ranking.")
     # The streaming order: J virtual shards, fixed for a run, independent of the worker count (J >= workers).
     num_virtual_shards: int = Field(16, gt=0)
