@@ -31,7 +31,7 @@ def _export(url: str, cfg: Config):
         return None
 
 
-def _trained(folder: str, cfg: Config) -> bool:
+def training_complete(folder: str, cfg: Config) -> bool:
     """A training stage finished (early stop or last epoch), not merely exported a best-so-far model."""
     try:
         return bool(fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options).get("complete"))
@@ -66,13 +66,13 @@ def run(cfg: Config) -> dict[str, float]:
     stage("prepare", _dataset(cfg) is not None, prepare.run, cfg)
     dataset = _dataset(cfg)
     teacher_at = precompute.teacher_url(cfg)
-    stage("train-teacher", cfg.teacher.checkpoint is not None or _trained(layout.teacher, cfg), train_teacher.run, cfg)
+    stage("train-teacher", cfg.teacher.checkpoint is not None or training_complete(layout.teacher, cfg), train_teacher.run, cfg)
     teacher = _export(teacher_at, cfg)
     if teacher is None:
         raise ExportError(f"no teacher export at {teacher_at}")
     stage("precompute", _store_ready(cfg, teacher, dataset), precompute.run, cfg)
-    stage("distill", _trained(layout.student, cfg), distill.run, cfg)
-    stage("distill --baseline", _trained(layout.baseline, cfg), distill.run, cfg, baseline=True)
+    stage("distill", training_complete(layout.student, cfg), distill.run, cfg)
+    stage("distill --baseline", training_complete(layout.baseline, cfg), distill.run, cfg, baseline=True)
     stage("evaluate", False, evaluate.run, cfg)
     fsio.write_json_atomic(fsio.join(layout.report, "timings.json"), timings, cfg.data.storage_options)
     line = report.run(cfg)
