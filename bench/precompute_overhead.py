@@ -25,8 +25,16 @@ from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_conf
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.layout import RunLayout
-from distill.config import load_config
+from distill.config import ModelConfig, load_config
+from distill.export import read_export_meta
+from distill.sizing import count_parameters
 from distill.precompute import precompute_loop
+
+
+def _teacher_summary(cfg) -> dict:
+    meta = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
+    return {"params": count_parameters(ModelConfig.model_validate(meta["model"]), meta["num_items"]),
+            "model": meta["model"], "note": meta.get("note", "")}
 
 
 def timed_run(cfg, mode: str) -> float:
@@ -68,6 +76,7 @@ def main() -> None:
         "overrides": args.overrides,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "workers": cfg.scaling.num_workers,
+        "teacher": _teacher_summary(cfg),
         "positions": manifest["num_positions"],
         "forward_only_seconds": forward,
         "labels_only_seconds": labels,
