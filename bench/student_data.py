@@ -45,10 +45,12 @@ from distill.model import PAD_ID, SequentialRecommender
 from distill.student_training import PositionLogits, StudentBatch, batch_from_store
 
 
+def _shard_files(cfg, manifest) -> list[str]:
+    return [fsio.join(RunLayout(cfg.run.run_dir).soft_labels, s["file"]) for s in manifest["shards"]]
+
+
 def _reader(cfg, manifest) -> StreamingReader:
-    layout = RunLayout(cfg.run.run_dir)
-    files = [fsio.join(layout.soft_labels, s["file"]) for s in manifest["shards"]]
-    blocks = list_blocks(files, cfg.data.storage_options, [s["rows"] for s in manifest["shards"]])
+    blocks = list_blocks(_shard_files(cfg, manifest), cfg.data.storage_options, [s["rows"] for s in manifest["shards"]])
     d = cfg.distill
     return StreamingReader(blocks, None, d.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed,
                            0, 1, cfg.data.storage_options, d.prefetch_blocks)
@@ -66,9 +68,7 @@ def reader_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
 def ray_data_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
     import ray
 
-    layout = RunLayout(cfg.run.run_dir)
-    files = [fsio.join(layout.soft_labels, s["file"]) for s in manifest["shards"]]
-    ds = ray.data.read_parquet(files)
+    ds = ray.data.read_parquet(_shard_files(cfg, manifest))
     rows, started = 0, time.perf_counter()
     # iter_torch_batches cannot build tensors from ragged list columns; pyarrow batches + our decode can.
     for table in ds.iter_batches(batch_size=cfg.student.train.batch_size, batch_format="pyarrow",

@@ -345,77 +345,22 @@ class EpochPlan:
 # Prefetching
 
 
-class _Prefetcher:
-    """Reads ``blocks`` in order on a background thread, at most ``depth`` blocks ahead.
-
-    :meth:`next` hands them out in the same order; a read error is re-raised
-    there as :class:`BlockReadError`, and nothing after it is read.
-    :meth:`close` stops the thread (also when the consumer stops early).
-    """
-
-    _POLL_S = 0.05  # how often a producer blocked on a full queue checks for close()
-
-    def __init__(self, blocks: list[BlockRef], read: Callable[[BlockRef], pa.Table], depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(blocks, read), name="streaming-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self, blocks: list[BlockRef], read: Callable[[BlockRef], pa.Table]) -> None:
-        for block in blocks:
-            if self._stop.is_set():
-                return
-            try:
-                result: pa.Table | Exception = read(block)
-            except Exception as exc:  # handed to the consumer, who re-raises it
-                result = exc
-            if not self._put((block, result)) or isinstance(result, Exception):
-                return
-
-    def _put(self, item: tuple[BlockRef, Any]) -> bool:
-        # A timed put, so that a producer waiting on a full queue notices close().
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=self._POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def next(self, expected: BlockRef) -> pa.Table:
-        block, result = self._queue.get()
-        if isinstance(result, Exception):
-            raise BlockReadError(
-                f"prefetch failed reading row group {block.row_group} of {block.file}: "
-                f"{type(result).__name__}: {result}"
-            ) from result
-        if block != expected:  # the reader and the plan disagree on the read order: a bug here, not bad data
-            raise RuntimeError(f"internal error: expected block {expected}, the prefetcher read {block}")
-        return result
-
-    def close(self) -> None:
-        self._stop.set()
-        while True:  # drop prefetched tables now rather than when the generator is collected
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        # A read in progress finishes first; don't wait forever on a stalled remote read
-        # (the daemon thread exits by itself once the read returns).
-        self._thread.join(timeout=10.0)
+# How often a producer blocked on a full queue checks whether the consumer stopped.
+_POLL_S = 0.05
 
 
 class _Done:
     """End-of-stream marker for :func:`prefetch_iter`."""
 
 
-def prefetch_iter(items: Iterable[Any], depth: int) -> Iterator[Any]:
+def prefetch_iter(items: Iterable[Any], depth: int, name: str = "batch-prefetch") -> Iterator[Any]:
     """Run ``items`` (e.g. read + decode into tensors) on a background thread, ``depth`` items ahead.
 
     The training step then overlaps the next batch's preparation (the GIL is released by
     Arrow, numpy and torch kernels). Order is preserved; an exception from ``items`` is
     re-raised in the consumer at the point it occurred; stopping early (``break``, an
     exception in the consumer, ``close()``) stops the producer and closes ``items``.
+    Read-ahead is bounded: ``depth`` items queued plus one being produced.
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -423,9 +368,10 @@ def prefetch_iter(items: Iterable[Any], depth: int) -> Iterator[Any]:
     stop = threading.Event()
 
     def put(item: Any) -> bool:
+        # A timed put, so that a producer waiting on a full queue notices the consumer stopped.
         while not stop.is_set():
             try:
-                out.put(item, timeout=_Prefetcher._POLL_S)
+                out.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
                 pass
@@ -445,7 +391,7 @@ def prefetch_iter(items: Iterable[Any], depth: int) -> Iterator[Any]:
             if close is not None:
                 close()  # in this thread, the one that ran it: e.g. the reader's finally
 
-    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -457,12 +403,49 @@ def prefetch_iter(items: Iterable[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        while True:
+        while True:  # drop prefetched items now rather than when the generator is collected
             try:
                 out.get_nowait()
             except queue.Empty:
                 break
+        # An item in progress finishes first; don't wait forever on a stalled remote read
+        # (the daemon thread exits by itself once the read returns).
         thread.join(timeout=10.0)
+
+
+class _Prefetcher:
+    """Reads ``blocks`` in order on a background thread (:func:`prefetch_iter`), at most ``depth`` ahead.
+
+    :meth:`next` hands them out in the same order; a read error is re-raised
+    there as :class:`BlockReadError` naming the block, and nothing after it is read.
+    :meth:`close` stops the thread (also when the consumer stops early).
+    """
+
+    def __init__(self, blocks: list[BlockRef], read: Callable[[BlockRef], pa.Table], depth: int) -> None:
+        def reads() -> Iterator[tuple[BlockRef, Any]]:
+            for block in blocks:
+                try:
+                    table: pa.Table | Exception = read(block)
+                except Exception as exc:  # handed to the consumer with its block, who re-raises it
+                    yield block, exc
+                    return
+                yield block, table
+
+        self._items = prefetch_iter(reads(), depth, name="streaming-prefetch")
+
+    def next(self, expected: BlockRef) -> pa.Table:
+        block, result = next(self._items)
+        if isinstance(result, Exception):
+            raise BlockReadError(
+                f"prefetch failed reading row group {block.row_group} of {block.file}: "
+                f"{type(result).__name__}: {result}"
+            ) from result
+        if block != expected:  # the reader and the plan disagree on the read order: a bug here, not bad data
+            raise RuntimeError(f"internal error: expected block {expected}, the prefetcher read {block}")
+        return result
+
+    def close(self) -> None:
+        self._items.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -228,7 +228,6 @@ def kl_topk(
     return _kl_rows(log_p, log_q).sum() * (T * T), count
 
 
-
 def _tail_buckets(student_logits, topk_ids, topk_logits, lse, temperature, mask):
     """Teacher and student log-probabilities over the (k + 1) buckets: (log_p, log_q, count, T)."""
     T = _check_temperature(temperature)
@@ -238,6 +237,7 @@ def _tail_buckets(student_logits, topk_ids, topk_logits, lse, temperature, mask)
     log_p = teacher_bucket_log_probs(z, lse_, num_items, T)
     log_q = _student_log_probs(s, ids, T, with_tail=k < num_items)
     return log_p, log_q, count, T
+
 
 def kl_topk_tail(
     student_logits: Tensor,
