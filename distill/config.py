@@ -9,6 +9,7 @@ Unknown keys are errors that name the key and list the valid ones.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -77,6 +78,13 @@ class DataConfig(_Section):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+class ItemDimBand(_Section):
+    """A popularity band of the item table: the next ``items`` most frequent training items, ``dim`` wide."""
+
+    items: Optional[int] = Field(None, gt=0, description="Items in this band; null (last band only) = all the rest.")
+    dim: int = Field(gt=0, description="Width of these items' own vectors (projected up to d_model).")
+
+
 class ModelConfig(_Section):
     """A SASRec-style causal Transformer over item ids."""
 
@@ -87,11 +95,30 @@ class ModelConfig(_Section):
     max_len: int = Field(50, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
     tied_embeddings: bool = True
+    # Mixed-dimension item embeddings (Ginart et al., 2019): popular items get wide vectors, rare ones
+    # narrow vectors projected up to d_model. On a large catalog the item table is most of a small
+    # model's parameters; this spends them where the interactions are. None = one d_model-wide table.
+    item_dims: Optional[list[ItemDimBand]] = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _item_dims(self) -> "ModelConfig":
+        if self.item_dims is None:
+            return self
+        if not self.item_dims:
+            raise ValueError("item_dims must list at least one band (or be null for a uniform table)")
+        if self.item_dims[-1].items is not None or any(b.items is None for b in self.item_dims[:-1]):
+            raise ValueError("item_dims: every band but the last needs `items`; the last must leave it null (all the rest)")
+        too_wide = [b.dim for b in self.item_dims if b.dim > self.d_model]
+        if too_wide:
+            raise ValueError(f"item_dims: band widths {too_wide} exceed d_model ({self.d_model})")
+        if not self.tied_embeddings:
+            raise ValueError("item_dims needs tied_embeddings: the banded table both embeds and scores items")
         return self
 
 
@@ -230,11 +257,25 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     """The model class that owns the field at ``loc`` (a pydantic error location)."""
     cls: type[BaseModel] = Config
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list field: stay with the list's element class
+            continue
         field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_class(field.annotation) if field is not None else None
+        if section is None:
             break
-        cls = field.annotation
+        cls = section
     return cls
+
+
+def _section_class(annotation: Any) -> Optional[type[BaseModel]]:
+    """The section class inside an annotation such as ``X``, ``Optional[X]`` or ``Optional[list[X]]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -248,6 +289,16 @@ def _format_errors(err: ValidationError) -> str:
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``, recursively for mappings; any other value (lists too) replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -278,9 +329,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Validate a config tree plus dotted overrides into a :class:`Config`."""
-    merged = copy.deepcopy(tree or {})
-    if not isinstance(merged, dict):
+    if not isinstance(tree or {}, dict):
         raise ConfigError("a config file must hold a mapping at the top level")
+    # Start from the full default tree, so a partial section (``student.model.dropout=0.3``) keeps
+    # its section's own defaults (the student's, not a generic model's) for the keys it leaves out.
+    merged = _merge(Config().to_dict(), copy.deepcopy(tree or {}))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(merged, key, value)

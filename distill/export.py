@@ -63,7 +63,8 @@ def save_export(
     storage_options: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write an export and return its fingerprint. ``info`` is stored as is (metrics, provenance)."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    # Weights as fp32; integer buffers (a mixed-dim table's item order) keep their dtype.
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
     if model_cfg.tied_embeddings:
         tensors.pop("output.weight", None)  # the same Parameter as item_emb.weight
     weights = save_safetensors(tensors)

@@ -18,6 +18,10 @@ Conventions shared with the rest of ``distill``:
   such as ``p * log_softmax(scores)`` with ``p = 0`` stay 0 instead of becoming NaN
   (``0 * -inf = NaN``), which matters for the distillation losses.
 
+Item table: one ``d_model``-wide embedding by default, or (``ModelConfig.item_dims``) a
+:class:`MixedDimItemTable` whose popularity bands have narrower vectors projected up to
+``d_model``. Either way one table both embeds the inputs and scores the catalog (tied).
+
 ZeRO-3 (``deepspeed.zero.Init``): parameters are initialised inside each leaf module's
 own ``__init__`` (via ``reset_parameters``), before DeepSpeed partitions them, and
 weights are only read inside a module's ``forward`` (where DeepSpeed gathers them). The
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import ModelConfig
+from distill.config import ItemDimBand, ModelConfig
 
 PAD_ID = 0
 INIT_STD = 0.02
@@ -57,6 +61,74 @@ class _Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
         self._fill_padding_idx_with_zero()
+
+
+def item_bands(bands: list[ItemDimBand], num_items: int) -> list[tuple[int, int]]:
+    """``(items, dim)`` per band for a catalog of ``num_items``, most popular band first.
+
+    Bands take their ``items`` in order until the catalog runs out; the last takes the rest;
+    bands left with no items are dropped (a config written for a larger catalog still fits).
+    """
+    out, left = [], num_items
+    for band in bands:
+        n = left if band.items is None else min(band.items, left)
+        if n > 0:
+            out.append((n, band.dim))
+        left -= n
+    return out
+
+
+class MixedDimItemTable(nn.Module):
+    """Item vectors of width ``d_model`` assembled from popularity bands of narrower ones.
+
+    Band b holds ``n_b`` items with vectors of width ``dim_b`` (``band{b}``, shape
+    ``(n_b, dim_b)``), mapped to ``d_model`` by ``proj{b}`` (``(dim_b, d_model)``; none when
+    ``dim_b == d_model``). Calling the module returns the whole ``(num_items + 1, d_model)``
+    table, row 0 (padding) zero. Which item sits in which band is the buffer ``item_row``
+    (item id -> row in band order), set from training counts by :meth:`set_item_order` and
+    saved with the weights. The parameters live on this module itself, so ZeRO-3 gathers
+    them for its forward.
+    """
+
+    def __init__(self, num_items: int, d_model: int, bands: list[tuple[int, int]]):
+        super().__init__()
+        if sum(n for n, _ in bands) != num_items:
+            raise ValueError(f"item bands hold {sum(n for n, _ in bands)} items, the catalog {num_items}")
+        self.num_items, self.d_model, self.bands = num_items, d_model, bands
+        for b, (n, dim) in enumerate(bands):
+            self.register_parameter(f"band{b}", nn.Parameter(torch.empty(n, dim)))
+            if dim != d_model:
+                self.register_parameter(f"proj{b}", nn.Parameter(torch.empty(dim, d_model)))
+        # Until set_item_order is called, items fill the bands in id order.
+        self.register_buffer("item_row", torch.arange(num_items + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for b, (_, dim) in enumerate(self.bands):
+            nn.init.normal_(getattr(self, f"band{b}"), mean=0.0, std=INIT_STD)
+            if dim != self.d_model:
+                # std 1/sqrt(dim) keeps a projected row's scale at INIT_STD, like a d_model-wide row.
+                nn.init.normal_(getattr(self, f"proj{b}"), mean=0.0, std=1.0 / math.sqrt(dim))
+
+    @torch.no_grad()
+    def set_item_order(self, item_counts) -> None:
+        """Put the most frequent items in the first (widest) band. ``item_counts``: (num_items + 1,), [0] = padding."""
+        counts = torch.as_tensor(item_counts, dtype=torch.float64).cpu()
+        if counts.shape != (self.num_items + 1,):
+            raise ValueError(f"item_counts must have shape ({self.num_items + 1},), got {tuple(counts.shape)}")
+        by_popularity = torch.sort(-counts[1:], stable=True).indices + 1  # item ids, most frequent first
+        row = torch.zeros(self.num_items + 1, dtype=torch.long)
+        row[by_popularity] = torch.arange(1, self.num_items + 1)
+        self.item_row.copy_(row)
+
+    def forward(self) -> torch.Tensor:
+        """() -> (num_items + 1, d_model): every item's vector, indexed by item id."""
+        first = getattr(self, "band0")
+        rows = [first.new_zeros(1, self.d_model)]
+        for b, (_, dim) in enumerate(self.bands):
+            band = getattr(self, f"band{b}")
+            rows.append(band @ getattr(self, f"proj{b}") if dim != self.d_model else band)
+        return torch.cat(rows)[self.item_row]
 
 
 class CausalSelfAttention(nn.Module):
@@ -116,15 +188,20 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         self.cfg = cfg
         self.num_items = num_items
-        self.item_emb = _Embedding(num_items + 1, cfg.d_model, padding_idx=PAD_ID)
+        self.item_emb = self.output = self.item_table = None
+        if cfg.item_dims:
+            self.item_table = MixedDimItemTable(num_items, cfg.d_model, item_bands(cfg.item_dims, num_items))
+        else:
+            self.item_emb = _Embedding(num_items + 1, cfg.d_model, padding_idx=PAD_ID)
         self.pos_emb = _Embedding(cfg.max_len, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_final = nn.LayerNorm(cfg.d_model)
-        self.output = _Linear(cfg.d_model, num_items + 1, bias=False)
-        if cfg.tied_embeddings:
-            # Share the Parameter itself (not a copy): scores are hidden @ item_emb.T.
-            self.output.weight = self.item_emb.weight
+        if self.item_table is None:
+            self.output = _Linear(cfg.d_model, num_items + 1, bias=False)
+            if cfg.tied_embeddings:
+                # Share the Parameter itself (not a copy): scores are hidden @ item_emb.T.
+                self.output.weight = self.item_emb.weight
 
     @property
     def num_scores(self) -> int:
@@ -150,7 +227,7 @@ class SequentialRecommender(nn.Module):
         is_item = input_ids != PAD_ID  # (B, L)
         # Right-aligned positions: the last column is always position max_len - 1.
         positions = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=input_ids.device)
-        x = self.item_emb(input_ids) * math.sqrt(self.cfg.d_model) + self.pos_emb(positions)
+        x = self.item_vectors(input_ids) * math.sqrt(self.cfg.d_model) + self.pos_emb(positions)
         x = self.emb_dropout(x)
 
         attn_mask = self._attention_mask(is_item)
@@ -159,6 +236,10 @@ class SequentialRecommender(nn.Module):
         x = self.ln_final(x)
         # Zero the padding rows so nothing downstream can come to depend on them.
         return x * is_item.unsqueeze(-1).to(x.dtype)
+
+    def item_vectors(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """(...) item ids -> (..., d_model) rows of the (tied) item table; through a module call, so ZeRO-3 gathers it."""
+        return self.item_emb(item_ids) if self.item_table is None else F.embedding(item_ids, self.item_table())
 
     @staticmethod
     def _attention_mask(is_item: torch.Tensor) -> torch.Tensor:
@@ -184,7 +265,7 @@ class SequentialRecommender(nn.Module):
             (..., num_items + 1); column 0 (padding) holds the dtype's most negative
             finite value so it is never ranked and gets zero probability.
         """
-        logits = self.output(hidden)
+        logits = self.output(hidden) if self.item_table is None else hidden @ self.item_table().T
         pad_column = torch.zeros(self.num_scores, dtype=torch.bool, device=logits.device)
         pad_column[PAD_ID] = True
         return logits.masked_fill(pad_column, torch.finfo(logits.dtype).min)

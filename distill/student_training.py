@@ -27,7 +27,7 @@ from torch import nn
 
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
-from data_pipeline.dataset import load_manifest, read_split
+from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
 from distill.config import Config, build_config
@@ -150,6 +150,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.run.seed)
     model = SequentialRecommender(mcfg, num_items)
+    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": []}
     checkpoint = ray.train.get_checkpoint()

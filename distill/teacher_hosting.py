@@ -83,6 +83,11 @@ class ShardedTeacher:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if rank == 0:
                     param.data.copy_(handle.get_tensor(name).to(param.dtype))
+        for name, buffer in model.named_buffers():  # not partitioned: rank 0 reads, everyone receives
+            if rank == 0:
+                buffer.copy_(handle.get_tensor(name).to(buffer.dtype))
+            if dist.is_initialized():
+                dist.broadcast(buffer, src=0)
 
     def local_parameter_count(self) -> int:
         """Parameters this rank stores (its ZeRO-3 partitions, or everything when not partitioned)."""

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.dataset import load_manifest, read_split
+from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
 from distill.config import Config, build_config
@@ -95,7 +95,7 @@ def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> di
     with gather:
         if rank != 0:
             return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in model.state_dict().items()}
 
 
 def teacher_train_loop(loop_config: dict[str, Any]) -> None:
@@ -140,6 +140,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
     with init_ctx:
         model = SequentialRecommender(mcfg, num_items)
+    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
     engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
 

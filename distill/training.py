@@ -87,8 +87,8 @@ class NextItemObjective(nn.Module):
         num_classes = self.model.num_scores
         negatives = torch.randint(1, num_classes, (self.num_negatives,), device=h.device)
         # Look rows up through the embedding module so ZeRO-3 gathers the table.
-        pos = (h * self.model.item_emb(t)).sum(-1, keepdim=True)
-        neg = h @ self.model.item_emb(negatives).T - math.log(self.num_negatives / (num_classes - 1))
+        pos = (h * self.model.item_vectors(t)).sum(-1, keepdim=True)
+        neg = h @ self.model.item_vectors(negatives).T - math.log(self.num_negatives / (num_classes - 1))
         neg = neg.masked_fill(negatives[None, :] == t[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1).float()
         return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")

@@ -63,6 +63,34 @@ def test_heads_must_divide_width():
         build_config({"student": {"model": {"d_model": 10, "num_heads": 3}}})
 
 
+def test_a_partial_section_keeps_its_own_defaults():
+    # The student's defaults (16 wide, 1 layer), not a generic model's, for the keys left out.
+    default = build_config().student.model
+    cfg = build_config({}, ["student.model.dropout=0.3"])
+    assert cfg.student.model == default.model_copy(update={"dropout": 0.3})
+    assert build_config({"student": {"model": {"num_layers": 3}}}).student.model.d_model == default.d_model
+
+
+@pytest.mark.parametrize(
+    "bands, message",
+    [
+        ([], "at least one band"),
+        ([{"items": 5, "dim": 8}, {"items": 5, "dim": 4}], "the last must leave it null"),
+        ([{"dim": 8}, {"dim": 4}], "every band but the last needs"),
+        ([{"items": 5, "dim": 32}, {"dim": 4}], r"widths \[32\] exceed d_model \(16\)"),
+        ([{"items": 5, "dim": 8, "width": 3}, {"dim": 4}], "valid keys here: dim, items"),
+    ],
+)
+def test_item_dims_are_validated(bands, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"student": {"model": {"item_dims": bands}}})
+
+
+def test_item_dims_need_tied_embeddings():
+    with pytest.raises(ConfigError, match="needs tied_embeddings"):
+        build_config({"student": {"model": {"tied_embeddings": False, "item_dims": [{"dim": 8}]}}})
+
+
 def test_min_workers_bound():
     with pytest.raises(ConfigError, match="min_workers"):
         build_config({"scaling": {"num_workers": 2, "min_workers": 3}})

@@ -24,6 +24,19 @@ def test_round_trip_gives_identical_scores(tmp_path, base, tied):
     assert verify_export(url)["fingerprint"] == fp
 
 
+def test_mixed_dim_round_trip_keeps_the_item_order(tmp_path):
+    cfg = ModelConfig(**{**CFG.model_dump(), "item_dims": [{"items": 10, "dim": 16}, {"dim": 4}]})
+    torch.manual_seed(0)
+    model = SequentialRecommender(cfg, 30).eval()
+    model.item_table.set_item_order(torch.randperm(31).float())  # not the id order
+    save_export(str(tmp_path / "s"), model.state_dict(), cfg, 30, {})
+    loaded, _ = load_model(str(tmp_path / "s"))
+    assert loaded.item_table.item_row.dtype == torch.long
+    assert torch.equal(loaded.item_table.item_row, model.item_table.item_row)
+    x = torch.randint(1, 31, (4, 6))
+    assert torch.equal(model.score_last(x), loaded.score_last(x))
+
+
 def test_tampered_weights_are_refused(tmp_path):
     url = str(tmp_path / "t")
     model = SequentialRecommender(CFG, 30)

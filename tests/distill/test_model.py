@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from distill.config import ModelConfig
-from distill.model import SequentialRecommender
+from distill.model import MixedDimItemTable, SequentialRecommender, item_bands
 from distill.objectives import full_softmax_ce
 from distill.sequences import left_pad, next_item_batch
 
 NUM_ITEMS = 30
 CFG = ModelConfig(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, max_len=12, dropout=0.1)
+# The same model with a mixed-dimension item table: 8 items 16 wide, 10 items 8 wide, the rest 4 wide.
+MIXED = ModelConfig(**{**CFG.model_dump(), "item_dims": [{"items": 8, "dim": 16}, {"items": 10, "dim": 8}, {"dim": 4}]})
+BOTH_TABLES = pytest.mark.parametrize("cfg", [CFG, MIXED], ids=["uniform", "mixed_dims"])
 
 
 def make_model(cfg: ModelConfig = CFG, num_items: int = NUM_ITEMS, seed: int = 0) -> SequentialRecommender:
@@ -23,13 +26,14 @@ def make_model(cfg: ModelConfig = CFG, num_items: int = NUM_ITEMS, seed: int = 0
     return SequentialRecommender(cfg, num_items).eval()
 
 
-def test_output_shapes():
-    model = make_model()
+@BOTH_TABLES
+def test_output_shapes(cfg):
+    model = make_model(cfg)
     ids = left_pad([[1, 2, 3], [4, 5, 6, 7, 8]], 8)
     hidden = model(ids)
-    assert hidden.shape == (2, 8, CFG.d_model)
+    assert hidden.shape == (2, 8, cfg.d_model)
     assert model.scores(hidden).shape == (2, 8, NUM_ITEMS + 1)
-    assert model.last_hidden(ids).shape == (2, CFG.d_model)
+    assert model.last_hidden(ids).shape == (2, cfg.d_model)
     assert model.score_last(ids).shape == (2, NUM_ITEMS + 1)
     torch.testing.assert_close(model.last_hidden(ids), hidden[:, -1])
 
@@ -60,8 +64,53 @@ def test_padding_row_of_item_embedding_is_zero():
     assert torch.count_nonzero(make_model().item_emb.weight[0]) == 0
 
 
-def test_causal_future_items_do_not_change_the_past():
-    model = make_model()
+def test_item_bands_fill_in_order_and_drop_empty_bands():
+    bands = MIXED.item_dims
+    assert item_bands(bands, 30) == [(8, 16), (10, 8), (12, 4)]
+    assert item_bands(bands, 12) == [(8, 16), (4, 8)]  # a smaller catalog: the last band is empty
+    assert item_bands(bands, 5) == [(5, 16)]
+
+
+def test_mixed_table_puts_popular_items_in_the_wide_band():
+    model = make_model(MIXED)
+    table = model.item_table
+    counts = torch.zeros(NUM_ITEMS + 1)
+    counts[1:] = torch.randperm(NUM_ITEMS).float()  # distinct counts, a random popularity order
+    table.set_item_order(counts)
+    by_popularity = (torch.argsort(counts[1:], descending=True) + 1).tolist()
+    with torch.no_grad():
+        vectors = table()
+    assert vectors.shape == (NUM_ITEMS + 1, MIXED.d_model)
+    assert torch.count_nonzero(vectors[0]) == 0  # padding
+    # The 8 most popular items are band 0's rows (full width, no projection), in popularity order.
+    torch.testing.assert_close(vectors[by_popularity[:8]], table.band0)
+    # The least popular are the 4-wide band projected up: rank <= 4 (of 16) as a matrix.
+    rare = vectors[by_popularity[18:]]
+    torch.testing.assert_close(rare, table.band2 @ table.proj2)
+    assert torch.linalg.matrix_rank(rare) <= 4
+    # Embedding and scoring use the same (tied) vectors.
+    ids = left_pad([[by_popularity[0], by_popularity[-1]]], 4)
+    h = model.last_hidden(ids)
+    torch.testing.assert_close(model.scores(h)[:, 1:], h @ vectors[1:].T)
+
+
+def test_mixed_table_rejects_counts_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"shape \(31,\)"):
+        make_model(MIXED).item_table.set_item_order(torch.ones(NUM_ITEMS))
+
+
+def test_mixed_table_projected_rows_start_at_the_uniform_table_scale():
+    torch.manual_seed(0)
+    table = MixedDimItemTable(4000, 64, [(1000, 64), (3000, 8)])
+    with torch.no_grad():
+        vectors = table()
+    wide, narrow = vectors[1:1001].std().item(), vectors[1001:].std().item()
+    assert 0.015 < wide < 0.025 and 0.015 < narrow < 0.025, (wide, narrow)
+
+
+@BOTH_TABLES
+def test_causal_future_items_do_not_change_the_past(cfg):
+    model = make_model(cfg)
     ids = left_pad([[3, 1, 4, 1, 5, 9, 2, 6]], 10)
     changed = ids.clone()
     changed[0, -2:] = torch.tensor([7, 8])  # change the last two items only
@@ -71,8 +120,9 @@ def test_causal_future_items_do_not_change_the_past():
     assert not torch.allclose(h[:, -1], h_changed[:, -1])
 
 
-def test_left_padding_invariance():
-    model = make_model()
+@BOTH_TABLES
+def test_left_padding_invariance(cfg):
+    model = make_model(cfg)
     seq = [5, 2, 9, 11, 7]
     with torch.no_grad():
         short = model.last_hidden(left_pad([seq], len(seq)))  # no padding at all
@@ -82,8 +132,9 @@ def test_left_padding_invariance():
     torch.testing.assert_close(short, in_batch, rtol=0, atol=1e-5)
 
 
-def test_padding_column_is_never_ranked():
-    model = make_model()
+@BOTH_TABLES
+def test_padding_column_is_never_ranked(cfg):
+    model = make_model(cfg)
     scores = model.score_last(left_pad([[1, 2], [3], []], 5))
     assert torch.all(scores[:, 0] < scores[:, 1:].min())
     assert torch.all(scores.argsort(dim=1, descending=True)[:, -1] == 0)
@@ -106,8 +157,9 @@ def test_attention_mask_is_causal_hides_padding_keys_and_never_leaves_a_row_empt
     assert torch.equal(mask[1], torch.eye(4, dtype=torch.bool))
 
 
-def test_fully_padded_rows_give_no_nan_in_train_mode():
-    model = make_model().train()
+@BOTH_TABLES
+def test_fully_padded_rows_give_no_nan_in_train_mode(cfg):
+    model = make_model(cfg).train()
     ids = torch.zeros(3, 6, dtype=torch.long)
     ids[1, -1] = 4  # one real item among padding rows
     hidden = model(ids)
@@ -150,7 +202,7 @@ def test_learns_a_deterministic_successor_task():
 _ZERO3_SCRIPT = r"""
 import torch, deepspeed
 from distill.config import ModelConfig
-from distill.model import SequentialRecommender
+from distill.model import MixedDimItemTable, SequentialRecommender, item_bands
 from distill.objectives import full_softmax_ce
 from distill.sequences import next_item_batch
 
@@ -171,6 +223,25 @@ x, y = next_item_batch([[1, 2, 3, 4], [5, 6, 7], [2, 3], [9, 10, 11, 12, 13]], 8
 losses = []
 for _ in range(5):
     # scores() is called outside the model's forward: the tied weight must still be gathered.
+    loss = full_softmax_ce(engine.module.scores(engine(x)).flatten(0, 1), y.flatten())
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+assert losses[-1] < losses[0], losses
+
+# A mixed-dimension item table: its bands and projections are gathered inside its own forward.
+mixed_cfg = ModelConfig(**{**cfg.model_dump(), "item_dims": [{"items": 6, "dim": 16}, {"dim": 4}]})
+torch.manual_seed(0)
+plain = SequentialRecommender(mixed_cfg, 20)
+torch.manual_seed(0)
+with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+    model = SequentialRecommender(mixed_cfg, 20)
+assert model.item_table.band0.numel() == 0, "not partitioned"
+engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, model_parameters=model.parameters())
+with torch.no_grad():
+    torch.testing.assert_close(engine.module.scores(engine(x)), plain.scores(plain(x)))
+losses = []
+for _ in range(5):
     loss = full_softmax_ce(engine.module.scores(engine(x)).flatten(0, 1), y.flatten())
     engine.backward(loss)
     engine.step()

@@ -20,6 +20,14 @@ def test_formula_matches_meta_and_real_model(tied):
     assert count_parameters(cfg, 17) == count_parameters_meta(cfg, 17) == real
 
 
+@pytest.mark.parametrize("num_items", [17, 9, 4])
+def test_formula_matches_meta_and_real_model_with_mixed_dims(num_items):
+    cfg = ModelConfig(d_model=12, num_layers=1, num_heads=3, ffn_dim=20, max_len=7,
+                      item_dims=[{"items": 5, "dim": 12}, {"items": 6, "dim": 6}, {"dim": 2}])
+    real = sum(p.numel() for p in SequentialRecommender(cfg, num_items).parameters())
+    assert count_parameters(cfg, num_items) == count_parameters_meta(cfg, num_items) == real
+
+
 def test_meta_build_allocates_nothing():
     with torch.device("meta"):
         model = SequentialRecommender(ModelConfig(d_model=64, num_layers=1, num_heads=2, ffn_dim=64), 100)
