@@ -13,7 +13,9 @@ on the same store and the same global batches:
    ``in_memory`` (every batch decoded into tensors before the clock starts), ``streaming``
    (the reader + decode inside the loop, as ``recdistill distill`` does) and ``online``
    (no store: the teacher runs in the loop and its top-k/normaliser feed the same loss,
-   the "online KD" reference).
+   the "online KD" reference). As in the training loop, every mode runs one validation
+   pass (untimed) before its epoch, and the streaming epoch's reader is started before
+   it: ``recdistill distill`` starts the next epoch's reads before validating.
 
 Needs a run with a prepared dataset, an exported teacher and a soft-label store (the
 pipeline makes them). ``--max-steps`` caps every epoch (the same cap for every mode).
@@ -35,10 +37,11 @@ from cluster.common import require_dataset
 from cluster.precompute import teacher_url
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
-from data_pipeline.dataset import load_manifest
+from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
 from distill.config import load_config
+from distill.evaluate import evaluate_split, model_scorer
 from distill.export import load_model
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
@@ -93,10 +96,16 @@ def _online_batch(teacher: SequentialRecommender, k: int) -> Callable[[StudentBa
     return relabel
 
 
-def train_epoch(cfg, num_items: int, batches: Iterable[StudentBatch], max_steps: int) -> tuple[float, int]:
-    """Seconds for up to ``max_steps`` student steps over ``batches`` (fresh model, same seed every call)."""
+def train_epoch(cfg, num_items: int, batches: Iterable[StudentBatch], max_steps: int, valid) -> tuple[float, int]:
+    """Seconds for up to ``max_steps`` student steps over ``batches`` (fresh model, same seed every call).
+
+    The previous epoch's validation pass (full ranking over ``valid``) runs first, untimed,
+    as in the training loop: ``batches`` may already be reading beside it.
+    """
     torch.manual_seed(cfg.run.seed)
-    model = SequentialRecommender(cfg.student.model, num_items).train()
+    model = SequentialRecommender(cfg.student.model, num_items)
+    evaluate_split(model_scorer(model.eval(), cfg.student.model.max_len), valid, num_items)
+    model.train()
     forward = PositionLogits(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.student.train.lr, betas=(0.9, 0.98))
     d, steps = cfg.distill, 0
@@ -127,7 +136,9 @@ def main() -> None:
     layout = RunLayout(cfg.run.run_dir)
     require_dataset(cfg)
     storage = cfg.data.storage_options
-    num_items = load_manifest(layout.data, storage)["num_items"]
+    dataset = load_manifest(layout.data, storage)
+    num_items = dataset["num_items"]
+    valid = read_split(layout.data, "valid", storage, dataset)
     manifest = store.load_store_manifest(layout.soft_labels, storage)
     spec = store.manifest_spec(manifest)
     teacher, _ = load_model(teacher_url(cfg), storage)
@@ -158,9 +169,9 @@ def main() -> None:
     relabel = _online_batch(teacher, spec.k)
     times: dict[str, list[float]] = {"in_memory": [], "streaming": [], "online": []}
     for _ in range(args.repeats):  # interleaved, so a noisy neighbour hits every mode alike
-        times["in_memory"].append(train_epoch(cfg, num_items, cached, max_steps)[0])
-        times["streaming"].append(train_epoch(cfg, num_items, streaming(), max_steps)[0])
-        seconds, steps = train_epoch(cfg, num_items, (relabel(b) for b in cached), max_steps)
+        times["in_memory"].append(train_epoch(cfg, num_items, cached, max_steps, valid)[0])
+        times["streaming"].append(train_epoch(cfg, num_items, streaming(), max_steps, valid)[0])
+        seconds, steps = train_epoch(cfg, num_items, (relabel(b) for b in cached), max_steps, valid)
         times["online"].append(seconds)
     best = {mode: min(v) for mode, v in times.items()}
     result = {

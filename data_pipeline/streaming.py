@@ -88,6 +88,7 @@ __all__ = [
     "StreamingReader",
     "list_blocks",
     "owned_virtual_shards",
+    "PrefetchIterator",
     "prefetch_iter",
     "read_block",
 ]
@@ -353,19 +354,73 @@ class _Done:
     """End-of-stream marker for :func:`prefetch_iter`."""
 
 
-def prefetch_iter(items: Iterable[Any], depth: int, name: str = "batch-prefetch") -> Iterator[Any]:
+def prefetch_iter(items: Iterable[Any], depth: int, name: str = "batch-prefetch") -> "PrefetchIterator":
     """Run ``items`` (e.g. read + decode into tensors) on a background thread, ``depth`` items ahead.
 
-    The training step then overlaps the next batch's preparation (the GIL is released by
+    The thread starts at once, so an iterator made before it is needed (the next epoch's,
+    made before validation) has its first items ready when the loop reaches them. The
+    training step then overlaps the next batch's preparation (the GIL is released by
     Arrow, numpy and torch kernels). Order is preserved; an exception from ``items`` is
-    re-raised in the consumer at the point it occurred; stopping early (``break``, an
-    exception in the consumer, ``close()``) stops the producer and closes ``items``.
-    Read-ahead is bounded: ``depth`` items queued plus one being produced.
+    re-raised in the consumer at the point it occurred; :meth:`PrefetchIterator.close`
+    (also called at the end, on an error, and when the iterator is collected) stops the
+    producer and closes ``items``. Read-ahead is bounded: ``depth`` items queued plus one
+    being produced.
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    return PrefetchIterator(items, depth, name)
+
+
+class PrefetchIterator:
+    """The iterator :func:`prefetch_iter` returns; see there."""
+
+    def __init__(self, items: Iterable[Any], depth: int, name: str = "batch-prefetch") -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._out: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._closed = False
+        # The thread must not hold a reference to self: collecting an abandoned iterator closes it.
+        self._thread = threading.Thread(target=_produce, args=(iter(items), self._out, self._stop), name=name, daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "PrefetchIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise StopIteration
+        ok, item = self._out.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is _Done:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (it closes ``items``) and drop what it read ahead. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        # A producer waiting for queue space sees the flag within _POLL_S; an item in progress
+        # finishes first. Don't wait forever on a stalled remote read (the daemon thread exits
+        # by itself once the read returns). Draining after the join keeps a late put from
+        # getting space and the producer from reading one more item.
+        self._thread.join(timeout=10.0)
+        while True:  # free prefetched items now rather than when the iterator is collected
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                break
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.close()
+
+
+def _produce(iterator: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
+    """The producer thread of :class:`PrefetchIterator`."""
 
     def put(item: Any) -> bool:
         # A timed put, so that a producer waiting on a full queue notices the consumer stopped.
@@ -377,40 +432,17 @@ def prefetch_iter(items: Iterable[Any], depth: int, name: str = "batch-prefetch"
                 pass
         return False
 
-    def produce() -> None:
-        iterator = iter(items)
-        try:
-            for item in iterator:
-                if not put((True, item)):
-                    return
-            put((True, _Done))
-        except BaseException as exc:  # handed to the consumer
-            put((False, exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()  # in this thread, the one that ran it: e.g. the reader's finally
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
     try:
-        while True:
-            ok, item = out.get()
-            if not ok:
-                raise item
-            if item is _Done:
+        for item in iterator:
+            if not put((True, item)) or stop.is_set():
                 return
-            yield item
+        put((True, _Done))
+    except BaseException as exc:  # handed to the consumer
+        put((False, exc))
     finally:
-        stop.set()
-        while True:  # drop prefetched items now rather than when the generator is collected
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                break
-        # An item in progress finishes first; don't wait forever on a stalled remote read
-        # (the daemon thread exits by itself once the read returns).
-        thread.join(timeout=10.0)
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()  # in this thread, the one that ran it: e.g. the reader's finally
 
 
 class _Prefetcher:

@@ -29,7 +29,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
+from data_pipeline.streaming import PrefetchIterator, StreamingReader, list_blocks, prefetch_iter
 from distill.config import Config, build_config
 from distill.export import save_export
 from distill.losses import distillation_loss
@@ -183,12 +183,16 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
+    to_batch = (lambda t: batch_from_dataset(t, mcfg.max_len)) if baseline else (lambda t: batch_from_store(t, spec, mcfg.max_len))
+
+    def epoch_batches(epoch: int, start_step: int) -> PrefetchIterator:
+        # Reading and decoding the next batches runs beside the step, on a background thread.
+        return prefetch_iter(((step, to_batch(t)) for step, t in reader.iter_epoch(epoch, start_step)), dcfg.prefetch_blocks)
+
+    batches = epoch_batches(state["epoch"], state["step"]) if state["epoch"] < tcfg.epochs else None
     for epoch in range(state["epoch"], tcfg.epochs):
         started, losses = time.perf_counter(), []
         forward.train()
-        # Reading and decoding the next batches runs beside this step (a background thread).
-        to_batch = (lambda t: batch_from_dataset(t, mcfg.max_len)) if baseline else (lambda t: batch_from_store(t, spec, mcfg.max_len))
-        batches = prefetch_iter(((step, to_batch(t)) for step, t in reader.iter_epoch(epoch, start_step=state["step"])), dcfg.prefetch_blocks)
         for step, batch in batches:
             logits = forward(batch.inputs.to(device))
             targets = batch.targets[batch.inputs != PAD_ID].to(device)
@@ -211,6 +215,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             state["step"] = step + 1
             if state["step"] % dcfg.checkpoint_every_steps == 0 and state["step"] < reader.steps_per_epoch(epoch):
                 save_and_report({"epoch": epoch, "step": state["step"], "workers": world, "train_loss": float(np.mean(losses))})
+        # Start the next epoch's reads now: its first blocks arrive while validation runs.
+        batches = epoch_batches(epoch + 1, 0) if epoch + 1 < tcfg.epochs else None
         forward.eval()
         metrics = distributed_ranking_eval(
             model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
@@ -238,6 +244,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             if max(recent) < state["best_ndcg"]:
                 log.info("no improvement for %d epochs: stopping early", tcfg.patience)
                 break
+    if batches is not None:
+        batches.close()  # stopped early: the next epoch's reader was already running
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         fsio.write_json_atomic(fsio.join(out_url, "history.json"),
                                {"history": state["history"], "restarts": state["restarts"], "complete": True}, storage)
