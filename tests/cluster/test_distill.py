@@ -17,9 +17,9 @@ import torch
 from cluster import distill, precompute, prepare
 from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import soft_labels as store
-from data_pipeline.dataset import load_manifest
+from data_pipeline.dataset import load_manifest, train_item_counts
 from data_pipeline.layout import RunLayout
-from distill.export import read_export_meta, save_export
+from distill.export import load_model, read_export_meta, save_export
 from distill.model import SequentialRecommender
 
 pytestmark = pytest.mark.integration
@@ -132,11 +132,19 @@ def test_checkpoint_resumes_mid_epoch_at_another_worker_count(store_template, tm
 
 
 def test_baseline_trains_without_soft_labels(store_template, tmp_path):
-    cfg = copy_run(store_template, tmp_path, "distill.log_consumed=false")
-    shutil.rmtree(RunLayout(cfg.run.run_dir).soft_labels)  # the baseline must not need the store
+    # With a mixed-dimension item table: the workers must order it by training popularity.
+    cfg = copy_run(store_template, tmp_path, "distill.log_consumed=false",
+                   "student.model.item_dims=[{items: 10, dim: 8}, {dim: 2}]")
+    layout = RunLayout(cfg.run.run_dir)
+    shutil.rmtree(layout.soft_labels)  # the baseline must not need the store
     meta = distill.run(cfg, baseline=True)
     assert meta["role"] == "baseline" and meta["distill"] is None
     assert 0 < meta["valid"]["ndcg@10"] <= 1
+    model, _ = load_model(layout.baseline)
+    counts = train_item_counts(layout.data, model.num_items)
+    row = model.item_table.item_row
+    most_popular = [i for i in range(1, model.num_items + 1) if row[i] <= 10]
+    assert sorted(counts[most_popular], reverse=True) == sorted(counts[1:], reverse=True)[:10]
 
 
 def test_elastic_shrink_and_grow_on_a_multi_node_cluster(store_template, tmp_path):
