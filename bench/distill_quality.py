@@ -20,9 +20,11 @@ from pathlib import Path
 
 from cluster import distill, evaluate
 from cluster.pipeline import training_complete
+from cluster.precompute import teacher_url
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
 from distill.config import load_config
+from distill.export import read_export_meta
 
 
 def main() -> None:
@@ -36,8 +38,9 @@ def main() -> None:
     storage = cfg.data.storage_options
 
     wall: dict[str, float] = {}
+    teacher_fingerprint = read_export_meta(teacher_url(cfg), storage)["fingerprint"]
     for role, folder, baseline in (("student_kd", layout.student, False), ("student_baseline", layout.baseline, True)):
-        if not training_complete(folder, cfg):
+        if not training_complete(folder, cfg, "baseline" if baseline else "student", teacher_fingerprint):
             started = time.perf_counter()
             distill.run(cfg, baseline=baseline)
             wall[role] = time.perf_counter() - started

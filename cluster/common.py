@@ -1,4 +1,5 @@
-"""Small helpers every stage uses: the resolved config on disk, and the dataset check."""
+"""Small helpers every stage uses: the resolved config on disk, the dataset check, and the
+check that a stage's folder was not left by other training settings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import yaml
 from data_pipeline import fsio
 from data_pipeline.dataset import load_manifest
 from data_pipeline.layout import RunLayout
-from distill.config import Config
+from distill.config import Config, ConfigError, stage_fingerprint
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
@@ -37,3 +38,22 @@ def require_dataset(cfg: Config) -> dict[str, Any]:
     manifest = load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)
     cfg.check_catalog(manifest["num_items"])
     return manifest
+
+
+def refuse_other_settings(cfg: Config, folder: str, stage: str, teacher_fingerprint: str | None = None) -> None:
+    """Before starting workers: ``folder`` (and the checkpoints beside it) must not come from other training settings.
+
+    Ray Train resumes a run of the same name from its last checkpoint; a student or teacher
+    of another size, loss or seed must not be continued as if it were this one.
+    """
+    try:
+        progress = fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
+    except FileNotFoundError:
+        return
+    recorded, expected = progress.get("stage_fingerprint"), stage_fingerprint(cfg, stage, teacher_fingerprint)
+    if recorded is not None and recorded != expected:
+        raise ConfigError(
+            f"{folder} holds a {stage} trained with other settings (stage fingerprint {recorded}, this config's "
+            f"{expected}), and its checkpoints under {fsio.join(cfg.run.run_dir, 'ray', stage)} would be resumed. "
+            "Use another run.run_dir, or delete both to train this one from scratch"
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import require_dataset, save_resolved_config
+from cluster.common import refuse_other_settings, require_dataset, save_resolved_config
 from cluster.precompute import teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import soft_labels
@@ -24,8 +24,11 @@ def run(cfg: Config, baseline: bool = False) -> dict:
     save_resolved_config(cfg)
     dataset = require_dataset(cfg)
     soft_manifest = None
-    if not baseline:
+    if baseline:
+        refuse_other_settings(cfg, layout.baseline, "baseline")
+    else:
         teacher = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
+        refuse_other_settings(cfg, layout.student, "student", teacher["fingerprint"])
         soft_manifest = soft_labels.load_store_manifest(
             layout.soft_labels,
             cfg.data.storage_options,

@@ -11,7 +11,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest
 from data_pipeline.layout import RunLayout
-from distill.config import Config
+from distill.config import Config, stage_fingerprint
 from distill.export import ExportError, read_export_meta
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,18 @@ def _export(url: str, cfg: Config):
         return None
 
 
-def training_complete(folder: str, cfg: Config) -> bool:
-    """A training stage finished (early stop or last epoch), not merely exported a best-so-far model."""
+def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: str | None = None) -> bool:
+    """``stage`` finished (early stop or last epoch) with this configuration, not merely exported a best-so-far model.
+
+    A stage finished under other settings (another student size, loss, seed...) is not done;
+    history files from before stage fingerprints existed are taken at their word.
+    """
     try:
-        return bool(fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options).get("complete"))
+        progress = fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
     except FileNotFoundError:
         return False
+    recorded = progress.get("stage_fingerprint")
+    return bool(progress.get("complete")) and recorded in (None, stage_fingerprint(cfg, stage, teacher_fingerprint))
 
 
 def _store_ready(cfg: Config, teacher: dict, dataset: dict) -> bool:
@@ -66,13 +72,13 @@ def run(cfg: Config) -> dict[str, float]:
     stage("prepare", _dataset(cfg) is not None, prepare.run, cfg)
     dataset = _dataset(cfg)
     teacher_at = precompute.teacher_url(cfg)
-    stage("train-teacher", cfg.teacher.checkpoint is not None or training_complete(layout.teacher, cfg), train_teacher.run, cfg)
+    stage("train-teacher", cfg.teacher.checkpoint is not None or training_complete(layout.teacher, cfg, "teacher"), train_teacher.run, cfg)
     teacher = _export(teacher_at, cfg)
     if teacher is None:
         raise ExportError(f"no teacher export at {teacher_at}")
     stage("precompute", _store_ready(cfg, teacher, dataset), precompute.run, cfg)
-    stage("distill", training_complete(layout.student, cfg), distill.run, cfg)
-    stage("distill --baseline", training_complete(layout.baseline, cfg), distill.run, cfg, baseline=True)
+    stage("distill", training_complete(layout.student, cfg, "student", teacher["fingerprint"]), distill.run, cfg)
+    stage("distill --baseline", training_complete(layout.baseline, cfg, "baseline"), distill.run, cfg, baseline=True)
     stage("evaluate", False, evaluate.run, cfg)
     fsio.write_json_atomic(fsio.join(layout.report, "timings.json"), timings, cfg.data.storage_options)
     line = report.run(cfg)

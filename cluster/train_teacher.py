@@ -6,7 +6,7 @@ import logging
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import require_dataset, save_resolved_config
+from cluster.common import refuse_other_settings, require_dataset, save_resolved_config
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline.layout import RunLayout
 from distill.config import Config
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config) -> dict:
     layout = RunLayout(cfg.run.run_dir)
+    refuse_other_settings(cfg, layout.teacher, "teacher")
     save_resolved_config(cfg)
     require_dataset(cfg)
     ensure_ray(cfg)

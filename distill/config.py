@@ -9,6 +9,8 @@ Unknown keys are errors that name the key and list the valid ones.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -243,6 +245,41 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# What a training stage learns from
+
+
+# Settings that change how long or how a stage runs, not what it learns: a checkpoint made
+# under other values of these still belongs to the stage (e.g. more epochs to train longer).
+_OPERATIONAL_TRAIN = {"epochs", "patience", "eval_batch_size"}
+_OPERATIONAL_DISTILL = {"prefetch_blocks", "checkpoint_every_steps", "log_consumed"}
+
+
+def stage_fingerprint(
+    cfg: Config, stage: Literal["teacher", "student", "baseline"], teacher_fingerprint: Optional[str] = None
+) -> str:
+    """A short hash of the settings that define what ``stage`` trains.
+
+    Stored in its checkpoints and its ``history.json``: a checkpoint or finished stage with
+    another fingerprint was made by another configuration, and must not be resumed or
+    reused as if it were this one's. The distilled student also depends on its teacher
+    (``teacher_fingerprint``, the export's): a new teacher means a new student.
+    """
+    if stage == "teacher":
+        parts: dict[str, Any] = {"model": cfg.teacher.model.model_dump(mode="json"),
+                                 "train": cfg.teacher.train.model_dump(mode="json", exclude=_OPERATIONAL_TRAIN)}
+    elif stage in ("student", "baseline"):
+        parts = {"model": cfg.student.model.model_dump(mode="json"),
+                 "train": cfg.student.train.model_dump(mode="json", exclude=_OPERATIONAL_TRAIN),
+                 "distill": None if stage == "baseline" else cfg.distill.model_dump(mode="json", exclude=_OPERATIONAL_DISTILL)}
+    else:
+        raise ValueError(f"unknown stage {stage!r}; expected teacher, student or baseline")
+    parts["seed"] = cfg.run.seed
+    if stage == "student":
+        parts["teacher"] = teacher_fingerprint
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------

@@ -30,14 +30,14 @@ from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, list_blocks, prefetch_iter
-from distill.config import Config, build_config
+from distill.config import Config, build_config, stage_fingerprint
 from distill.export import save_export
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
 from distill.runtime import select_runtime
 from distill.sequences import left_pad
 from distill.sizing import count_parameters
-from distill.training import distributed_ranking_eval
+from distill.training import check_checkpoint_stage, distributed_ranking_eval
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +153,21 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
     if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
         model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": []}
+    fingerprint = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
+    state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
+             "stage_fingerprint": fingerprint}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
                 saved = json.load(f)
+            check_checkpoint_stage(saved, fingerprint, checkpoint.path)
             blob = torch.load(os.path.join(ckpt_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng"])
         saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
-        state = saved
+        state = {**saved, "stage_fingerprint": fingerprint}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
     model.to(device)
     forward = ray.train.torch.prepare_model(PositionLogits(model), move_to_device=False) if world > 1 else PositionLogits(model)
@@ -237,7 +240,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
                 save_export(out_url, model.state_dict(), mcfg, num_items, info, storage)
         state.update(epoch=epoch + 1, step=0)
         if rank == 0:
-            fsio.write_json_atomic(fsio.join(out_url, "history.json"), {"history": state["history"], "restarts": state["restarts"]}, storage)
+            fsio.write_json_atomic(fsio.join(out_url, "history.json"),
+                                   {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": fingerprint}, storage)
         save_and_report({**record, "best_val_ndcg@10": state["best_ndcg"]})
         if tcfg.patience and len(state["history"]) > tcfg.patience:
             recent = [h["val_ndcg@10"] for h in state["history"][-tcfg.patience:]]
@@ -248,7 +252,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         batches.close()  # stopped early: the next epoch's reader was already running
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         fsio.write_json_atomic(fsio.join(out_url, "history.json"),
-                               {"history": state["history"], "restarts": state["restarts"], "complete": True}, storage)
+                               {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": fingerprint,
+                                "complete": True}, storage)
 
 
 def _broadcast_object(obj: Any, dist) -> Any:

@@ -30,13 +30,13 @@ import torch
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
-from distill.config import Config, build_config
+from distill.config import Config, build_config, stage_fingerprint
 from distill.export import read_export_meta, save_export
 from distill.model import SequentialRecommender
 from distill.runtime import Runtime, deepspeed_config, select_runtime
 from distill.sequences import next_item_batch
 from distill.sizing import count_parameters
-from distill.training import NextItemObjective, distributed_ranking_eval, rank_batches, training_sequences
+from distill.training import NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, training_sequences
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     valid = read_split(layout.data, "valid", storage, manifest)
 
     # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
-    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": []}
+    fingerprint = stage_fingerprint(cfg, "teacher")
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
+                             "stage_fingerprint": fingerprint}
     checkpoint = ray.train.get_checkpoint()
     checkpoint_dir = None
     if checkpoint is not None:
@@ -128,6 +130,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
         checkpoint_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"recdistill-resume-rank{rank}-"))
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             state = json.load(f)
+        check_checkpoint_stage(state, fingerprint, checkpoint.path)
+        state["stage_fingerprint"] = fingerprint
     universal = checkpoint_dir is not None and state["world_size"] != world
 
     micro_batch = math.ceil(tcfg.batch_size / world)
@@ -206,7 +210,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             patience_left -= 1
         state.update(epoch=epoch + 1, world_size=world)
         if rank == 0:
-            progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"]}
+            progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
+                        "stage_fingerprint": fingerprint}
             fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
         with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
@@ -220,5 +225,6 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
             break
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
-        progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"], "complete": True}
+        progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
+                    "stage_fingerprint": fingerprint, "complete": True}
         fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)

@@ -94,6 +94,20 @@ class NextItemObjective(nn.Module):
         return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
 
 
+def check_checkpoint_stage(saved_state: dict, fingerprint: str, where: str) -> None:
+    """Refuse to resume a checkpoint that other training settings made (see ``distill.config.stage_fingerprint``).
+
+    Checkpoints from before fingerprints were recorded carry none and are accepted.
+    """
+    recorded = saved_state.get("stage_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(
+            f"the checkpoint at {where} was made with other training settings (stage fingerprint {recorded}, "
+            f"this run's {fingerprint}); resuming it would mix two configurations. Use another run.run_dir, "
+            "or delete the old stage's output and checkpoints to start it over"
+        )
+
+
 def training_sequences(train: pa.Table, max_len: int) -> list[np.ndarray]:
     """Users' training histories with at least 2 items (one next-item pair), most recent max_len+1 items."""
     return training_sequences_with_users(train, max_len)[1]

@@ -1,21 +1,55 @@
-"""The pipeline's "is this stage done?" rules (the full pipeline runs in test_job_submit.py)."""
+"""The pipeline's "is this stage done?" rules and the refusal of a stage left by other
+settings (the full pipeline runs in test_job_submit.py)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
+from cluster.common import refuse_other_settings
 from cluster.pipeline import training_complete
-from distill.config import build_config
+from distill.config import ConfigError, build_config, stage_fingerprint
 
 
 def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
     cfg = build_config({})
     folder = tmp_path / "student"
-    assert not training_complete(str(folder), cfg)  # nothing yet
+    assert not training_complete(str(folder), cfg, "student")  # nothing yet
     folder.mkdir()
     # An interrupted run: a best-so-far export and history exist, but training did not finish.
     (folder / "export.json").write_text("{}")
     (folder / "history.json").write_text(json.dumps({"history": [{"epoch": 1}], "restarts": []}))
-    assert not training_complete(str(folder), cfg)
+    assert not training_complete(str(folder), cfg, "student")
     (folder / "history.json").write_text(json.dumps({"history": [{"epoch": 1}], "restarts": [], "complete": True}))
-    assert training_complete(str(folder), cfg)
+    assert training_complete(str(folder), cfg, "student")  # a history from before fingerprints: taken at its word
+
+
+def test_a_stage_finished_under_other_settings_is_not_done(tmp_path):
+    cfg = build_config({})
+    done = {"history": [{"epoch": 1}], "restarts": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "student")}
+    (tmp_path / "history.json").write_text(json.dumps(done))
+    assert training_complete(str(tmp_path), cfg, "student")
+    wider = build_config({}, ["student.model.d_model=32"])
+    assert not training_complete(str(tmp_path), wider, "student")
+    # Running it would resume the other student's checkpoints: refused before any worker starts.
+    with pytest.raises(ConfigError, match=r"holds a student trained with other settings.*ray/student"):
+        refuse_other_settings(wider, str(tmp_path), "student")
+    refuse_other_settings(cfg, str(tmp_path), "student")  # the same settings: fine
+    refuse_other_settings(wider, str(tmp_path / "nothing-here"), "student")
+
+
+def test_stage_fingerprints_ignore_how_long_and_how_a_stage_runs():
+    cfg = build_config({})
+    same = build_config({}, ["student.train.epochs=50", "student.train.patience=3", "distill.prefetch_blocks=8",
+                             "distill.log_consumed=true", "scaling.num_workers=4", "teacher.train.lr=0.5"])
+    assert stage_fingerprint(same, "student") == stage_fingerprint(cfg, "student")
+    for other in (["student.model.item_dims=[{dim: 8}]"], ["distill.temperature=2"], ["run.seed=1"], ["student.train.lr=0.1"]):
+        assert stage_fingerprint(build_config({}, other), "student") != stage_fingerprint(cfg, "student"), other
+    # The distilled student depends on its teacher; the baseline does not depend on the distillation
+    # settings or the teacher; the teacher not on the student's settings.
+    assert stage_fingerprint(cfg, "student", "teacher-a") != stage_fingerprint(cfg, "student", "teacher-b")
+    assert stage_fingerprint(cfg, "baseline", "teacher-a") == stage_fingerprint(cfg, "baseline", "teacher-b")
+    assert stage_fingerprint(build_config({}, ["distill.alpha=0.7"]), "baseline") == stage_fingerprint(cfg, "baseline")
+    assert stage_fingerprint(build_config({}, ["student.model.d_model=32"]), "teacher") == stage_fingerprint(cfg, "teacher")
+    assert stage_fingerprint(build_config({}, ["teacher.model.d_model=32"]), "teacher") != stage_fingerprint(cfg, "teacher")

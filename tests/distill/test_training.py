@@ -93,3 +93,12 @@ def test_distributed_eval_without_process_group_equals_plain_eval():
     plain = evaluate_split(model_scorer(model, 5), split, 25, [5, 10], batch_size=100)
     for key in ("hr@5", "ndcg@5", "hr@10", "ndcg@10"):
         assert dist[key] == pytest.approx(plain[key])
+
+
+def test_a_checkpoint_from_other_settings_is_refused():
+    from distill.training import check_checkpoint_stage
+
+    check_checkpoint_stage({"stage_fingerprint": "abc"}, "abc", "ray/student/checkpoint_1")
+    check_checkpoint_stage({}, "abc", "ray/student/checkpoint_1")  # made before fingerprints existed
+    with pytest.raises(ValueError, match=r"ray/student/checkpoint_1 was made with other training settings"):
+        check_checkpoint_stage({"stage_fingerprint": "xyz"}, "abc", "ray/student/checkpoint_1")
