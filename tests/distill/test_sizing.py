@@ -43,3 +43,9 @@ def test_teacher_1b_config_has_a_billion_parameters():
     assert cfg.scaling.num_workers == 8
     assert cfg.deepspeed.zero_stage == 3
     assert cfg.data.format == "sasrec"
+
+
+def test_ml1m_student_has_at_most_a_tenth_of_the_teachers_parameters():
+    cfg = load_config(CONFIGS / "ml1m.yaml")
+    student, teacher = count_parameters(cfg.student.model, ML1M_NUM_ITEMS), count_parameters(cfg.teacher.model, ML1M_NUM_ITEMS)
+    assert student * 10 <= teacher, (student, teacher)
