@@ -13,7 +13,7 @@ from cluster.precompute import teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import soft_labels
 from data_pipeline.layout import RunLayout
-from distill.config import Config
+from distill.config import Config, ConfigError
 from distill.export import read_export_meta
 from distill.student_training import student_train_loop
 
@@ -29,6 +29,8 @@ def run(cfg: Config, baseline: bool = False) -> dict:
     else:
         teacher = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
         refuse_other_settings(cfg, layout.student, "student", teacher["fingerprint"])
+        if cfg.distill.init_from_teacher and teacher["model"].get("item_dims"):
+            raise ConfigError("distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
         soft_manifest = soft_labels.load_store_manifest(
             layout.soft_labels,
             cfg.data.storage_options,
@@ -39,7 +41,7 @@ def run(cfg: Config, baseline: bool = False) -> dict:
     ensure_ray(cfg)
     trainer = TorchTrainer(
         student_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": soft_manifest},
+        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": soft_manifest, "teacher_url": teacher_url(cfg)},
         scaling_config=scaling_config(cfg, elastic=True),
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="baseline" if baseline else "student"),

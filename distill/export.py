@@ -104,6 +104,34 @@ def load_export(
     return load_safetensors(weights), model_cfg, meta
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_export_tensor(url: str, name: str, storage_options: Optional[dict[str, Any]] = None, verify: bool = True) -> torch.Tensor:
+    """One tensor of an export, reading only its bytes (e.g. a billion-parameter teacher's item table).
+
+    The safetensors layout: an 8-byte little-endian header length, a JSON header with each
+    tensor's dtype, shape and byte range, then the data. ``verify`` first checks the whole
+    file against the recorded fingerprint (a streaming hash, no tensors loaded).
+    """
+    if verify:
+        verify_export(url, storage_options)
+    fs, path = fsio.get_fs(fsio.join(url, WEIGHTS), storage_options)
+    with fs.open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        if name not in header:
+            tensors = sorted(k for k in header if k != "__metadata__")
+            raise ExportError(f"export {url} has no tensor {name!r}; it has {tensors}")
+        entry = header[name]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ExportError(f"export {url}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        f.seek(8 + header_len + begin)
+        data = bytearray(f.read(end - begin))
+    return torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"]).clone()
+
+
 def load_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[SequentialRecommender, dict[str, Any]]:
     """An exported model as a plain (unsharded) module in eval mode, on CPU."""
     state, model_cfg, meta = load_export(url, storage_options)

@@ -31,12 +31,13 @@ from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, list_blocks, prefetch_iter
 from distill.config import Config, build_config, stage_fingerprint
-from distill.export import save_export
+from distill.export import read_export_tensor, save_export
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
 from distill.runtime import select_runtime
 from distill.sequences import left_pad
 from distill.sizing import count_parameters
+from distill.teacher_init import init_item_table_from_teacher
 from distill.training import check_checkpoint_stage, distributed_ranking_eval
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,14 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
     model = SequentialRecommender(mcfg, num_items)
     if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
         model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
+    checkpoint = ray.train.get_checkpoint()
+    if not baseline and dcfg.init_from_teacher and checkpoint is None:
+        # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
+        init_item_table_from_teacher(model, read_export_tensor(loop_config["teacher_url"], "item_emb.weight", storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     fingerprint = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
     state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
              "stage_fingerprint": fingerprint}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             with open(os.path.join(ckpt_dir, STATE_FILE)) as f:

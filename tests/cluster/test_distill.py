@@ -108,7 +108,8 @@ def history(cfg) -> dict:
 
 
 def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_template, tmp_path):
-    cfg = copy_run(store_template, tmp_path, "scaling.max_failures=2")
+    # Also starts from the teacher's item directions (read in the workers; not again on resume).
+    cfg = copy_run(store_template, tmp_path, "scaling.max_failures=2", "distill.init_from_teacher=true")
     killed, error = run_with_kill(cfg)
     assert error is None and killed
     restarts = history(cfg)["restarts"]

@@ -3,7 +3,7 @@ import torch
 
 from data_pipeline import fsio
 from distill.config import ModelConfig
-from distill.export import ExportError, load_export, load_model, read_export_meta, save_export, verify_export
+from distill.export import ExportError, load_export, load_model, read_export_meta, read_export_tensor, save_export, verify_export
 from distill.model import SequentialRecommender
 
 CFG = ModelConfig(d_model=16, num_layers=1, num_heads=2, ffn_dim=32, max_len=6, dropout=0.0)
@@ -35,6 +35,17 @@ def test_mixed_dim_round_trip_keeps_the_item_order(tmp_path):
     assert torch.equal(loaded.item_table.item_row, model.item_table.item_row)
     x = torch.randint(1, 31, (4, 6))
     assert torch.equal(model.score_last(x), loaded.score_last(x))
+
+
+@pytest.mark.parametrize("base", ["local", "memory"])
+def test_one_tensor_is_read_without_loading_the_rest(tmp_path, base):
+    url = str(tmp_path / "t") if base == "local" else "memory://export-tensor-test/t"
+    model = SequentialRecommender(CFG, 30)
+    save_export(url, model.state_dict(), CFG, 30, {})
+    torch.testing.assert_close(read_export_tensor(url, "item_emb.weight"), model.item_emb.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(read_export_tensor(url, "pos_emb.weight"), model.pos_emb.weight.detach(), rtol=0, atol=0)
+    with pytest.raises(ExportError, match=r"no tensor 'nope'.*item_emb\.weight"):
+        read_export_tensor(url, "nope")
 
 
 def test_tampered_weights_are_refused(tmp_path):
