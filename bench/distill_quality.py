@@ -22,9 +22,12 @@ from cluster import distill, evaluate
 from cluster.pipeline import training_complete
 from cluster.precompute import teacher_url
 from data_pipeline import fsio
+from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
 from distill.config import load_config
-from distill.export import read_export_meta
+from distill.evaluate import model_scorer, per_user_ndcg
+from distill.export import load_model, read_export_meta
+from distill.metrics import paired_bootstrap_gain
 
 
 def main() -> None:
@@ -54,6 +57,17 @@ def main() -> None:
                 "val_ndcg@10": [round(e["val_ndcg@10"], 4) for e in epochs], "restarts": progress["restarts"]}
 
     teacher, kd, base = (models[m]["ndcg@10"] for m in ("teacher", "student_kd", "student_baseline"))
+    # Is the distilled student's lead real? Both students on the same test users, resampled together.
+    test = read_split(layout.data, "test", storage)
+    num_items = load_manifest(layout.data, storage)["num_items"]
+    per_user = {}
+    for role, folder in (("student_kd", layout.student), ("student_baseline", layout.baseline)):
+        model, _ = load_model(folder, storage)
+        per_user[role] = per_user_ndcg(model_scorer(model, model.cfg.max_len), test, num_items, k=10)
+    paired = paired_bootstrap_gain(per_user["student_kd"], per_user["student_baseline"])
+    out = Path("bench/results") / f"distill_{args.name or Path(args.config).stem}.json"
+    if out.exists():  # students trained by an earlier invocation keep their wall times
+        wall = {**json.loads(out.read_text()).get("training_wall_seconds", {}), **wall}
     result = {
         "benchmark": "distill_quality",
         "config": args.config,
@@ -66,12 +80,12 @@ def main() -> None:
         "test": {m: {k: models[m][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "params")} for m in models},
         "kd_of_teacher_ndcg@10": kd / teacher,
         "kd_over_baseline_ndcg@10": kd / base - 1,
+        "kd_over_baseline_paired_bootstrap": paired,
         "params_share": models["student_kd"]["params"] / models["teacher"]["params"],
         "goals": {"kd_of_teacher": 0.90, "kd_over_baseline": 0.05, "params_share_max": 0.10},
-        "wall_seconds_this_invocation": wall,
+        "training_wall_seconds": wall,
         "students": {"student_kd": history(layout.student), "student_baseline": history(layout.baseline)},
     }
-    out = Path("bench/results") / f"distill_{args.name or Path(args.config).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'model':<20}{'NDCG@10':>10}{'HR@10':>10}{'params':>12}{'epochs':>8}{'train s':>10}")
@@ -80,7 +94,8 @@ def main() -> None:
         print(f"{m:<20}{models[m]['ndcg@10']:>10.4f}{models[m]['hr@10']:>10.4f}{models[m]['params']:>12,}"
               f"{h.get('epochs_run', ''):>8}{h.get('train_seconds', 0):>10.0f}")
     print(f"distilled / teacher NDCG@10 {result['kd_of_teacher_ndcg@10']:.3f} (goal >= 0.90); "
-          f"over baseline {result['kd_over_baseline_ndcg@10']:+.1%} (goal >= +5%); params {result['params_share']:.1%} of the teacher")
+          f"over baseline {result['kd_over_baseline_ndcg@10']:+.1%} (goal >= +5%; paired bootstrap 95% interval "
+          f"{paired['ci95_low']:+.1%} to {paired['ci95_high']:+.1%}); params {result['params_share']:.1%} of the teacher")
     print(f"written to {out}")
 
 

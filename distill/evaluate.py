@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from distill.metrics import RankingAccumulator, seen_mask, target_ranks
+from distill.metrics import RankingAccumulator, ndcg_at_k, seen_mask, target_ranks
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +64,22 @@ def evaluate_split(
     result["unfiltered"] = unfiltered.result()
     result["num_users"] = filtered.count
     return result
+
+
+def per_user_ndcg(
+    scorer: Scorer, split: pa.Table, num_items: int, k: int = 10, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Seen-filtered NDCG@k of every row of ``split``, in row order (for paired comparisons of two models)."""
+    out = []
+    for start in range(0, split.num_rows, batch_size):
+        chunk = split.slice(start, batch_size)
+        histories = torch.from_numpy(left_pad_list_array(chunk.column("history"))).to(device)
+        targets = torch.from_numpy(chunk.column("target").to_numpy().astype(np.int64)).to(device)
+        with torch.no_grad():
+            scores = scorer(histories).float()
+        ranks = target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1))
+        out.append(ndcg_at_k(ranks, k).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def popularity_scorer(item_counts: np.ndarray) -> Scorer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -73,3 +74,21 @@ class RankingAccumulator:
         if self.count == 0:
             return {key: math.nan for key in self.sums}
         return {key: total / self.count for key, total in self.sums.items()}
+
+
+def paired_bootstrap_gain(a: "np.ndarray", b: "np.ndarray", resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Relative gain ``mean(a) / mean(b) - 1`` of two models scored on the same users, with a 95% interval.
+
+    ``a`` and ``b`` are per-user metrics (e.g. NDCG@10) in the same user order. Users are
+    resampled with replacement, the same users for both models (a paired bootstrap), so the
+    interval reflects which users the test set happened to hold, not two independent draws.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equal-length non-empty 1-D arrays, got shapes {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, a.size, size=(resamples, a.size))
+    gains = a[picks].mean(axis=1) / np.maximum(b[picks].mean(axis=1), 1e-12) - 1.0
+    low, high = np.quantile(gains, [0.025, 0.975])
+    return {"gain": float(a.mean() / max(b.mean(), 1e-12) - 1.0), "ci95_low": float(low), "ci95_high": float(high),
+            "p_gain_not_positive": float((gains <= 0).mean()), "resamples": resamples, "users": int(a.size)}

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distill.evaluate import evaluate_split, left_pad_list_array, popularity_scorer
-from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, seen_mask, target_ranks
+from distill.evaluate import evaluate_split, left_pad_list_array, per_user_ndcg, popularity_scorer
+from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, paired_bootstrap_gain, seen_mask, target_ranks
 
 
 def brute_force_metrics(scores, targets, histories, k, filter_seen):
@@ -95,3 +95,34 @@ def test_evaluate_split_batched_equals_single_batch_and_reference():
     ref_unf = brute_force_metrics(scores.tolist(), targets.tolist(), histories, 5, False)
     assert (large["unfiltered"]["hr@5"], large["unfiltered"]["ndcg@5"]) == pytest.approx(ref_unf)
     assert small["num_users"] == 50
+
+
+def test_per_user_ndcg_averages_to_evaluate_split():
+    rng = np.random.default_rng(2)
+    num_items = 25
+    histories = [rng.integers(1, num_items + 1, size=rng.integers(1, 7)).tolist() for _ in range(40)]
+    table = pa.table({"history": pa.array(histories, type=pa.list_(pa.int32())),
+                      "target": pa.array(rng.integers(1, num_items + 1, size=40), pa.int32())})
+    counts = rng.integers(0, 5, size=num_items + 1)
+    counts[0] = 0
+    scorer = popularity_scorer(counts)
+    per_user = per_user_ndcg(scorer, table, num_items, k=10, batch_size=6)
+    assert per_user.shape == (40,)
+    assert per_user.mean() == pytest.approx(evaluate_split(scorer, table, num_items, ks=[10])["ndcg@10"])
+
+
+def test_paired_bootstrap_gain():
+    rng = np.random.default_rng(0)
+    b = rng.random(500)
+    same = paired_bootstrap_gain(b, b)
+    assert same["gain"] == 0 and same["ci95_low"] == 0 and same["ci95_high"] == 0
+    doubled = paired_bootstrap_gain(2 * b, b)
+    assert doubled["gain"] == pytest.approx(1.0) and doubled["ci95_low"] == pytest.approx(1.0)
+    # A small, consistent per-user lead is resolved; the same lead on noisy users is not.
+    better = paired_bootstrap_gain(b + 0.05, b)
+    assert better["ci95_low"] > 0 and better["p_gain_not_positive"] == 0
+    noisy = paired_bootstrap_gain(b + 0.01 * rng.standard_normal(500) * 40, b)
+    assert noisy["ci95_low"] < 0 < noisy["ci95_high"]
+    assert paired_bootstrap_gain(b, b[::-1], seed=3) == paired_bootstrap_gain(b, b[::-1], seed=3)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_gain(b, b[:10])
