@@ -270,13 +270,16 @@ def stage_fingerprint(
     reused as if it were this one's. The distilled student also depends on its teacher
     (``teacher_fingerprint``, the export's): a new teacher means a new student.
     """
+    # Values at their schema default are left out, so that a new option (added at its default)
+    # does not make every finished stage look like another configuration's.
+    def settings(section: BaseModel, operational: set[str] = frozenset()) -> dict[str, Any]:
+        return section.model_dump(mode="json", exclude=set(operational), exclude_defaults=True)
+
     if stage == "teacher":
-        parts: dict[str, Any] = {"model": cfg.teacher.model.model_dump(mode="json"),
-                                 "train": cfg.teacher.train.model_dump(mode="json", exclude=_OPERATIONAL_TRAIN)}
+        parts: dict[str, Any] = {"model": settings(cfg.teacher.model), "train": settings(cfg.teacher.train, _OPERATIONAL_TRAIN)}
     elif stage in ("student", "baseline"):
-        parts = {"model": cfg.student.model.model_dump(mode="json"),
-                 "train": cfg.student.train.model_dump(mode="json", exclude=_OPERATIONAL_TRAIN),
-                 "distill": None if stage == "baseline" else cfg.distill.model_dump(mode="json", exclude=_OPERATIONAL_DISTILL)}
+        parts = {"model": settings(cfg.student.model), "train": settings(cfg.student.train, _OPERATIONAL_TRAIN),
+                 "distill": None if stage == "baseline" else settings(cfg.distill, _OPERATIONAL_DISTILL)}
     else:
         raise ValueError(f"unknown stage {stage!r}; expected teacher, student or baseline")
     parts["seed"] = cfg.run.seed

@@ -53,3 +53,10 @@ def test_stage_fingerprints_ignore_how_long_and_how_a_stage_runs():
     assert stage_fingerprint(build_config({}, ["distill.alpha=0.7"]), "baseline") == stage_fingerprint(cfg, "baseline")
     assert stage_fingerprint(build_config({}, ["student.model.d_model=32"]), "teacher") == stage_fingerprint(cfg, "teacher")
     assert stage_fingerprint(build_config({}, ["teacher.model.d_model=32"]), "teacher") != stage_fingerprint(cfg, "teacher")
+
+
+def test_an_option_at_its_default_does_not_change_a_fingerprint():
+    # So that options added later (at their defaults) leave finished stages finished.
+    cfg = build_config({})
+    explicit = build_config({}, ["distill.init_from_teacher=false", "student.model.item_dims=null", "run.seed=0"])
+    assert stage_fingerprint(explicit, "student", "t") == stage_fingerprint(cfg, "student", "t")
