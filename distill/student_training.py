@@ -158,20 +158,20 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
         init_item_table_from_teacher(model, read_export_tensor(loop_config["teacher_url"], "item_emb.weight", storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    fingerprint = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
+    stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
     state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
-             "stage_fingerprint": fingerprint}
+             "stage_fingerprint": stage_fp}
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
                 saved = json.load(f)
-            check_checkpoint_stage(saved, fingerprint, checkpoint.path)
+            check_checkpoint_stage(saved, stage_fp, checkpoint.path)
             blob = torch.load(os.path.join(ckpt_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["rng"])
         saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
-        state = {**saved, "stage_fingerprint": fingerprint}
+        state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
     model.to(device)
     forward = ray.train.torch.prepare_model(PositionLogits(model), move_to_device=False) if world > 1 else PositionLogits(model)
@@ -245,7 +245,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         state.update(epoch=epoch + 1, step=0)
         if rank == 0:
             fsio.write_json_atomic(fsio.join(out_url, "history.json"),
-                                   {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": fingerprint}, storage)
+                                   {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp}, storage)
         save_and_report({**record, "best_val_ndcg@10": state["best_ndcg"]})
         if tcfg.patience and len(state["history"]) > tcfg.patience:
             recent = [h["val_ndcg@10"] for h in state["history"][-tcfg.patience:]]
@@ -256,7 +256,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         batches.close()  # stopped early: the next epoch's reader was already running
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         fsio.write_json_atomic(fsio.join(out_url, "history.json"),
-                               {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": fingerprint,
+                               {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp,
                                 "complete": True}, storage)
 
 

@@ -119,9 +119,9 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     valid = read_split(layout.data, "valid", storage, manifest)
 
     # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
-    fingerprint = stage_fingerprint(cfg, "teacher")
+    stage_fp = stage_fingerprint(cfg, "teacher")
     state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
-                             "stage_fingerprint": fingerprint}
+                             "stage_fingerprint": stage_fp}
     checkpoint = ray.train.get_checkpoint()
     checkpoint_dir = None
     if checkpoint is not None:
@@ -130,8 +130,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
         checkpoint_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"recdistill-resume-rank{rank}-"))
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             state = json.load(f)
-        check_checkpoint_stage(state, fingerprint, checkpoint.path)
-        state["stage_fingerprint"] = fingerprint
+        check_checkpoint_stage(state, stage_fp, checkpoint.path)
+        state["stage_fingerprint"] = stage_fp
     universal = checkpoint_dir is not None and state["world_size"] != world
 
     micro_batch = math.ceil(tcfg.batch_size / world)
@@ -203,15 +203,15 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
                     "valid": metrics,
                     "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
                 }
-                fingerprint = save_export(layout.teacher, full, mcfg, num_items, info, storage)
-                log.info("epoch %d: new best teacher exported (fingerprint %s)", epoch + 1, fingerprint[:12])
+                export_fp = save_export(layout.teacher, full, mcfg, num_items, info, storage)
+                log.info("epoch %d: new best teacher exported (fingerprint %s)", epoch + 1, export_fp[:12])
             patience_left = tcfg.patience
         else:
             patience_left -= 1
         state.update(epoch=epoch + 1, world_size=world)
         if rank == 0:
             progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
-                        "stage_fingerprint": fingerprint}
+                        "stage_fingerprint": stage_fp}
             fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
         with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
@@ -226,5 +226,5 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
             break
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
-                    "stage_fingerprint": fingerprint, "complete": True}
+                    "stage_fingerprint": stage_fp, "complete": True}
         fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)

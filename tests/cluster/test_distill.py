@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from cluster import distill, precompute, prepare
+from cluster.pipeline import training_complete
 from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, train_item_counts
 from data_pipeline.layout import RunLayout
+from distill.config import stage_fingerprint
 from distill.export import load_model, read_export_meta, save_export
 from distill.model import SequentialRecommender
 
@@ -115,7 +117,12 @@ def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_templa
     restarts = history(cfg)["restarts"]
     assert restarts and restarts[0]["workers"] == 2
     assert_exactly_once(Path(cfg.run.run_dir) / "student" / "consumed", store_rows(cfg), epochs=2)
-    assert read_export_meta(RunLayout(cfg.run.run_dir).student)["role"] == "student"
+    layout = RunLayout(cfg.run.run_dir)
+    assert read_export_meta(layout.student)["role"] == "student"
+    # Finished under this configuration and this teacher (the pipeline would skip it).
+    teacher_fp = read_export_meta(layout.teacher)["fingerprint"]
+    assert history(cfg)["stage_fingerprint"] == stage_fingerprint(cfg, "student", teacher_fp)
+    assert training_complete(layout.student, cfg, "student", teacher_fp)
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

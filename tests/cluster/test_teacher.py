@@ -13,8 +13,10 @@ import ray.cloudpickle
 import torch
 
 from cluster import prepare, train_teacher
+from cluster.pipeline import training_complete
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
+from distill.config import stage_fingerprint
 from distill.evaluate import evaluate_split, popularity_scorer
 from distill.export import load_model, save_export
 from distill.model import SequentialRecommender
@@ -111,6 +113,10 @@ def test_two_worker_training_beats_popularity_and_exports(ray_session, tmp_path)
     history = read_history(cfg)
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
     assert history["restarts"] == []
+    # Finished, under this configuration: the pipeline would skip it, and only for these settings.
+    assert history["complete"] and history["stage_fingerprint"] == stage_fingerprint(cfg, "teacher")
+    assert training_complete(layout.teacher, cfg, "teacher")
+    assert not training_complete(layout.teacher, small_config(tmp_path / "run", "teacher.train.epochs=4", "teacher.train.lr=0.5"), "teacher")
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
