@@ -8,7 +8,7 @@ last ``max_len`` columns itself. The seen-item filter always uses the full histo
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -49,17 +49,9 @@ def evaluate_split(
     the unfiltered ones under ``"unfiltered"``.
     """
     filtered, unfiltered = RankingAccumulator(ks), RankingAccumulator(ks)
-    num_classes = num_items + 1
-    for start in range(0, split.num_rows, batch_size):
-        chunk = split.slice(start, batch_size)
-        histories = torch.from_numpy(left_pad_list_array(chunk.column("history"))).to(device)
-        targets = torch.from_numpy(chunk.column("target").to_numpy().astype(np.int64)).to(device)
-        with torch.no_grad():
-            scores = scorer(histories).float()
-        if scores.shape != (histories.shape[0], num_classes):
-            raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected {(histories.shape[0], num_classes)}")
+    for histories, targets, scores in _scored_batches(scorer, split, num_items, batch_size, device):
         unfiltered.add(target_ranks(scores, targets).cpu())
-        filtered.add(target_ranks(scores, targets, exclude=seen_mask(histories, num_classes)).cpu())
+        filtered.add(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)).cpu())
     result = filtered.result()
     result["unfiltered"] = unfiltered.result()
     result["num_users"] = filtered.count
@@ -70,16 +62,27 @@ def per_user_ndcg(
     scorer: Scorer, split: pa.Table, num_items: int, k: int = 10, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """Seen-filtered NDCG@k of every row of ``split``, in row order (for paired comparisons of two models)."""
-    out = []
+    out = [
+        ndcg_at_k(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)), k).cpu().numpy()
+        for histories, targets, scores in _scored_batches(scorer, split, num_items, batch_size, device)
+    ]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _scored_batches(
+    scorer: Scorer, split: pa.Table, num_items: int, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(histories, targets, scores)`` for consecutive row batches of a valid/test table, scores checked for shape."""
+    num_classes = num_items + 1
     for start in range(0, split.num_rows, batch_size):
         chunk = split.slice(start, batch_size)
         histories = torch.from_numpy(left_pad_list_array(chunk.column("history"))).to(device)
         targets = torch.from_numpy(chunk.column("target").to_numpy().astype(np.int64)).to(device)
         with torch.no_grad():
             scores = scorer(histories).float()
-        ranks = target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1))
-        out.append(ndcg_at_k(ranks, k).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        if scores.shape != (histories.shape[0], num_classes):
+            raise ValueError(f"scorer returned shape {tuple(scores.shape)}, expected {(histories.shape[0], num_classes)}")
+        yield histories, targets, scores
 
 
 def popularity_scorer(item_counts: np.ndarray) -> Scorer:
