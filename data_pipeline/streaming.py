@@ -484,12 +484,6 @@ class _Prefetcher:
 # The reader
 
 
-class _LoadedBlock(NamedTuple):
-    block: BlockRef
-    table: pa.Table
-    order: np.ndarray  # the epoch's shuffled row order of this block
-
-
 class StreamingReader:
     """One data-parallel worker's view of the store: its virtual shards, read sequentially.
 
@@ -561,10 +555,8 @@ class StreamingReader:
 
     def _iterate(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[int, pa.Table]]:
         read_order = plan.read_order(self.virtual_shards, start_step)
-        prefetcher = _Prefetcher(
-            read_order, lambda block: read_block(block, self.columns, self.storage_options), self.prefetch_blocks
-        )
-        current: dict[int, _LoadedBlock] = {}  # virtual shard -> its block being consumed
+        prefetcher = _Prefetcher(read_order, lambda block: self._read_shuffled(plan, block), self.prefetch_blocks)
+        current: dict[int, pa.Table] = {}  # virtual shard -> its block being consumed (shuffled)
         try:
             for step in range(start_step, plan.steps):
                 pieces = []
@@ -573,28 +565,28 @@ class StreamingReader:
                 # needed is the next one the prefetcher hands out.
                 for j in self.virtual_shards:
                     for piece in plan.step_slices(j, step):
-                        loaded = current.get(j)
-                        if loaded is None or loaded.block != piece.block:
-                            loaded = current[j] = self._load(plan, prefetcher, piece.block)
-                        pieces.append(self._take(loaded, piece))
+                        if j not in current:
+                            current[j] = prefetcher.next(piece.block)
+                        # The block is stored shuffled: a step's piece is a zero-copy slice.
+                        pieces.append(current[j].slice(piece.start, piece.stop - piece.start))
                         if piece.stop == piece.block.num_rows:
                             del current[j]  # fully used: free it before the next one arrives
                 yield step, (pa.concat_tables(pieces) if pieces else self._empty_table())
         finally:
             prefetcher.close()
 
-    def _load(self, plan: EpochPlan, prefetcher: _Prefetcher, block: BlockRef) -> _LoadedBlock:
-        table = prefetcher.next(block)
+    def _read_shuffled(self, plan: EpochPlan, block: BlockRef) -> pa.Table:
+        """Read ``block`` (on the prefetch thread), in the epoch's row order, with the provenance columns.
+
+        One ``take`` per block, so that every step's piece of it is a slice.
+        """
+        table = read_block(block, self.columns, self.storage_options)
         for name in (BLOCK_ID_COLUMN, ROW_IN_BLOCK_COLUMN):
             if name in table.column_names:
                 raise ValueError(f"{block.file}: column {name!r} is reserved for the reader's provenance columns")
-        return _LoadedBlock(block, table, plan.block_row_order(block))
-
-    def _take(self, loaded: _LoadedBlock, piece: BlockSlice) -> pa.Table:
-        rows = pa.array(loaded.order[piece.start : piece.stop], type=pa.int64())
-        table = loaded.table.take(rows)
-        block_ids = pa.array(np.full(len(rows), piece.block.block_id, dtype=np.int64))
-        table = table.append_column(BLOCK_ID_COLUMN, block_ids)
+        rows = pa.array(plan.block_row_order(block), type=pa.int64())
+        table = table.take(rows)
+        table = table.append_column(BLOCK_ID_COLUMN, pa.array(np.full(len(rows), block.block_id, dtype=np.int64)))
         table = table.append_column(ROW_IN_BLOCK_COLUMN, rows)
         if self._empty is None:
             self._empty = table.slice(0, 0)

@@ -129,7 +129,10 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, gt=0, description="Global batch size (all workers together).")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many optimiser steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: constant lr, or cosine decay to 0 at the last planned step."
+    )
     grad_clip: float = Field(1.0, ge=0)
     loss: Literal["full_ce", "sampled_softmax"] = "full_ce"
     num_negatives: int = Field(256, gt=0, description="Negatives per position for sampled_softmax.")

@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from distill.metrics import RankingAccumulator, ndcg_at_k, seen_mask, target_ranks
+from distill.sequences import left_pad_flat
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -24,15 +25,9 @@ def left_pad_list_array(lists: pa.Array, length: int | None = None) -> np.ndarra
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     offsets = lists.offsets.to_numpy()
-    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = np.diff(offsets)
-    width = int(lengths.max(initial=0)) if length is None else length
-    out = np.zeros((len(lengths), max(width, 1)), dtype=np.int64)
-    for row, (start, n) in enumerate(zip(offsets[:-1], lengths)):
-        take = min(int(n), width)
-        if take:
-            out[row, -take:] = values[start + n - take : start + n]
-    return out
+    width = int(np.diff(offsets).max(initial=0)) if length is None else length
+    # .values (not flatten()) is the whole child array: left_pad_flat follows the (possibly sliced) offsets.
+    return left_pad_flat(lists.values.to_numpy(zero_copy_only=False), offsets, max(width, 1))
 
 
 def evaluate_split(

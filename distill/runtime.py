@@ -57,13 +57,16 @@ def use_gpu_for_scaling(use_gpu: str, cuda_available: bool | None = None) -> boo
 
 
 def deepspeed_config(
-    ds: DeepSpeedConfig, train: TrainConfig, micro_batch_size: int, world_size: int, runtime: Runtime
+    ds: DeepSpeedConfig, train: TrainConfig, micro_batch_size: int, world_size: int, runtime: Runtime, total_steps: int = 0
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one training job.
 
     ``train_batch_size`` is micro x world: callers keep the *global* batch fixed by
     choosing ``micro_batch_size = ceil(batch / world)`` and weighting the loss.
+    ``total_steps`` (optimiser steps in the whole run) is needed by the cosine schedule.
     """
+    if train.lr_schedule == "cosine" and total_steps < 1:
+        raise ValueError("lr_schedule 'cosine' needs the run's total_steps")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
         # Gather parameters layer by layer; release them right after use.
@@ -93,7 +96,19 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train.warmup_steps > 0:
+    if train.lr_schedule == "cosine":
+        # The formula of distill.training.lr_ratio (the students' schedule); needs the run's length.
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": max(train.warmup_steps, 2),  # DeepSpeed warms up >= 2 steps
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.0,
+                "warmup_type": "linear",
+            },
+        }
+    elif train.warmup_steps > 0:
         config["scheduler"] = {
             "type": "WarmupLR",
             "params": {

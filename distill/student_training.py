@@ -35,10 +35,10 @@ from distill.export import read_export_tensor, save_export
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
 from distill.runtime import select_runtime
-from distill.sequences import left_pad
+from distill.sequences import left_pad_flat
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
-from distill.training import check_checkpoint_stage, distributed_ranking_eval
+from distill.training import check_checkpoint_stage, distributed_ranking_eval, lr_ratio
 
 log = logging.getLogger(__name__)
 
@@ -61,46 +61,56 @@ class StudentBatch:
     rows: list[int]
 
 
-def _lists(table: pa.Table, name: str) -> list[np.ndarray]:
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, offsets): row r is ``values[offsets[r]:offsets[r + 1]]``."""
     col = table.column(name).combine_chunks()
-    offsets = col.offsets.to_numpy()
-    values = col.flatten().to_numpy(zero_copy_only=False)
-    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy()
+
+
+def _padded(values: np.ndarray, offsets: np.ndarray, max_len: int) -> torch.Tensor:
+    # A worker with no rows this step still runs a forward (DDP all-reduces in backward): one padding row.
+    width = int(min(np.diff(offsets).max(initial=0), max_len)) or 1
+    return torch.from_numpy(left_pad_flat(values, offsets, width) if len(offsets) > 1 else np.zeros((1, width), np.int64))
+
+
+def _row_ids(table: pa.Table, name: str) -> list[int]:
+    return table.column(name).to_numpy().tolist() if table.num_rows else []
 
 
 def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
-    """A soft-label store batch; positions older than the student's ``max_len`` window are dropped."""
-    inputs, targets = _lists(table, "inputs"), _lists(table, "targets")
+    """A soft-label store batch; positions older than the student's ``max_len`` window are dropped.
+
+    Vectorised (no per-row Python): it runs on the prefetch thread beside the training step.
+    """
+    inputs, targets = _list_column(table, "inputs"), _list_column(table, "targets")
     # Decoded even for an empty share (0 positions), so every worker runs the same loss code.
     soft = store.decode_positions(table, spec)
     # Keep each row's last min(n, max_len) positions (the student's window), labels alike.
     offsets = soft.pop("row_offsets").numpy()
-    keep = np.concatenate([np.arange(max(a, b - max_len), b) for a, b in zip(offsets[:-1], offsets[1:])] or [np.zeros(0, int)])
-    soft = {name: t[torch.from_numpy(keep)] for name, t in soft.items()}
-    width = max([min(len(x), max_len) for x in inputs], default=1) or 1
-    return StudentBatch(
-        inputs=_pad_or_empty(inputs, width),
-        targets=_pad_or_empty(targets, width),
-        soft=soft,
-        rows=table.column("seq_index").to_pylist() if table.num_rows else [],
-    )
+    lengths = np.diff(offsets)
+    if (lengths > max_len).any():
+        row_of = np.repeat(np.arange(len(lengths)), lengths)
+        keep = torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])
+        soft = {name: t[keep] for name, t in soft.items()}
+    return StudentBatch(inputs=_padded(*inputs, max_len), targets=_padded(*targets, max_len), soft=soft,
+                        rows=_row_ids(table, "seq_index"))
 
 
 def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
     """A batch of training histories (the baseline): next-item pairs from the last max_len+1 items."""
-    seqs = [s[-(max_len + 1) :] for s in _lists(table, "items") if len(s) >= 2]
-    width = max([len(s) - 1 for s in seqs], default=1)
+    values, offsets = _list_column(table, "items")
+    # A sequence s of n >= 2 items gives inputs s[:-1] and targets s[1:]: gather the inputs' value
+    # indices (each usable row's [start, end - 1)); the targets are the same indices + 1.
+    usable = np.flatnonzero(np.diff(offsets) >= 2)
+    starts, lengths = offsets[:-1][usable], np.diff(offsets)[usable] - 1
+    input_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    gather = np.arange(input_offsets[-1]) - np.repeat(input_offsets[:-1] - starts, lengths)
     return StudentBatch(
-        inputs=_pad_or_empty([s[:-1] for s in seqs], width),
-        targets=_pad_or_empty([s[1:] for s in seqs], width),
+        inputs=_padded(values[gather], input_offsets, max_len),
+        targets=_padded(values[gather + 1], input_offsets, max_len),
         soft=None,
-        rows=table.column("user").to_pylist() if table.num_rows else [],
+        rows=_row_ids(table, "user"),
     )
-
-
-def _pad_or_empty(seqs: list[np.ndarray], width: int) -> torch.Tensor:
-    # A worker with no rows this step still runs a forward (DDP all-reduces in backward): one padding row.
-    return left_pad(seqs, width) if seqs else torch.zeros(1, width, dtype=torch.long)
 
 
 class PositionLogits(nn.Module):
@@ -196,6 +206,14 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         # Reading and decoding the next batches runs beside the step, on a background thread.
         return prefetch_iter(((step, to_batch(t)) for step, t in reader.iter_epoch(epoch, start_step)), dcfg.prefetch_blocks)
 
+    # The lr is a pure function of the global step; steps per epoch can differ between epochs (the reader's plan).
+    steps_before = np.cumsum([0] + [reader.steps_per_epoch(e) for e in range(tcfg.epochs)]).tolist()
+
+    def set_lr(epoch: int, step: int) -> None:
+        ratio = lr_ratio(steps_before[epoch] + step, steps_before[-1], tcfg.warmup_steps, tcfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * ratio
+
     batches = epoch_batches(state["epoch"], state["step"]) if state["epoch"] < tcfg.epochs else None
     for epoch in range(state["epoch"], tcfg.epochs):
         started, losses = time.perf_counter(), []
@@ -215,6 +233,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             loss.backward()
             if tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            set_lr(epoch, step)
             optimizer.step()
             losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
             if dcfg.log_consumed:
@@ -229,7 +248,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
             model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
         )
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
-                  "train_seconds": time.perf_counter() - started, "workers": world,
+                  "train_seconds": time.perf_counter() - started, "workers": world, "lr": optimizer.param_groups[0]["lr"],
                   **{f"val_{k}": v for k, v in metrics.items()}}
         state["history"].append(record)
         if rank == 0:

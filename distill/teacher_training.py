@@ -135,7 +135,8 @@ def teacher_train_loop(loop_config: dict[str, Any]) -> None:
     universal = checkpoint_dir is not None and state["world_size"] != world
 
     micro_batch = math.ceil(tcfg.batch_size / world)
-    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime)
+    steps_per_epoch = math.ceil(len(sequences) / tcfg.batch_size)  # as rank_batches
+    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch)
     ds_config["checkpoint"] = {"load_universal": universal}
 
     # Ray Train already created the process group; DeepSpeed's comm layer adopts it.

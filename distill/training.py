@@ -94,6 +94,27 @@ class NextItemObjective(nn.Module):
         return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
 
 
+def lr_ratio(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """The learning rate at optimiser step ``step`` (0-based) as a fraction of the configured lr.
+
+    Linear warm-up from 0 over ``warmup_steps``, then 1 (``"constant"``) or a cosine
+    from 1 down to 0 at ``total_steps`` (``"cosine"``; it stays at 0 past the end).
+    The same formula as DeepSpeed's ``WarmupLR`` / ``WarmupCosineLR`` (linear warm-up,
+    of at least 2 steps when there is one, always for the cosine; floor 0), which the teacher uses. A pure function of the step, so a resumed or
+    resized run needs no scheduler state in its checkpoint.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: expected 'constant' or 'cosine'")
+    if schedule == "cosine" or warmup_steps > 0:
+        warmup_steps = max(warmup_steps, 2)  # as DeepSpeed's schedulers (WarmupCosineLR always warms up)
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps + 1) / max(1, total_steps - warmup_steps))
+    return (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
 def check_checkpoint_stage(saved_state: dict, fingerprint: str, where: str) -> None:
     """Refuse to resume a checkpoint that other training settings made (see ``distill.config.stage_fingerprint``).
 

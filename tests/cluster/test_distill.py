@@ -17,12 +17,15 @@ import torch
 from cluster import distill, precompute, prepare
 from cluster.pipeline import training_complete
 from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
+from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, train_item_counts
 from data_pipeline.layout import RunLayout
+from data_pipeline.streaming import EpochPlan, list_blocks
 from distill.config import stage_fingerprint
 from distill.export import load_model, read_export_meta, save_export
 from distill.model import SequentialRecommender
+from distill.training import lr_ratio
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +108,14 @@ def run_with_kill(cfg) -> tuple[list, Exception | None]:
     return killed, error
 
 
+def planned_steps(cfg) -> list[int]:
+    """Steps of every epoch of a distillation run (the reader's plan; no Ray)."""
+    soft_labels = RunLayout(cfg.run.run_dir).soft_labels
+    blocks = list_blocks([fsio.join(soft_labels, s["file"]) for s in store.load_store_manifest(soft_labels)["shards"]])
+    return [EpochPlan(blocks, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed, e).steps
+            for e in range(cfg.student.train.epochs)]
+
+
 def history(cfg) -> dict:
     return json.loads((Path(cfg.run.run_dir) / "student" / "history.json").read_text())
 
@@ -127,16 +138,22 @@ def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_templa
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_checkpoint_resumes_mid_epoch_at_another_worker_count(store_template, tmp_path, before, after):
-    first = copy_run(store_template, tmp_path, f"scaling.num_workers={before}", "scaling.max_failures=0")
+    # With a cosine lr schedule: the lr after a resize must continue the same curve.
+    schedule = ["student.train.lr_schedule=cosine", "student.train.warmup_steps=3"]
+    first = copy_run(store_template, tmp_path, f"scaling.num_workers={before}", "scaling.max_failures=0", *schedule)
     killed, error = run_with_kill(first)
     assert killed and error is not None  # the first run died (max_failures=0) after a mid-epoch checkpoint
-    second = copy_run(store_template, tmp_path / "unused", f"scaling.num_workers={after}")
+    second = copy_run(store_template, tmp_path / "unused", f"scaling.num_workers={after}", *schedule)
     second = second.model_copy(update={"run": first.run})  # same run_dir: resume from its checkpoint
     distill.run(second)
     restarts = history(second)["restarts"]
     assert restarts and restarts[-1]["from_workers"] == before and restarts[-1]["workers"] == after
     assert restarts[-1]["step"] > 0 or restarts[-1]["epoch"] > 0
     assert_exactly_once(Path(first.run.run_dir) / "student" / "consumed", store_rows(first), epochs=2)
+    steps, lr = planned_steps(first), first.student.train.lr
+    recorded = [epoch["lr"] for epoch in history(second)["history"]]
+    assert recorded[0] == pytest.approx(lr * lr_ratio(steps[0] - 1, sum(steps), 3, "cosine"))
+    assert 0 < recorded[0] < lr and recorded[1] == 0.0  # decayed to 0 at the last planned step
 
 
 def test_baseline_trains_without_soft_labels(store_template, tmp_path):

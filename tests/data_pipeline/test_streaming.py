@@ -327,6 +327,14 @@ def test_file_changed_since_listing_is_an_error(store):
             pass
 
 
+def test_a_column_named_like_the_provenance_columns_is_refused(tmp_path):
+    file = str(tmp_path / "part-00000.parquet")
+    pq.write_table(pa.table({"uid": [1, 2], "_block_id": [5, 6]}), file)
+    with pytest.raises(BlockReadError, match=r"part-00000\.parquet: column '_block_id' is reserved"):
+        for _ in StreamingReader(list_blocks([file]), None, 1, 2, SEED, 0, 1).iter_epoch(0):
+            pass
+
+
 def test_stopping_early_stops_the_prefetch_thread(store, reads):
     _, blocks = store
     plan = EpochPlan(blocks, J, B, SEED, epoch=0)

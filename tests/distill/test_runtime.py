@@ -54,3 +54,13 @@ def test_no_scheduler_without_warmup_and_offload_options():
     assert "scheduler" not in cfg
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_cosine_schedule_goes_to_deepspeed_with_the_run_length():
+    cpu = select_runtime("cpu", "auto", cuda_available=False)
+    train = TrainConfig(lr_schedule="cosine", warmup_steps=5)
+    cfg = deepspeed_config(DeepSpeedConfig(zero_stage=3), train, 8, 2, cpu, total_steps=300)
+    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 300 and cfg["scheduler"]["params"]["warmup_num_steps"] == 5
+    with pytest.raises(ValueError, match="total_steps"):
+        deepspeed_config(DeepSpeedConfig(zero_stage=3), train, 8, 2, cpu)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -7,6 +9,7 @@ from distill.config import ModelConfig
 from distill.model import SequentialRecommender
 from distill.sequences import next_item_batch
 from distill.training import (
+    lr_ratio,
     NextItemObjective,
     distributed_ranking_eval,
     epoch_permutation,
@@ -102,3 +105,43 @@ def test_a_checkpoint_from_other_settings_is_refused():
     check_checkpoint_stage({}, "abc", "ray/student/checkpoint_1")  # made before fingerprints existed
     with pytest.raises(ValueError, match=r"ray/student/checkpoint_1 was made with other training settings"):
         check_checkpoint_stage({"stage_fingerprint": "xyz"}, "abc", "ray/student/checkpoint_1")
+
+
+# --------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def test_lr_ratio_warmup_then_constant():
+    assert [lr_ratio(s, 100, 4, "constant") for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_ratio(0, 100, 0, "constant") == 1.0
+    assert lr_ratio(0, 100, 0, "cosine") == 0.0 and lr_ratio(1, 100, 0, "cosine") == 0.5
+
+
+def test_lr_ratio_cosine_decays_to_zero_and_stays_there():
+    ratios = [lr_ratio(s, 20, 5, "cosine") for s in range(25)]
+    assert ratios[0] == 0.0 and ratios[5] < 1.0 and ratios[5] == pytest.approx(1.0, abs=0.02)
+    assert all(a > b for a, b in zip(ratios[5:19], ratios[6:20]))  # strictly decreasing after warm-up
+    assert ratios[19] == pytest.approx(0.0, abs=1e-12) and ratios[24] == ratios[19]  # the last planned step is 0
+    assert ratios[12] == pytest.approx((1 + math.cos(math.pi * 8 / 15)) / 2)
+    assert [lr_ratio(s, 20, 1, "constant") for s in range(3)] == [0.0, 0.5, 1.0]  # warm-ups last >= 2 steps
+
+
+@pytest.mark.parametrize("schedule, warmup", [("cosine", 0), ("cosine", 1), ("cosine", 7), ("constant", 1), ("constant", 7)])
+def test_lr_ratio_matches_deepspeed_schedulers(schedule, warmup):
+    """The students' schedule is the teacher's (DeepSpeed's WarmupCosineLR / WarmupLR, linear warm-up)."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    if schedule == "cosine":
+        ds = WarmupCosineLR(optimizer, total_num_steps=40, warmup_num_steps=max(warmup, 1), warmup_min_ratio=0.0,
+                            cos_min_ratio=0.0, warmup_type="linear")
+    else:
+        ds = WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=0.5, warmup_num_steps=warmup, warmup_type="linear")
+    for step in range(45):
+        ds.step(step)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr_ratio(step, 40, warmup, schedule), abs=1e-9), step
+
+
+def test_lr_ratio_rejects_unknown_schedules():
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        lr_ratio(0, 10, 0, "linear")

@@ -1,0 +1,77 @@
+"""The student's batch decoding (pure functions, no Ray): store rows and training histories to tensors."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from data_pipeline import soft_labels as sl
+from distill.sequences import left_pad, left_pad_flat, next_item_batch
+from distill.student_training import batch_from_dataset, batch_from_store
+
+
+def store_table(lengths, k=3, num_items=30, seed=0) -> tuple[pa.Table, sl.StoreSpec]:
+    spec = sl.StoreSpec(num_items=num_items, k=k, value_dtype="fp16", num_sampled=0, max_len=max(lengths))
+    rng = np.random.default_rng(seed)
+    n = np.asarray(lengths)
+    split = lambda a: np.split(a, np.cumsum(n)[:-1])  # noqa: E731
+    P = int(n.sum())
+    logits = -np.sort(-rng.normal(0, 3, (P, k)), axis=1).astype(np.float32)
+    table = sl.encode_rows(
+        spec, seq_index=np.arange(len(n)) + 100, users=np.arange(len(n)) + 1, example_start=np.cumsum(n) - n,
+        inputs=split(rng.integers(1, num_items + 1, P)), targets=split(rng.integers(1, num_items + 1, P)),
+        topk_ids=split(rng.integers(1, num_items + 1, (P, k))),
+        topk_logits=split(logits), lse=split(logits[:, 0] + rng.uniform(1, 2, P).astype(np.float32)), sampled=None, shard_name="part-00000.parquet",
+    )
+    return table, spec
+
+
+@pytest.mark.parametrize("max_len", [2, 4, 9])
+def test_batch_from_store_keeps_each_rows_last_positions(max_len):
+    table, spec = store_table([5, 1, 9, 3])
+    table = table.slice(1, 3)  # a slice, as the reader hands out (offsets not starting at 0)
+    batch = batch_from_store(table, spec, max_len)
+    whole = sl.decode_positions(table, spec)
+    offsets = whole["row_offsets"].tolist()
+    rows = table.to_pylist()
+    width = min(max(len(r["inputs"]) for r in rows), max_len)
+    assert torch.equal(batch.inputs, left_pad([r["inputs"] for r in rows], width))
+    assert torch.equal(batch.targets, left_pad([r["targets"] for r in rows], width))
+    kept = [p for a, b in zip(offsets[:-1], offsets[1:]) for p in range(max(a, b - max_len), b)]
+    for key in ("topk_ids", "topk_logits", "lse"):
+        assert torch.equal(batch.soft[key], whole[key][kept]), key
+    # One soft label per real input position, in the same (row-major) order as the model's logits.
+    assert int((batch.inputs != 0).sum()) == len(kept)
+    assert batch.rows == [101, 102, 103]
+
+
+def test_batch_from_store_of_an_empty_share_still_has_one_padding_row():
+    table, spec = store_table([4, 2])
+    batch = batch_from_store(table.slice(0, 0), spec, 8)
+    assert batch.inputs.tolist() == [[0]] and batch.targets.tolist() == [[0]] and batch.rows == []
+    assert batch.soft["topk_ids"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 50])
+def test_batch_from_dataset_is_next_item_pairs_of_usable_histories(max_len):
+    histories = [[4, 5, 6, 7, 8], [9], [], [1, 2], [3, 4, 5]]
+    table = pa.table({"user": pa.array([10, 11, 12, 13, 14], pa.int32()), "items": pa.array(histories, pa.list_(pa.int32()))})
+    batch = batch_from_dataset(table.slice(1), max_len)
+    usable = [h for h in histories[1:] if len(h) >= 2]  # a history of < 2 items has no next-item pair
+    width = min(max(len(h) - 1 for h in usable), max_len)
+    inputs, targets = next_item_batch(usable, width)
+    assert torch.equal(batch.inputs, inputs) and torch.equal(batch.targets, targets)
+    assert batch.rows == [11, 12, 13, 14] and batch.soft is None
+    assert batch_from_dataset(table.slice(1, 2), max_len).inputs.tolist() == [[0]]  # no usable row
+
+
+def test_left_pad_flat_follows_sliced_offsets_and_matches_left_pad():
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 99, n) for n in rng.integers(0, 12, 40)]
+    values = np.concatenate([[77, 78]] + seqs)  # two values before the first row: offsets start at 2
+    offsets = 2 + np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    for width in (1, 5, 12, 20):
+        assert torch.equal(torch.from_numpy(left_pad_flat(values, offsets, width)), left_pad(seqs, width))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        left_pad_flat(np.array([3, 0, 2]), np.array([0, 3]), 3)
+    assert left_pad_flat(np.array([3, 0, 2]), np.array([0, 3]), 1).tolist() == [[2]]  # the 0 is outside the window
