@@ -40,15 +40,22 @@ def require_dataset(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
+def recorded_stage(cfg: Config, folder: str) -> dict[str, Any] | None:
+    """A stage's ``history.json`` (epochs, stage fingerprint, ``complete``), or None before its first epoch."""
+    try:
+        return fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
+    except FileNotFoundError:
+        return None
+
+
 def refuse_other_settings(cfg: Config, folder: str, stage: str, teacher_fingerprint: str | None = None) -> None:
     """Before starting workers: ``folder`` (and the checkpoints beside it) must not come from other training settings.
 
     Ray Train resumes a run of the same name from its last checkpoint; a student or teacher
     of another size, loss or seed must not be continued as if it were this one.
     """
-    try:
-        progress = fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
-    except FileNotFoundError:
+    progress = recorded_stage(cfg, folder)
+    if progress is None:
         return
     recorded, expected = progress.get("stage_fingerprint"), stage_fingerprint(cfg, stage, teacher_fingerprint)
     if recorded is not None and recorded != expected:

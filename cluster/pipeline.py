@@ -7,6 +7,7 @@ import logging
 import time
 
 from cluster import distill, evaluate, precompute, prepare, report, train_teacher
+from cluster.common import recorded_stage
 from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest
@@ -37,10 +38,7 @@ def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint:
     A stage finished under other settings (another student size, loss, seed...) is not done;
     history files from before stage fingerprints existed are taken at their word.
     """
-    try:
-        progress = fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
-    except FileNotFoundError:
-        return False
+    progress = recorded_stage(cfg, folder) or {}
     recorded = progress.get("stage_fingerprint")
     return bool(progress.get("complete")) and recorded in (None, stage_fingerprint(cfg, stage, teacher_fingerprint))
 
