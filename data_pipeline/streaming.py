@@ -156,8 +156,7 @@ def list_blocks(
         raise ValueError("files must not contain duplicates")
     blocks: list[BlockRef] = []
     for i, file in enumerate(files):
-        fs, path = fsio.get_fs(file, storage_options)
-        with fs.open(path, "rb") as f:
+        with fsio.open_input(file, storage_options) as f:
             meta = pq.read_metadata(f)
         if expected_rows is not None and meta.num_rows != expected_rows[i]:
             raise ValueError(f"{file}: the Parquet footer says {meta.num_rows} rows, expected {expected_rows[i]}")
@@ -170,17 +169,25 @@ def read_block(
     block: BlockRef,
     columns: Optional[Sequence[str]] = None,
     storage_options: Optional[dict[str, Any]] = None,
+    footers: Optional[dict[str, pq.FileMetaData]] = None,
 ) -> pa.Table:
     """Read one whole row group (in stored row order).
+
+    ``footers`` is an optional cache of parsed Parquet footers by file, filled and
+    reused here, so that a reader parses each file's footer once rather than once per
+    row group (store files are immutable once committed).
 
     Raises ``ValueError`` if its row count differs from the listing: the file
     changed since :func:`list_blocks`, and the exactly-once bookkeeping would
     silently break.
     """
-    fs, path = fsio.get_fs(block.file, storage_options)
     columns = list(columns) if columns is not None else None
-    with fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(block.row_group, columns=columns)
+    footer = footers.get(block.file) if footers is not None else None
+    with fsio.open_input(block.file, storage_options) as f:
+        parquet = pq.ParquetFile(f, metadata=footer)
+        table = parquet.read_row_group(block.row_group, columns=columns)
+        if footers is not None:
+            footers[block.file] = parquet.metadata
     if table.num_rows != block.num_rows:
         raise ValueError(
             f"{block.file}: row group {block.row_group} has {table.num_rows} rows, the listing said {block.num_rows}"
@@ -526,6 +533,7 @@ class StreamingReader:
         self.prefetch_blocks = prefetch_blocks
         self.virtual_shards = owned_virtual_shards(rank, world, num_virtual_shards)
         self._empty: Optional[pa.Table] = None  # a 0-row table with the output schema, once known
+        self._footers: dict[str, pq.FileMetaData] = {}  # parsed once per file (read_block)
 
     def plan(self, epoch: int) -> EpochPlan:
         """The (worker-independent) plan of ``epoch``."""
@@ -580,7 +588,7 @@ class StreamingReader:
 
         One ``take`` per block, so that every step's piece of it is a slice.
         """
-        table = read_block(block, self.columns, self.storage_options)
+        table = read_block(block, self.columns, self.storage_options, self._footers)
         for name in (BLOCK_ID_COLUMN, ROW_IN_BLOCK_COLUMN):
             if name in table.column_names:
                 raise ValueError(f"{block.file}: column {name!r} is reserved for the reader's provenance columns")
@@ -599,8 +607,7 @@ class StreamingReader:
         """
         if self._empty is None:
             file = self.blocks[0].file
-            fs, path = fsio.get_fs(file, self.storage_options)
-            with fs.open(path, "rb") as f:
+            with fsio.open_input(file, self.storage_options) as f:
                 table = pq.ParquetFile(f).schema_arrow.empty_table()
             if self.columns is not None:
                 table = table.select(self.columns)

@@ -101,8 +101,9 @@ def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
     values, offsets = _list_column(table, "items")
     # A sequence s of n >= 2 items gives inputs s[:-1] and targets s[1:]: gather the inputs' value
     # indices (each usable row's [start, end - 1)); the targets are the same indices + 1.
-    usable = np.flatnonzero(np.diff(offsets) >= 2)
-    starts, lengths = offsets[:-1][usable], np.diff(offsets)[usable] - 1
+    row_lengths = np.diff(offsets)
+    usable = np.flatnonzero(row_lengths >= 2)
+    starts, lengths = offsets[:-1][usable], row_lengths[usable] - 1
     input_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     gather = np.arange(input_offsets[-1]) - np.repeat(input_offsets[:-1] - starts, lengths)
     return StudentBatch(

@@ -57,9 +57,9 @@ def reads(monkeypatch):
     log: list[BlockRef] = []
     real = streaming.read_block
 
-    def counting(block, columns=None, storage_options=None):
+    def counting(block, columns=None, storage_options=None, footers=None):
         log.append(block)
-        return real(block, columns, storage_options)
+        return real(block, columns, storage_options, footers)
 
     monkeypatch.setattr(streaming, "read_block", counting)
     return log
@@ -302,6 +302,33 @@ def test_memory_filesystem(store):
         assert [sorted(rows) for rows in batches.values()] == expected
     finally:
         fsio.remove_tree(base)
+
+
+@pytest.mark.parametrize("base", ["local", "memory"])
+def test_read_block_with_a_footer_cache_reads_the_same_rows(store, base):
+    files, blocks = store
+    if base == "memory":
+        url = f"memory://streaming-test-{uuid.uuid4().hex}"
+        files = write_store(url)
+        blocks = list_blocks(files)
+    try:
+        footers: dict = {}
+        for block in blocks + blocks:  # the second pass reads through the cached footers
+            assert streaming.read_block(block, footers=footers).equals(streaming.read_block(block))
+        assert sorted(footers) == sorted(files)  # one footer per file
+        assert [footers[f].num_row_groups for f in files] == [len(g) for g in ROW_GROUPS]
+    finally:
+        if base == "memory":
+            fsio.remove_tree(url)
+
+
+def test_local_files_are_opened_with_arrows_native_reader(store, tmp_path):
+    files, _ = store
+    with fsio.open_input(files[0]) as f:
+        assert isinstance(f, pa.NativeFile)  # reads release the GIL (no Python callbacks)
+        assert pq.read_metadata(f).num_rows == sum(ROW_GROUPS[0])
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        fsio.open_input(str(tmp_path / "nope.parquet"))
 
 
 def prefetch_threads() -> list[threading.Thread]:
