@@ -1041,6 +1041,25 @@ def _flat_values(column: pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks().flatten() if column.num_chunks else pa.array([], column.type.value_type)
 
 
+def _leaf_values(column: pa.ChunkedArray, levels: int, dtype: Any = None) -> np.ndarray:
+    """The leaf values of a ``levels``-deep list column, in row order, as one new writable array.
+
+    One copy: each chunk's values are viewed in place (slices respected) and concatenated
+    with the cast to ``dtype`` (None keeps the stored type).
+    """
+    parts = []
+    for chunk in column.chunks:
+        for _ in range(levels):
+            chunk = chunk.flatten()
+        parts.append(chunk.to_numpy(zero_copy_only=False))
+    if not parts:  # a column with no chunks at all
+        leaf = column.type
+        for _ in range(levels):
+            leaf = leaf.value_type
+        return np.zeros(0, dtype=dtype or leaf.to_pandas_dtype())
+    return np.concatenate(parts, dtype=dtype)
+
+
 def decode_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch.Tensor]:
     """Flatten a store table's R rows into per-position tensors (P = total positions).
 
@@ -1057,19 +1076,15 @@ def decode_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch.Tensor
     row_offsets = torch.from_numpy(_offsets(np.asarray(lengths, dtype=np.int64)))
     num_positions = int(row_offsets[-1])
 
-    ids = _flat_values(table.column("topk_ids")).flatten().to_numpy(zero_copy_only=False)
-    values = _flat_values(table.column("topk_logits")).flatten().to_numpy(zero_copy_only=False)
+    values = _leaf_values(table.column("topk_logits"), levels=2)
     if spec.value_dtype == "bf16":
-        logits = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
-    elif spec.value_dtype == "fp16":
-        # torch widens float16 much faster than numpy; the copy makes Arrow's read-only buffer writable.
-        logits = torch.from_numpy(values.copy()).float()
-    else:
-        logits = torch.from_numpy(values.astype(np.float32))
+        logits = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+    else:  # torch widens float16 much faster than numpy
+        logits = torch.from_numpy(values).float()
     out = {
-        "topk_ids": torch.from_numpy(ids.astype(np.int64)).reshape(num_positions, k),
+        "topk_ids": torch.from_numpy(_leaf_values(table.column("topk_ids"), levels=2, dtype=np.int64)).reshape(num_positions, k),
         "topk_logits": logits.reshape(num_positions, k),
-        "lse": torch.from_numpy(_flat_values(table.column("lse")).to_numpy(zero_copy_only=False).astype(np.float32)),
+        "lse": torch.from_numpy(_leaf_values(table.column("lse"), levels=1, dtype=np.float32)),
         "row_offsets": row_offsets,
     }
     if spec.num_sampled > 0:

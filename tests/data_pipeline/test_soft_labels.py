@@ -229,6 +229,23 @@ def test_decode_positions_of_a_slice():
     assert torch.equal(part["sampled_ids"], whole["sampled_ids"][lo:hi, :width])
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_decode_positions_of_several_sliced_chunks_and_of_no_chunks(dtype):
+    """A reader's step table is slices of several blocks: decoding it equals decoding the rows combined."""
+    spec = small_spec(value_dtype=dtype)
+    table = encode(make_batch(spec, 6, seed=2))
+    pieces = pa.concat_tables([table.slice(4, 2), table.slice(0, 0), table.slice(1, 2)])
+    assert pieces.column("topk_ids").num_chunks == 3
+    got, want = sl.decode_positions(pieces, spec), sl.decode_positions(pieces.combine_chunks(), spec)
+    assert got.keys() == want.keys()
+    for key in got:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    empty = sl.decode_positions(pa.Table.from_batches([], table.schema), spec)  # a column with no chunks
+    assert empty["topk_ids"].shape == (0, spec.k) and empty["topk_ids"].dtype == torch.int64
+    assert empty["topk_logits"].shape == (0, spec.k) and empty["topk_logits"].dtype == torch.float32
+    assert empty["lse"].shape == (0,) and empty["row_offsets"].tolist() == [0]
+
+
 def test_sample_soft_labels():
     logits = torch.tensor([[50.0, 3.0, 0.0, -20.0], [1e9, 0.0, 0.0, 0.0]])  # column 0 is padding, never drawn
     ids, counts, values = sl.sample_soft_labels(logits, 200, torch.Generator().manual_seed(0))
