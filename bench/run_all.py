@@ -14,7 +14,8 @@ BENCHMARKS = [
     # Uses the dataset and teacher the run above left in runs/bench-tiny.
     [sys.executable, "-m", "bench.precompute_overhead", "--config", "configs/tiny.yaml", "--name", "tiny", "run.run_dir=runs/bench-tiny"],
     # Needs the store the run above left: reader vs Ray Data, streaming vs in-memory vs online KD epochs.
-    [sys.executable, "-m", "bench.student_data", "--config", "configs/tiny.yaml", "--name", "tiny", "run.run_dir=runs/bench-tiny"],
+    [sys.executable, "-m", "bench.student_data", "--config", "configs/tiny.yaml", "--name", "tiny", "--epochs", "4",
+     "--repeats", "7", "run.run_dir=runs/bench-tiny"],
 ]
 
 
