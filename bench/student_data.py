@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 
 from cluster.common import require_dataset
+from cluster.ray_setup import start_local_ray
 from cluster.precompute import teacher_url
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
@@ -154,7 +155,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     throughput = {}
     for decode in (False, True):
         key = "to_tensors" if decode else "tables"

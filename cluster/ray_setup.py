@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from typing import Any
 
 import fsspec
 import pyarrow.fs
@@ -26,9 +28,31 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local" always starts a fresh cluster for this process and never joins a stray head.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        start_local_ray(log_to_driver=True)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a fresh one-machine Ray cluster for this process, with its own dashboard.
+
+    ``address="local"`` never joins a stray head. The dashboard is there for Ray Train's
+    placement-group cleaner, which asks the state API (served by the dashboard) every
+    second whether the train controller is alive: without one it logs a warning each
+    time, and it finds "the" cluster by auto-detection, which on a machine that runs
+    another Ray cluster can be the other one, where our controller does not exist, and
+    then it removes our workers' placement group. So every process of this job is told
+    our own dashboard's address (``RAY_API_SERVER_ADDRESS``).
+    """
+    port = _free_port()
+    env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": env}, **init_kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_env(cfg: Config) -> dict[str, str]:

@@ -37,8 +37,10 @@ def ray_session():
     """One local Ray cluster for the whole test session (address="local": never joins a stray head)."""
     import ray
 
+    from cluster.ray_setup import start_local_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
