@@ -13,9 +13,10 @@ from cluster.precompute import teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import soft_labels
 from data_pipeline.layout import RunLayout
+from data_pipeline.streaming import check_batch_fill
 from distill.config import Config, ConfigError
 from distill.export import read_export_meta
-from distill.student_training import student_train_loop
+from distill.student_training import student_train_loop, training_blocks
 
 
 def run(cfg: Config, baseline: bool = False) -> dict:
@@ -38,6 +39,9 @@ def run(cfg: Config, baseline: bool = False) -> dict:
             expect_dataset=dataset["fingerprint"],
             expect_num_items=dataset["num_items"],
         )
+    # Before any worker starts: a layout that cannot fill the global batch is refused here.
+    blocks, _ = training_blocks(cfg, dataset, soft_manifest)
+    check_batch_fill(blocks, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
     ensure_ray(cfg)
     trainer = TorchTrainer(
         student_train_loop,

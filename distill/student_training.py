@@ -29,7 +29,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import PrefetchIterator, StreamingReader, list_blocks, prefetch_iter
+from data_pipeline.streaming import BlockRef, PrefetchIterator, StreamingReader, list_blocks, prefetch_iter
 from distill.config import Config, build_config, stage_fingerprint
 from distill.export import read_export_tensor, save_export
 from distill.losses import distillation_loss
@@ -75,6 +75,18 @@ def _padded(values: np.ndarray, offsets: np.ndarray, max_len: int) -> torch.Tens
 
 def _row_ids(table: pa.Table, name: str) -> list[int]:
     return table.column(name).to_numpy().tolist() if table.num_rows else []
+
+
+def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -> tuple[list[BlockRef], Optional[list[str]]]:
+    """The student's training row groups and the columns to read: the soft-label store's,
+    or (``soft_manifest`` None: the baseline) the dataset's training split."""
+    layout, storage = RunLayout(cfg.run.run_dir), cfg.data.storage_options
+    if soft_manifest is None:
+        split = dataset["splits"]["train"]
+        return list_blocks([fsio.join(layout.data, f) for f in split["files"]], storage, split["rows"]), ["user", "items"]
+    shards = soft_manifest["shards"]
+    files = [fsio.join(layout.soft_labels, s["file"]) for s in shards]
+    return list_blocks(files, storage, [s["rows"] for s in shards]), None
 
 
 def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
@@ -146,16 +158,9 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
     dataset = load_manifest(layout.data, storage)
     num_items = dataset["num_items"]
     valid = read_split(layout.data, "valid", storage, dataset)
-    if baseline:
-        files = [fsio.join(layout.data, f) for f in dataset["splits"]["train"]["files"]]
-        blocks = list_blocks(files, storage, dataset["splits"]["train"]["rows"])
-        columns, spec = ["user", "items"], None
-    else:
-        soft_manifest = loop_config["soft_manifest"]
-        spec = store.StoreSpec.from_dict(soft_manifest["spec"])
-        shards = soft_manifest["shards"]
-        blocks = list_blocks([fsio.join(layout.soft_labels, s["file"]) for s in shards], storage, [s["rows"] for s in shards])
-        columns = None
+    soft_manifest = None if baseline else loop_config["soft_manifest"]
+    spec = None if baseline else store.StoreSpec.from_dict(soft_manifest["spec"])
+    blocks, columns = training_blocks(cfg, dataset, soft_manifest)
     reader = StreamingReader(
         blocks, columns, dcfg.num_virtual_shards, tcfg.batch_size, cfg.run.seed, rank, world, storage, dcfg.prefetch_blocks
     )
