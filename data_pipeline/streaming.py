@@ -220,14 +220,14 @@ def check_batch_fill(
     non-empty row groups than J) never contributes, and shards much longer than the rest
     stretch the epoch with small late batches: the training then runs with a smaller
     global batch (and more steps) than ``global_batch_size`` says, silently. Raises
-    ``ValueError`` if epoch 0's mean global batch is below ``min_fill`` of
-    ``min(B, rows)``; returns that mean otherwise.
+    ``ValueError`` if epoch 0's mean global batch is below ``min_fill`` of the best
+    possible, ``rows / ceil(rows / B)``; returns that mean otherwise.
     """
     plan = EpochPlan(blocks, num_virtual_shards, global_batch_size, seed, epoch=0)
     if plan.steps == 0:
         return 0.0
     mean = plan.num_rows / plan.steps
-    if mean < min_fill * min(global_batch_size, plan.num_rows):
+    if mean < min_fill * plan.num_rows / math.ceil(plan.num_rows / global_batch_size):
         sizes = [b.num_rows for b in blocks if b.num_rows]
         files = sorted({b.file for b in blocks})
         raise ValueError(

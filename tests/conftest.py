@@ -15,6 +15,7 @@ SMALL_RUN = [
     "data.synthetic.num_users=400",
     "data.synthetic.num_items=60",
     "data.synthetic.num_clusters=6",
+    "data.row_group_size=8",  # 50 row groups: enough to fill the virtual shards of a student's batch
     "teacher.model.d_model=32",
     "teacher.model.ffn_dim=64",
     "teacher.model.max_len=20",

@@ -183,6 +183,10 @@ def test_batch_fill_refuses_too_few_large_row_groups():
     small = [BlockRef("f.parquet", g, 64, g) for g in range(95)]  # the ML-1M store: 95 groups of 64
     assert 0.8 * 64 <= streaming.check_batch_fill(small, 16, 64, seed=0) <= 64
     assert streaming.check_batch_fill(small[:2], 2, 1000, seed=0) == 128  # fewer rows than B: judged against the rows
+    # 400 rows, B = 128: 4 steps at best (a mean of 100), which 25 groups of 16 rows over 16 shards achieve.
+    assert streaming.check_batch_fill([BlockRef("f", g, 16, g) for g in range(25)], 16, 128, seed=0) == 100
+    with pytest.raises(ValueError, match="batches of 50.0 rows"):  # 7 groups of <= 64 rows: 7 of 16 shards used
+        streaming.check_batch_fill([BlockRef("f", g, 64 if g < 6 else 16, g) for g in range(7)], 16, 128, seed=0)
 
 
 def test_workers_own_virtual_shards_modulo_world():
