@@ -22,12 +22,10 @@ from cluster import distill, evaluate
 from cluster.pipeline import training_complete
 from cluster.precompute import teacher_url
 from data_pipeline import fsio
-from data_pipeline.dataset import load_manifest, read_split
+from bench.compare_students import compare
 from data_pipeline.layout import RunLayout
 from distill.config import load_config
-from distill.evaluate import model_scorer, per_user_ndcg
-from distill.export import load_model, read_export_meta
-from distill.metrics import paired_bootstrap_gain
+from distill.export import read_export_meta
 
 
 def main() -> None:
@@ -58,13 +56,7 @@ def main() -> None:
 
     teacher, kd, base = (models[m]["ndcg@10"] for m in ("teacher", "student_kd", "student_baseline"))
     # Is the distilled student's lead real? Both students on the same test users, resampled together.
-    test = read_split(layout.data, "test", storage)
-    num_items = load_manifest(layout.data, storage)["num_items"]
-    per_user = {}
-    for role, folder in (("student_kd", layout.student), ("student_baseline", layout.baseline)):
-        model, _ = load_model(folder, storage)
-        per_user[role] = per_user_ndcg(model_scorer(model, model.cfg.max_len), test, num_items, k=10)
-    paired = paired_bootstrap_gain(per_user["student_kd"], per_user["student_baseline"])
+    paired = compare(cfg, layout.baseline, [layout.student])["models"][layout.student]["over_reference"]
     out = Path("bench/results") / f"distill_{args.name or Path(args.config).stem}.json"
     if out.exists():  # students trained by an earlier invocation keep their wall times
         wall = {**json.loads(out.read_text()).get("training_wall_seconds", {}), **wall}

@@ -40,25 +40,20 @@ import torch
 from cluster.common import require_dataset
 from cluster.ray_setup import start_local_ray
 from cluster.precompute import teacher_url
-from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import StreamingReader, list_blocks, prefetch_iter
+from data_pipeline.streaming import StreamingReader, prefetch_iter
 from distill.config import load_config
 from distill.evaluate import evaluate_split, model_scorer
 from distill.export import load_model
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
-from distill.student_training import PositionLogits, StudentBatch, batch_from_store
-
-
-def _shard_files(cfg, manifest) -> list[str]:
-    return [fsio.join(RunLayout(cfg.run.run_dir).soft_labels, s["file"]) for s in manifest["shards"]]
+from distill.student_training import PositionLogits, StudentBatch, batch_from_store, training_blocks
 
 
 def _reader(cfg, manifest) -> StreamingReader:
-    blocks = list_blocks(_shard_files(cfg, manifest), cfg.data.storage_options, [s["rows"] for s in manifest["shards"]])
+    blocks, _ = training_blocks(cfg, None, manifest)  # the same blocks as the training loop's
     d = cfg.distill
     return StreamingReader(blocks, None, d.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed,
                            0, 1, cfg.data.storage_options, d.prefetch_blocks)
@@ -76,7 +71,7 @@ def reader_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
 def ray_data_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
     import ray
 
-    ds = ray.data.read_parquet(_shard_files(cfg, manifest))
+    ds = ray.data.read_parquet(list(dict.fromkeys(block.file for block in training_blocks(cfg, None, manifest)[0])))
     rows, started = 0, time.perf_counter()
     # iter_torch_batches cannot build tensors from ragged list columns; pyarrow batches + our decode can.
     for table in ds.iter_batches(batch_size=cfg.student.train.batch_size, batch_format="pyarrow",

@@ -43,13 +43,14 @@ def start_local_ray(**init_kwargs: Any) -> None:
     then it removes our workers' placement group. So every process of this job is told
     our own dashboard's address (``RAY_API_SERVER_ADDRESS``).
     """
-    port = _free_port()
+    port = free_port()
     env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": env}, **init_kwargs)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (another process may still take it later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

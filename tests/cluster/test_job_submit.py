@@ -10,7 +10,6 @@ import secrets
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ray_setup import free_port
 from conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

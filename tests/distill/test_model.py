@@ -1,7 +1,6 @@
 """SequentialRecommender: shapes, causality, padding handling, and that it can learn."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -259,9 +258,9 @@ def test_builds_and_trains_under_deepspeed_zero3_init(tmp_path):
     state stays out of the test session. The first run on a machine may JIT-compile
     DeepSpeed's CPU shared-memory op.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from cluster.ray_setup import free_port
+
+    port = free_port()
     root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
