@@ -150,6 +150,9 @@ class TeacherConfig(_Section):
 class StudentConfig(_Section):
     model: ModelConfig = ModelConfig(d_model=16, num_layers=1, num_heads=1, ffn_dim=64)
     train: TrainConfig = TrainConfig()
+    bf16: Literal["auto", "true", "false"] = Field(
+        "auto", description="bf16 autocast of the student's forward (losses stay fp32); auto = on GPUs that support it."
+    )
 
 
 class DistillConfig(_Section):

@@ -127,15 +127,23 @@ def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
 
 
 class PositionLogits(nn.Module):
-    """Student logits at the real positions only: (B, L) -> (P, C). One module, so DDP sees every weight in forward."""
+    """Student logits at the real positions only: (B, L) -> (P, C), fp32. One module, so DDP sees every weight in forward.
 
-    def __init__(self, model: SequentialRecommender):
+    ``bf16``: the forward (chiefly the (P, d) x (d, C) catalog matmul, the student's largest
+    cost) runs under bf16 autocast; the logits come back as fp32, so the losses' softmax over
+    the catalog stays fp32. The weights and the optimiser stay fp32 either way.
+    """
+
+    def __init__(self, model: SequentialRecommender, bf16: bool = False):
         super().__init__()
         self.model = model
+        self.bf16 = bf16
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(inputs)
-        return self.model.scores(hidden[inputs != PAD_ID]).float()
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.model(inputs)
+            logits = self.model.scores(hidden[inputs != PAD_ID])
+        return logits.float()
 
 
 def student_train_loop(loop_config: dict[str, Any]) -> None:
@@ -148,7 +156,7 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
     baseline: bool = loop_config["baseline"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    runtime = select_runtime(cfg.run.device, "false")
+    runtime = select_runtime(cfg.run.device, cfg.student.bf16)
     device = ray.train.torch.get_device() if runtime.use_gpu else torch.device("cpu")
     layout = RunLayout(cfg.run.run_dir)
     storage = cfg.data.storage_options
@@ -190,7 +198,10 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
         state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
     model.to(device)
-    forward = ray.train.torch.prepare_model(PositionLogits(model), move_to_device=False) if world > 1 else PositionLogits(model)
+    position_logits = PositionLogits(model, bf16=runtime.bf16)
+    forward = ray.train.torch.prepare_model(position_logits, move_to_device=False) if world > 1 else position_logits
+    if rank == 0:
+        log.info("student on %s (%s), %s forward", device, runtime.backend, "bf16-autocast" if runtime.bf16 else "fp32")
     attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
     attempt_id = _broadcast_object(attempt, dist) if world > 1 else attempt
     params = count_parameters(mcfg, num_items)

@@ -75,3 +75,21 @@ def test_left_pad_flat_follows_sliced_offsets_and_matches_left_pad():
     with pytest.raises(ValueError, match="must be >= 1"):
         left_pad_flat(np.array([3, 0, 2]), np.array([0, 3]), 3)
     assert left_pad_flat(np.array([3, 0, 2]), np.array([0, 3]), 1).tolist() == [[2]]  # the 0 is outside the window
+
+
+def test_position_logits_bf16_autocast_returns_fp32_logits_close_to_the_fp32_forward():
+    """The GPU path's bf16 forward, exercised with CPU autocast: fp32 logits and fp32 gradients."""
+    from distill.config import ModelConfig
+    from distill.model import SequentialRecommender
+    from distill.student_training import PositionLogits
+
+    torch.manual_seed(0)
+    model = SequentialRecommender(ModelConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64, max_len=8, dropout=0.0), 50)
+    inputs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    fp32 = PositionLogits(model)(inputs)
+    mixed = PositionLogits(model, bf16=True)(inputs)
+    assert fp32.dtype == mixed.dtype == torch.float32 and mixed.shape == fp32.shape == (14, 51)
+    assert not torch.equal(mixed, fp32)  # autocast really ran in bf16 ...
+    torch.testing.assert_close(mixed, fp32, rtol=0.05, atol=0.05)  # ... to bf16 precision
+    mixed.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
