@@ -19,10 +19,12 @@ COLUMNS = ("run (JSON)", "commit", "student", "loss, alpha, T", "schedule", "dis
            "baseline (of teacher)", "distilled vs baseline (95% CI)", "wall s, distilled / baseline")
 
 
-def _schedule(train: dict[str, Any]) -> str:
+def _schedule(train: dict[str, Any], workers: Any) -> str:
     schedule = train.get("lr_schedule", "constant")
     stop = f", patience {train['patience']}" if train.get("patience") else ""
-    return f"{train['epochs']} ep, {schedule}, lr {train['lr']:g}{stop}"
+    batch = f", batch {train['batch_size']}" if "batch_size" in train else ""
+    on = f", {workers} worker{'s' if workers != 1 else ''}" if workers is not None else ""
+    return f"{train['epochs']} ep{batch}, {schedule}, lr {train['lr']:g}{stop}{on}"
 
 
 def _student(model: dict[str, Any], params: int, share: float) -> str:
@@ -45,7 +47,7 @@ def row(name: str, result: dict[str, Any]) -> list[str]:
         result.get("commit", "?"),
         _student(result["student_model"], test["student_kd"]["params"], result["params_share"]),
         f"{d['loss']}, {d['alpha']:g}, {d['temperature']:g}" + (", teacher init" if d.get("init_from_teacher") else ""),
-        _schedule(result["student_train"]),
+        _schedule(result["student_train"], result.get("workers")),
         f"{kd:.4f} ({kd / teacher:.1%})",
         f"{base:.4f} ({base / teacher:.1%})",
         f"{boot['gain']:+.1%} ({boot['ci95_low']:+.1%} to {boot['ci95_high']:+.1%})",
