@@ -22,7 +22,7 @@ from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
 from distill.config import load_config
 from distill.evaluate import model_scorer, per_user_ndcg
-from distill.export import load_model, read_export_meta
+from distill.export import check_export_fits_dataset, load_model
 from distill.metrics import paired_bootstrap_gain
 
 
@@ -32,10 +32,8 @@ def compare(cfg, reference: str, models: list[str], k: int = 10) -> dict:
     test = read_split(layout.data, "test", storage, dataset)
     per_user, out = {}, {"reference": reference, "users": test.num_rows, "models": {}}
     for folder in [reference, *models]:
-        meta = read_export_meta(folder, storage)
-        if meta.get("dataset_fingerprint", dataset["fingerprint"]) != dataset["fingerprint"]:
-            raise ValueError(f"{folder}: trained on another dataset than {layout.data}")
-        model, _ = load_model(folder, storage)
+        model, meta = load_model(folder, storage)
+        check_export_fits_dataset(meta, dataset, folder)
         per_user[folder] = per_user_ndcg(model_scorer(model, model.cfg.max_len), test, dataset["num_items"], k=k)
         out["models"][folder] = {f"ndcg@{k}": float(per_user[folder].mean()), "params": meta.get("params"),
                                  "role": meta.get("role"), "distill": meta.get("distill")}

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from cluster import distill, evaluate
+from cluster.common import teacher_url
 from cluster.pipeline import training_complete
-from cluster.precompute import teacher_url
 from data_pipeline import fsio
 from bench.compare_students import compare
 from data_pipeline.layout import RunLayout

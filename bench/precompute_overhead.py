@@ -19,8 +19,7 @@ from pathlib import Path
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import require_dataset
-from cluster.precompute import teacher_url
+from cluster.common import require_dataset, teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store

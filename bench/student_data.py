@@ -37,13 +37,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from cluster.common import require_dataset
+from cluster.common import require_dataset, teacher_url
 from cluster.ray_setup import start_local_ray
-from cluster.precompute import teacher_url
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import StreamingReader, prefetch_iter
+from data_pipeline.streaming import BlockRef, StreamingReader, prefetch_iter
 from distill.config import load_config
 from distill.evaluate import evaluate_split, model_scorer
 from distill.export import load_model
@@ -52,15 +51,14 @@ from distill.model import PAD_ID, SequentialRecommender
 from distill.student_training import PositionLogits, StudentBatch, batch_from_store, training_blocks
 
 
-def _reader(cfg, manifest) -> StreamingReader:
-    blocks, _ = training_blocks(cfg, None, manifest)  # the same blocks as the training loop's
+def _reader(cfg, blocks: list[BlockRef]) -> StreamingReader:
     d = cfg.distill
     return StreamingReader(blocks, None, d.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed,
                            0, 1, cfg.data.storage_options, d.prefetch_blocks)
 
 
-def reader_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
-    reader, rows, started = _reader(cfg, manifest), 0, time.perf_counter()
+def reader_rows_per_second(cfg, blocks: list[BlockRef], spec, decode: bool) -> float:
+    reader, rows, started = _reader(cfg, blocks), 0, time.perf_counter()
     for _, table in reader.iter_epoch(0):
         rows += table.num_rows
         if decode:
@@ -68,10 +66,10 @@ def reader_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
     return rows / (time.perf_counter() - started)
 
 
-def ray_data_rows_per_second(cfg, manifest, spec, decode: bool) -> float:
+def ray_data_rows_per_second(cfg, blocks: list[BlockRef], spec, decode: bool) -> float:
     import ray
 
-    ds = ray.data.read_parquet(list(dict.fromkeys(block.file for block in training_blocks(cfg, None, manifest)[0])))
+    ds = ray.data.read_parquet(list(dict.fromkeys(block.file for block in blocks)))
     rows, started = 0, time.perf_counter()
     # iter_torch_batches cannot build tensors from ragged list columns; pyarrow batches + our decode can.
     for table in ds.iter_batches(batch_size=cfg.student.train.batch_size, batch_format="pyarrow",
@@ -143,6 +141,7 @@ def main() -> None:
     valid = read_split(layout.data, "valid", storage, dataset)
     manifest = store.load_store_manifest(layout.soft_labels, storage)
     spec = store.manifest_spec(manifest)
+    blocks, _ = training_blocks(cfg, None, manifest)  # the same blocks as the training loop's
     teacher, _ = load_model(teacher_url(cfg), storage)
     torch.set_num_threads(1)
     max_steps = args.max_steps or 10**9
@@ -154,13 +153,13 @@ def main() -> None:
     throughput = {}
     for decode in (False, True):
         key = "to_tensors" if decode else "tables"
-        ours = max(reader_rows_per_second(cfg, manifest, spec, decode) for _ in range(args.repeats))
-        theirs = max(ray_data_rows_per_second(cfg, manifest, spec, decode) for _ in range(args.repeats))
+        ours = max(reader_rows_per_second(cfg, blocks, spec, decode) for _ in range(args.repeats))
+        theirs = max(ray_data_rows_per_second(cfg, blocks, spec, decode) for _ in range(args.repeats))
         throughput[key] = {"reader_rows_per_s": ours, "ray_data_rows_per_s": theirs, "reader_over_ray_data": ours / theirs}
     ray.shutdown()
 
     def streaming() -> Iterable[StudentBatch]:  # as student_train_loop: read + decode on a background thread
-        reader = _reader(cfg, manifest)
+        reader = _reader(cfg, blocks)
         tables = (t for epoch in range(args.epochs) for _, t in reader.iter_epoch(epoch))
         return prefetch_iter((batch_from_store(t, spec, max_len) for t in tables), cfg.distill.prefetch_blocks)
 

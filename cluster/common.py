@@ -33,6 +33,17 @@ def save_resolved_config(cfg: Config) -> None:
     fsio.atomic_write_bytes(RunLayout(cfg.run.run_dir).config, text.encode(), cfg.data.storage_options)
 
 
+def teacher_url(cfg: Config) -> str:
+    """The run's teacher: ``teacher.checkpoint`` when given (an export trained elsewhere), else this run's own."""
+    return cfg.teacher.checkpoint or RunLayout(cfg.run.run_dir).teacher
+
+
+def model_exports(cfg: Config) -> dict[str, str]:
+    """Report name -> export folder of every trained model a run evaluates and reports on."""
+    layout = RunLayout(cfg.run.run_dir)
+    return {"teacher": teacher_url(cfg), "student_kd": layout.student, "student_baseline": layout.baseline}
+
+
 def require_dataset(cfg: Config) -> dict[str, Any]:
     """The prepared dataset's manifest; checks config values that depend on the catalog size."""
     manifest = load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import refuse_other_settings, require_dataset, save_resolved_config
-from cluster.precompute import teacher_url
+from cluster.common import refuse_other_settings, require_dataset, save_resolved_config, teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import soft_labels
 from data_pipeline.layout import RunLayout

@@ -1,7 +1,8 @@
 """``recdistill evaluate``: full-ranking test metrics of every model present in run_dir.
 
-Always the popularity baseline; the teacher, the distilled student and the baseline
-student when their exports exist. Writes ``run_dir/report/metrics.json``.
+Always the popularity baseline; the teacher (``teacher.checkpoint`` when given), the
+distilled student and the baseline student when their exports exist. A model trained on
+another dataset is refused by name. Writes ``run_dir/report/metrics.json``.
 """
 
 from __future__ import annotations
@@ -11,18 +12,15 @@ from typing import Any
 
 import torch
 
-from cluster.common import require_dataset, save_resolved_config
+from cluster.common import model_exports, require_dataset, save_resolved_config
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from distill.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
-from distill.export import ExportError, load_model
+from distill.export import ExportError, check_export_fits_dataset, load_model
 
 log = logging.getLogger(__name__)
-
-# report name -> where its export lives in the run layout
-MODEL_EXPORTS = {"teacher": "teacher", "student_kd": "student", "student_baseline": "baseline"}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -41,11 +39,12 @@ def run(cfg: Config) -> dict[str, Any]:
     popularity = popularity_scorer(counts)
     results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
-    for name, folder in MODEL_EXPORTS.items():
+    for name, folder in model_exports(cfg).items():
         try:
-            model, meta = load_model(getattr(layout, folder), storage)
+            model, meta = load_model(folder, storage)
         except ExportError:
             continue  # not trained (yet) in this run
+        check_export_fits_dataset(meta, manifest, folder)
         model.to(device)
         scorer = model_scorer(model, meta["model"]["max_len"])
         scores = evaluate_split(scorer, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)

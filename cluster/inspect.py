@@ -6,7 +6,7 @@ also come from that teacher.
 
 from __future__ import annotations
 
-from cluster.precompute import teacher_url
+from cluster.common import teacher_url
 from data_pipeline import soft_labels
 from distill.config import Config
 from distill.export import ExportError, read_export_meta

@@ -7,7 +7,7 @@ import logging
 import time
 
 from cluster import distill, evaluate, precompute, prepare, report, train_teacher
-from cluster.common import recorded_stage
+from cluster.common import recorded_stage, teacher_url
 from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest
@@ -69,7 +69,7 @@ def run(cfg: Config) -> dict[str, float]:
 
     stage("prepare", _dataset(cfg) is not None, prepare.run, cfg)
     dataset = _dataset(cfg)
-    teacher_at = precompute.teacher_url(cfg)
+    teacher_at = teacher_url(cfg)
     stage("train-teacher", cfg.teacher.checkpoint is not None or training_complete(layout.teacher, cfg, "teacher"), train_teacher.run, cfg)
     teacher = _export(teacher_at, cfg)
     if teacher is None:

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import require_dataset, save_resolved_config
+from cluster.common import require_dataset, save_resolved_config, teacher_url
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import soft_labels
 from data_pipeline.layout import RunLayout
 from distill.config import Config
-from distill.export import verify_export
-from distill.precompute import check_teacher_fits_dataset, precompute_loop
-
-
-def teacher_url(cfg: Config) -> str:
-    """The teacher to label with: ``teacher.checkpoint`` when given, else this run's trained teacher."""
-    return cfg.teacher.checkpoint or RunLayout(cfg.run.run_dir).teacher
+from distill.export import check_export_fits_dataset, verify_export
+from distill.precompute import precompute_loop
 
 
 def run(cfg: Config) -> dict:
@@ -24,7 +19,7 @@ def run(cfg: Config) -> dict:
     save_resolved_config(cfg)
     dataset = require_dataset(cfg)
     # Refuse a teacher from another dataset here, before any worker starts.
-    check_teacher_fits_dataset(verify_export(teacher_url(cfg), cfg.data.storage_options), dataset, teacher_url(cfg))
+    check_export_fits_dataset(verify_export(teacher_url(cfg), cfg.data.storage_options), dataset, teacher_url(cfg))
     ensure_ray(cfg)
     trainer = TorchTrainer(
         precompute_loop,

@@ -14,12 +14,12 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cluster.common import model_exports  # noqa: E402
 from data_pipeline import fsio  # noqa: E402
 from data_pipeline.layout import RunLayout  # noqa: E402
 from distill.config import Config  # noqa: E402
 
 LABELS = {"teacher": "teacher", "student_kd": "distilled student", "student_baseline": "baseline student", "popularity": "popularity"}
-HISTORIES = {"teacher": "teacher", "student_kd": "student", "student_baseline": "baseline"}
 
 
 def verdict(models: dict[str, Any], k: int = 10) -> str:
@@ -95,8 +95,8 @@ def run(cfg: Config) -> str:
         raise FileNotFoundError(f"{layout.metrics} is missing: run `recdistill evaluate` first")
     models = metrics["models"]
     histories = {}
-    for name, folder in HISTORIES.items():
-        saved = _read_json(fsio.join(getattr(layout, folder), "history.json"), storage)
+    for name, folder in model_exports(cfg).items():
+        saved = _read_json(fsio.join(folder, "history.json"), storage)
         if saved:
             histories[name] = saved["history"]
     timings = _read_json(fsio.join(layout.report, "timings.json"), storage) or {}

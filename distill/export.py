@@ -37,6 +37,21 @@ def _fingerprint(weights: bytes, model_cfg: dict[str, Any], num_items: int) -> s
     return h.hexdigest()
 
 
+def check_export_fits_dataset(meta: dict[str, Any], dataset_manifest: dict[str, Any], url: str) -> None:
+    """Refuse an export that scores another catalog or was trained on another dataset (it would rank the wrong items).
+
+    ``meta`` is the export's metadata. An export without a ``dataset_fingerprint`` (one written
+    by ``save_export`` outside the training stages) is checked on its catalog size alone.
+    """
+    if meta["num_items"] != dataset_manifest["num_items"]:
+        raise ExportError(f"model at {url} scores {meta['num_items']} items but the dataset has {dataset_manifest['num_items']}")
+    trained_on = meta.get("dataset_fingerprint")
+    if trained_on and trained_on != dataset_manifest["fingerprint"]:
+        raise ExportError(
+            f"model at {url} was trained on dataset {trained_on[:12]}…, but this run's dataset is {dataset_manifest['fingerprint'][:12]}…"
+        )
+
+
 def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Check the weights against the recorded fingerprint, streaming (no tensors loaded); returns the metadata."""
     meta = read_export_meta(url, storage_options)

@@ -233,6 +233,7 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
     from data_pipeline.dataset import load_manifest, read_split
     from data_pipeline.layout import RunLayout
     from distill.config import build_config
+    from distill.export import check_export_fits_dataset
     from distill.runtime import select_runtime
     from distill.teacher_hosting import ShardedTeacher
     from distill.teacher_training import worker_device
@@ -252,7 +253,7 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
 
     manifest = load_manifest(layout.data, storage)
     teacher = ShardedTeacher(teacher_url, storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16, device=worker_device(runtime))
-    check_teacher_fits_dataset(teacher.meta, manifest, teacher_url)
+    check_export_fits_dataset(teacher.meta, manifest, teacher_url)
     users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
     plans = plan_shards(sequences, pcfg.rows_per_shard)
     spec = store.StoreSpec(
@@ -298,17 +299,3 @@ def precompute_loop(loop_config: dict[str, Any]) -> None:
                 json.dump(metrics, f)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def check_teacher_fits_dataset(teacher_meta: dict[str, Any], dataset_manifest: dict[str, Any], teacher_url: str) -> None:
-    """A teacher trained on another dataset would label the wrong items: refuse it."""
-    if teacher_meta["num_items"] != dataset_manifest["num_items"]:
-        raise ValueError(
-            f"teacher at {teacher_url} scores {teacher_meta['num_items']} items but the dataset has {dataset_manifest['num_items']}"
-        )
-    trained_on = teacher_meta.get("dataset_fingerprint")
-    if trained_on and trained_on != dataset_manifest["fingerprint"]:
-        raise ValueError(
-            f"teacher at {teacher_url} was trained on dataset {trained_on[:12]}…, "
-            f"but this run's dataset is {dataset_manifest['fingerprint'][:12]}…"
-        )

@@ -65,3 +65,15 @@ def test_tampered_weights_are_refused(tmp_path):
 def test_missing_export_names_the_url(tmp_path):
     with pytest.raises(ExportError, match=str(tmp_path / "nothing")):
         read_export_meta(str(tmp_path / "nothing"))
+
+
+def test_an_export_from_another_catalog_or_dataset_does_not_fit():
+    from distill.export import check_export_fits_dataset
+
+    dataset = {"num_items": 30, "fingerprint": "a" * 64}
+    check_export_fits_dataset({"num_items": 30, "dataset_fingerprint": "a" * 64}, dataset, "runs/x/teacher")
+    check_export_fits_dataset({"num_items": 30}, dataset, "runs/x/teacher")  # no provenance: the catalog size decides
+    with pytest.raises(ExportError, match="runs/x/teacher scores 31 items but the dataset has 30"):
+        check_export_fits_dataset({"num_items": 31, "dataset_fingerprint": "a" * 64}, dataset, "runs/x/teacher")
+    with pytest.raises(ExportError, match="runs/x/teacher was trained on dataset bbbbbbbbbbbb"):
+        check_export_fits_dataset({"num_items": 30, "dataset_fingerprint": "b" * 64}, dataset, "runs/x/teacher")
