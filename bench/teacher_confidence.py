@@ -114,6 +114,8 @@ def main() -> None:
         "overrides": args.overrides,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "teacher": teacher_url(cfg),
+        "teacher_fingerprint": store.load_store_manifest(RunLayout(cfg.run.run_dir).soft_labels,
+                                                         cfg.data.storage_options)["teacher_fingerprint"],
         "note": "mean_p_target counts 0 for a target outside the teacher's top-k (the store keeps no more), in every row",
         "train_positions": train,
         "valid": held_out(cfg, "valid", train["k"]),
