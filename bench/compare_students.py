@@ -20,9 +20,10 @@ from pathlib import Path
 
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
-from distill.config import load_config
+from cluster.config import load_config
 from distill.evaluate import model_scorer, per_user_ndcg
-from distill.export import check_export_fits_dataset, load_model
+from data_pipeline.exports import check_export_fits_dataset
+from cluster.models import load_model
 from distill.metrics import paired_bootstrap_gain
 
 

@@ -24,8 +24,8 @@ from cluster.pipeline import training_complete
 from data_pipeline import fsio
 from bench.compare_students import compare
 from data_pipeline.layout import RunLayout
-from distill.config import load_config
-from distill.export import read_export_meta
+from cluster.config import load_config
+from data_pipeline.exports import read_export_meta
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_conf
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.layout import RunLayout
-from distill.config import ModelConfig, load_config
-from distill.export import read_export_meta
+from cluster.config import load_config
+from distill.config import ModelConfig
+from data_pipeline.exports import read_export_meta
 from distill.sizing import count_parameters
-from distill.precompute import precompute_loop
+from cluster.precompute import precompute_loop
 
 
 def _teacher_summary(cfg) -> dict:

@@ -43,12 +43,13 @@ from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import BlockRef, StreamingReader, prefetch_iter
-from distill.config import load_config
+from cluster.config import load_config
 from distill.evaluate import evaluate_split, model_scorer
-from distill.export import load_model
+from cluster.models import load_model
 from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
-from distill.student_training import PositionLogits, StudentBatch, batch_from_store, training_blocks
+from cluster.student_batches import StudentBatch, batch_from_store, training_blocks
+from distill.training import PositionLogits
 
 
 def _reader(cfg, blocks: list[BlockRef]) -> StreamingReader:

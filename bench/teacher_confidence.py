@@ -28,9 +28,10 @@ from cluster.common import teacher_url
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
-from distill.config import load_config
+from cluster.config import load_config
 from distill.evaluate import left_pad_list_array
-from distill.export import check_export_fits_dataset, load_model
+from data_pipeline.exports import check_export_fits_dataset
+from cluster.models import load_model
 
 
 class FitStats:

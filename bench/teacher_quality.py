@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster import evaluate, prepare, train_teacher
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
-from distill.config import load_config
+from cluster.config import load_config
 
 
 def main() -> None:

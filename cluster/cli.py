@@ -15,8 +15,8 @@ from typing import Callable
 
 from data_pipeline.ingest import DataError
 from data_pipeline.soft_labels import SoftLabelError
-from distill.config import Config, ConfigError, load_config
-from distill.export import ExportError
+from cluster.config import Config, ConfigError, load_config
+from data_pipeline.exports import ExportError
 
 # stage name -> (module in cluster/, one-line help). Modules are imported lazily so that
 # `--help` stays fast and a stage's heavy dependencies load only when it runs.
@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("cluster.distill", "Train the student from the soft-label store (or --baseline: without the teacher)."),
     "evaluate": ("cluster.evaluate", "Full-ranking HR@K/NDCG@K of every model present; write run_dir/report/metrics.json."),
     "pipeline": ("cluster.pipeline", "Run every stage in order, skipping the ones already done."),
+    "plan": ("cluster.show_plan", "Print the run plan (inputs, storage layout, what each stage will do, problems); starts nothing."),
     "inspect": ("cluster.inspect", "Print a soft-label store's manifest and verify every shard's checksum and row count."),
 }
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":  # before the overrides, which take every remaining positional
             stage_parser.add_argument("url", help="Soft-label store URL (e.g. runs/tiny/soft_labels or s3://bucket/run/soft_labels).")
         _add_common(stage_parser)
+        if name == "plan":
+            stage_parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
         if name == "distill":
             stage_parser.add_argument(
                 "--baseline", action="store_true", help="Train the identical student without the teacher (alpha=1)."
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs: dict[str, object] = {"baseline": True} if getattr(args, "baseline", False) else {}
     if args.stage == "inspect":
         kwargs["url"] = args.url
+    if args.stage == "plan":
+        kwargs["as_json"] = args.json
     try:
         stage_function(args.stage)(cfg, **kwargs)
     except (ConfigError, DataError, ExportError, SoftLabelError) as exc:

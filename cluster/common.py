@@ -1,5 +1,5 @@
-"""Small helpers every stage uses: the resolved config on disk, the dataset check, and the
-check that a stage's folder was not left by other training settings."""
+"""Small helpers every stage uses: the resolved config on disk, where the run's models are,
+and a training stage's recorded progress."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 import yaml
 
 from data_pipeline import fsio
-from data_pipeline.dataset import load_manifest
 from data_pipeline.layout import RunLayout
-from distill.config import Config, ConfigError, stage_fingerprint
+from cluster.config import Config
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
@@ -44,34 +43,9 @@ def model_exports(cfg: Config) -> dict[str, str]:
     return {"teacher": teacher_url(cfg), "student_kd": layout.student, "student_baseline": layout.baseline}
 
 
-def require_dataset(cfg: Config) -> dict[str, Any]:
-    """The prepared dataset's manifest; checks config values that depend on the catalog size."""
-    manifest = load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)
-    cfg.check_catalog(manifest["num_items"])
-    return manifest
-
-
 def recorded_stage(cfg: Config, folder: str) -> dict[str, Any] | None:
     """A stage's ``history.json`` (epochs, stage fingerprint, ``complete``), or None before its first epoch."""
     try:
         return fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
     except FileNotFoundError:
         return None
-
-
-def refuse_other_settings(cfg: Config, folder: str, stage: str, teacher_fingerprint: str | None = None) -> None:
-    """Before starting workers: ``folder`` (and the checkpoints beside it) must not come from other training settings.
-
-    Ray Train resumes a run of the same name from its last checkpoint; a student or teacher
-    of another size, loss or seed must not be continued as if it were this one.
-    """
-    progress = recorded_stage(cfg, folder)
-    if progress is None:
-        return
-    recorded, expected = progress.get("stage_fingerprint"), stage_fingerprint(cfg, stage, teacher_fingerprint)
-    if recorded is not None and recorded != expected:
-        raise ConfigError(
-            f"{folder} holds a {stage} trained with other settings (stage fingerprint {recorded}, this config's "
-            f"{expected}), and its checkpoints under {fsio.join(cfg.run.run_dir, 'ray', stage)} would be resumed. "
-            "Use another run.run_dir, or delete both to train this one from scratch"
-        )

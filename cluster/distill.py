@@ -1,4 +1,11 @@
-"""``recdistill distill [--baseline]``: train the student on Ray Train workers (DDP, elastic).
+"""``recdistill distill [--baseline]``: the student's recipe, on Ray Train workers (DDP; elastic).
+
+Data comes from the soft-label store (distillation) or from the dataset's training
+split (the baseline, alpha = 1, no teacher), streamed by
+:class:`data_pipeline.streaming.StreamingReader`: the global batch of step s in
+epoch e is a pure function of (seed, e, s), whatever the worker count, so the
+resume state is just (epoch, step) plus model, optimiser and RNG state. After a
+restart at another worker count the epoch continues with every row used once.
 
 The store is checked against this run (teacher, dataset, catalog) on the driver,
 before any worker starts.
@@ -6,45 +13,235 @@ before any worker starts.
 
 from __future__ import annotations
 
-from ray.train.torch import TorchTrainer
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any, Optional
 
-from cluster.common import refuse_other_settings, require_dataset, save_resolved_config, teacher_url
-from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+import numpy as np
+import torch
+
+from cluster.common import save_resolved_config
+from cluster.config import Config, build_config, stage_fingerprint
+from cluster.engine import RayTrainContext, WorkerContext
+from cluster.models import save_model
+from cluster.plan import RunPlan, build_plan
+from cluster.runtime import select_runtime
+from cluster.student_batches import batch_from_dataset, batch_from_store, training_blocks
+from data_pipeline import fsio
 from data_pipeline import soft_labels
+from data_pipeline.dataset import load_manifest, read_split, train_item_counts
+from data_pipeline.exports import read_export_meta, read_export_tensor
 from data_pipeline.layout import RunLayout
-from data_pipeline.streaming import check_batch_fill
-from distill.config import Config, ConfigError
-from distill.export import read_export_meta
-from distill.student_training import student_train_loop, training_blocks
+from data_pipeline.streaming import PrefetchIterator, StreamingReader, prefetch_iter
+from distill.losses import distillation_loss
+from distill.model import PAD_ID, SequentialRecommender
+from distill.sizing import count_parameters
+from distill.teacher_init import init_item_table_from_teacher
+from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "student_state.json"
+WEIGHTS_FILE = "student.pt"
 
 
-def run(cfg: Config, baseline: bool = False) -> dict:
+def student_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``; see :func:`train_student_worker`."""
+    train_student_worker(loop_config, RayTrainContext())
+
+
+def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
+    """One worker's share of a student's training; ``loop_config = {"config", "baseline", "soft_manifest", "teacher_url"}``."""
+    import torch.distributed as dist
+
+    cfg: Config = build_config(loop_config["config"])
+    baseline: bool = loop_config["baseline"]
+    rank, world = ctx.rank, ctx.world_size
+    runtime = select_runtime(cfg.run.device, cfg.student.bf16)
+    device = ctx.device(runtime.use_gpu)
     layout = RunLayout(cfg.run.run_dir)
-    baseline = baseline or cfg.distill.alpha >= 1.0
-    save_resolved_config(cfg)
-    dataset = require_dataset(cfg)
-    soft_manifest = None
-    if baseline:
-        refuse_other_settings(cfg, layout.baseline, "baseline")
-    else:
-        teacher = read_export_meta(teacher_url(cfg), cfg.data.storage_options)
-        refuse_other_settings(cfg, layout.student, "student", teacher["fingerprint"])
-        if cfg.distill.init_from_teacher and teacher["model"].get("item_dims"):
-            raise ConfigError("distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
-        soft_manifest = soft_labels.load_store_manifest(
-            layout.soft_labels,
-            cfg.data.storage_options,
-            expect_teacher=teacher["fingerprint"],
-            expect_dataset=dataset["fingerprint"],
-            expect_num_items=dataset["num_items"],
+    storage = cfg.data.storage_options
+    mcfg, tcfg, dcfg = cfg.student.model, cfg.student.train, cfg.distill
+    out_url = layout.baseline if baseline else layout.student
+
+    dataset = load_manifest(layout.data, storage)
+    num_items = dataset["num_items"]
+    valid = read_split(layout.data, "valid", storage, dataset)
+    soft_manifest = None if baseline else loop_config["soft_manifest"]
+    spec = None if baseline else soft_labels.StoreSpec.from_dict(soft_manifest["spec"])
+    blocks, columns = training_blocks(cfg, dataset, soft_manifest)
+    reader = StreamingReader(
+        blocks, columns, dcfg.num_virtual_shards, tcfg.batch_size, cfg.run.seed, rank, world, storage, dcfg.prefetch_blocks
+    )
+
+    torch.manual_seed(cfg.run.seed)
+    model = SequentialRecommender(mcfg, num_items)
+    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
+    restored = ctx.restore_checkpoint()
+    if not baseline and dcfg.init_from_teacher and restored is None:
+        # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
+        init_item_table_from_teacher(model, read_export_tensor(loop_config["teacher_url"], "item_emb.weight", storage))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
+    state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
+             "stage_fingerprint": stage_fp}
+    if restored is not None:
+        try:
+            with open(os.path.join(restored.local_dir, STATE_FILE)) as f:
+                saved = json.load(f)
+            check_checkpoint_stage(saved, stage_fp, restored.origin)
+            blob = torch.load(os.path.join(restored.local_dir, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        finally:
+            shutil.rmtree(restored.local_dir, ignore_errors=True)
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"])
+        saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
+        state = {**saved, "stage_fingerprint": stage_fp}
+        log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
+    model.to(device)
+    position_logits = PositionLogits(model, bf16=runtime.bf16)
+    forward = ctx.wrap_data_parallel(position_logits)
+    if rank == 0:
+        log.info("student on %s (%s), %s forward", device, runtime.backend, "bf16-autocast" if runtime.bf16 else "fp32")
+    attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
+    attempt_id = _broadcast_object(attempt, dist) if world > 1 else attempt
+    params = count_parameters(mcfg, num_items)
+    kd_options = {"K": dcfg.ranking_top} if dcfg.loss == "ranking" else {}
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, os.path.join(tmp, WEIGHTS_FILE))
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump({**state, "world_size": world}, f)
+            ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
+
+    to_batch = (lambda t: batch_from_dataset(t, mcfg.max_len)) if baseline else (lambda t: batch_from_store(t, spec, mcfg.max_len))
+
+    def epoch_batches(epoch: int, start_step: int) -> PrefetchIterator:
+        # Reading and decoding the next batches runs beside the step, on a background thread.
+        return prefetch_iter(((step, to_batch(t)) for step, t in reader.iter_epoch(epoch, start_step)), dcfg.prefetch_blocks)
+
+    # The lr is a pure function of the global step; steps per epoch can differ between epochs (the reader's plan).
+    steps_before = np.cumsum([0] + [reader.steps_per_epoch(e) for e in range(tcfg.epochs)]).tolist()
+
+    def set_lr(epoch: int, step: int) -> None:
+        ratio = lr_ratio(steps_before[epoch] + step, steps_before[-1], tcfg.warmup_steps, tcfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * ratio
+
+    batches = epoch_batches(state["epoch"], state["step"]) if state["epoch"] < tcfg.epochs else None
+    for epoch in range(state["epoch"], tcfg.epochs):
+        started, losses = time.perf_counter(), []
+        forward.train()
+        for step, batch in batches:
+            logits = forward(batch.inputs.to(device))
+            targets = batch.targets[batch.inputs != PAD_ID].to(device)
+            soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None
+            alpha = 1.0 if baseline else dcfg.alpha
+            loss_sum, count, _ = distillation_loss(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, **kd_options)
+            global_count = torch.as_tensor(float(count), device=device)
+            if world > 1:
+                dist.all_reduce(global_count)
+            # Sum over the global batch / its size; DDP averages gradients over ranks, hence * world.
+            loss = loss_sum * world / global_count.clamp(min=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            set_lr(epoch, step)
+            optimizer.step()
+            losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
+            if dcfg.log_consumed:
+                _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
+            state["step"] = step + 1
+            if state["step"] % dcfg.checkpoint_every_steps == 0 and state["step"] < reader.steps_per_epoch(epoch):
+                save_and_report({"epoch": epoch, "step": state["step"], "workers": world, "train_loss": float(np.mean(losses))})
+        # Start the next epoch's reads now: its first blocks arrive while validation runs.
+        batches = epoch_batches(epoch + 1, 0) if epoch + 1 < tcfg.epochs else None
+        forward.eval()
+        metrics = distributed_ranking_eval(
+            model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
         )
-    # Before any worker starts: a layout that cannot fill the global batch is refused here.
-    blocks, _ = training_blocks(cfg, dataset, soft_manifest)
-    check_batch_fill(blocks, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
+                  "train_seconds": time.perf_counter() - started, "workers": world, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"val_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        if rank == 0:
+            log.info("%s epoch %d: train loss %.4f, val NDCG@10 %.4f, %.1f s on %d workers", "baseline" if baseline else "student",
+                     epoch + 1, record["train_loss"], metrics["ndcg@10"], record["train_seconds"], world)
+        if metrics["ndcg@10"] > state["best_ndcg"]:
+            state["best_ndcg"] = metrics["ndcg@10"]
+            if rank == 0:
+                info = {"role": "baseline" if baseline else "student", "params": params, "epoch": epoch + 1, "valid": metrics,
+                        "dataset_fingerprint": dataset["fingerprint"],
+                        "distill": None if baseline else {**dcfg.model_dump(mode="json"), "teacher_fingerprint": soft_manifest["teacher_fingerprint"]}}
+                save_model(out_url, model.state_dict(), mcfg, num_items, info, storage)
+        state.update(epoch=epoch + 1, step=0)
+        if rank == 0:
+            fsio.write_json_atomic(fsio.join(out_url, "history.json"),
+                                   {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp}, storage)
+        save_and_report({**record, "best_val_ndcg@10": state["best_ndcg"]})
+        if tcfg.patience and len(state["history"]) > tcfg.patience:
+            recent = [h["val_ndcg@10"] for h in state["history"][-tcfg.patience:]]
+            if max(recent) < state["best_ndcg"]:
+                log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+                break
+    if batches is not None:
+        batches.close()  # stopped early: the next epoch's reader was already running
+    if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
+        fsio.write_json_atomic(fsio.join(out_url, "history.json"),
+                               {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp,
+                                "complete": True}, storage)
+
+
+def _broadcast_object(obj: Any, dist) -> Any:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _log_consumed(out_url: str, storage, attempt: str, epoch: int, step: int, rank: int, world: int, rows: list[int]) -> None:
+    """Append-only audit record of the rows this worker trained on at (epoch, step)."""
+    record = json.dumps({"attempt": attempt, "epoch": epoch, "step": step, "rank": rank, "world": world, "rows": rows})
+    fs, path = fsio.get_fs(fsio.join(out_url, "consumed", f"{attempt}-rank{rank}.jsonl"), storage)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "a") as f:
+        f.write(record + "\n")
+
+
+def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> dict:
+    # Ray is imported here, on the driver: the worker part above runs without it.
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+
+    baseline = baseline or cfg.distill.alpha >= 1.0
+    name = "distill --baseline" if baseline else "distill"
+    plan = plan or build_plan(cfg)
+    plan.require(name)
+    stage = plan.stage(name)
+    layout = RunLayout(cfg.run.run_dir)
+    save_resolved_config(cfg)
+    # Every file the reader will stream is listed now (Parquet footers against the manifests' row counts),
+    # so a missing or replaced file is refused before any worker starts.
+    blocks, _ = training_blocks(cfg, plan.dataset, None if baseline else plan.store)
+    print(f"{name}: {stage.action} on {stage.workers} workers; {sum(b.num_rows for b in blocks):,} rows in {len(blocks)} "
+          f"row groups, global batch {cfg.student.train.batch_size} over {cfg.distill.num_virtual_shards} virtual shards "
+          f"(fill {plan.layout.fill.get('baseline' if baseline else 'distill', float('nan')):.0%}) -> {stage.writes}", flush=True)
     ensure_ray(cfg)
     trainer = TorchTrainer(
         student_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": soft_manifest, "teacher_url": teacher_url(cfg)},
+        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": None if baseline else plan.store,
+                           "teacher_url": plan.teacher_url},
         scaling_config=scaling_config(cfg, elastic=True),
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="baseline" if baseline else "student"),

@@ -8,26 +8,30 @@ another dataset is refused by name. Writes ``run_dir/report/metrics.json``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from cluster.common import model_exports, require_dataset, save_resolved_config
+from cluster.common import model_exports, save_resolved_config
+from cluster.plan import RunPlan, build_plan
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
-from distill.config import Config
+from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
-from distill.export import ExportError, check_export_fits_dataset, load_model
+from data_pipeline.exports import ExportError, check_export_fits_dataset
+from cluster.models import load_model
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
+    plan = plan or build_plan(cfg)
+    plan.require("evaluate")
     layout = RunLayout(cfg.run.run_dir)
     storage = cfg.data.storage_options
     save_resolved_config(cfg)
-    manifest = require_dataset(cfg)
+    manifest = plan.dataset
     num_items = manifest["num_items"]
     test = read_split(layout.data, "test", storage, manifest)
     device = "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cluster.common import teacher_url
 from data_pipeline import soft_labels
-from distill.config import Config
-from distill.export import ExportError, read_export_meta
+from cluster.config import Config
+from data_pipeline.exports import ExportError, read_export_meta
 
 
 def run(cfg: Config, url: str) -> dict:

@@ -1,35 +1,37 @@
-"""``recdistill pipeline``: every stage in order, each skipped when its output already exists,
-so a re-submitted job continues where it stopped."""
+"""``recdistill pipeline``: every stage in order, each skipped when the plan says it is done,
+so a re-submitted job continues where it stopped.
+
+The whole chain is validated before the first stage: the run plan's problems for every
+stage are refused up front. Checks that need the data's counts (the catalog size, the
+storage layout) run right after ``prepare``, which runs on the driver: still before any
+Ray worker starts. The plan is rebuilt from the manifests after each stage, since each
+stage's output is the next one's input.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from cluster import distill, evaluate, precompute, prepare, report, train_teacher
-from cluster.common import recorded_stage, teacher_url
+from cluster.common import recorded_stage
+from cluster.config import Config, stage_fingerprint
+from cluster.plan import RunPlan, build_plan
 from data_pipeline import fsio
-from data_pipeline import soft_labels
-from data_pipeline.dataset import DataError, load_manifest
 from data_pipeline.layout import RunLayout
-from distill.config import Config, stage_fingerprint
-from distill.export import ExportError, read_export_meta
 
 log = logging.getLogger(__name__)
 
-
-def _dataset(cfg: Config):
-    try:
-        return load_manifest(RunLayout(cfg.run.run_dir).data, cfg.data.storage_options)
-    except DataError:
-        return None
-
-
-def _export(url: str, cfg: Config):
-    try:
-        return read_export_meta(url, cfg.data.storage_options)
-    except ExportError:
-        return None
+# stage name -> how to run it with the current plan
+STEPS: dict[str, Callable[[Config, RunPlan], object]] = {
+    "prepare": lambda cfg, plan: prepare.run(cfg, plan=plan),
+    "train-teacher": lambda cfg, plan: train_teacher.run(cfg, plan=plan),
+    "precompute": lambda cfg, plan: precompute.run(cfg, plan=plan),
+    "distill": lambda cfg, plan: distill.run(cfg, plan=plan),
+    "distill --baseline": lambda cfg, plan: distill.run(cfg, baseline=True, plan=plan),
+    "evaluate": lambda cfg, plan: evaluate.run(cfg, plan=plan),
+}
 
 
 def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: str | None = None) -> bool:
@@ -43,41 +45,23 @@ def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint:
     return bool(progress.get("complete")) and recorded in (None, stage_fingerprint(cfg, stage, teacher_fingerprint))
 
 
-def _store_ready(cfg: Config, teacher: dict, dataset: dict) -> bool:
-    try:
-        soft_labels.load_store_manifest(
-            RunLayout(cfg.run.run_dir).soft_labels, cfg.data.storage_options,
-            expect_teacher=teacher["fingerprint"], expect_dataset=dataset["fingerprint"], expect_num_items=dataset["num_items"],
-        )
-        return True
-    except soft_labels.SoftLabelError:
-        return False
-
-
 def run(cfg: Config) -> dict[str, float]:
     layout = RunLayout(cfg.run.run_dir)
     timings: dict[str, float] = {}
-
-    def stage(name: str, done: bool, fn, *args, **kwargs) -> None:
-        if done:
-            print(f"[pipeline] {name}: already done, skipping")
-            return
-        print(f"[pipeline] {name} ...", flush=True)
-        started = time.perf_counter()
-        fn(*args, **kwargs)
-        timings[name] = time.perf_counter() - started
-
-    stage("prepare", _dataset(cfg) is not None, prepare.run, cfg)
-    dataset = _dataset(cfg)
-    teacher_at = teacher_url(cfg)
-    stage("train-teacher", cfg.teacher.checkpoint is not None or training_complete(layout.teacher, cfg, "teacher"), train_teacher.run, cfg)
-    teacher = _export(teacher_at, cfg)
-    if teacher is None:
-        raise ExportError(f"no teacher export at {teacher_at}")
-    stage("precompute", _store_ready(cfg, teacher, dataset), precompute.run, cfg)
-    stage("distill", training_complete(layout.student, cfg, "student", teacher["fingerprint"]), distill.run, cfg)
-    stage("distill --baseline", training_complete(layout.baseline, cfg, "baseline"), distill.run, cfg, baseline=True)
-    stage("evaluate", False, evaluate.run, cfg)
+    plan = build_plan(cfg)
+    plan.check()  # anything that would fail at stage N fails here, before stage 1
+    for name, step in STEPS.items():
+        action = plan.stage(name).action
+        if action in ("done", "given"):
+            print(f"[pipeline] {name}: already done, skipping" if action == "done"
+                  else f"[pipeline] {name}: using teacher.checkpoint {plan.teacher_url}")
+        else:
+            print(f"[pipeline] {name} ...", flush=True)
+            started = time.perf_counter()
+            step(cfg, plan)
+            timings[name] = time.perf_counter() - started
+        plan = build_plan(cfg)  # this stage's output is the next one's input
+        plan.check()
     fsio.write_json_atomic(fsio.join(layout.report, "timings.json"), timings, cfg.data.storage_options)
     line = report.run(cfg)
     print(f"[pipeline] report: {fsio.join(layout.report, 'report.md')}")

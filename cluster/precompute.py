@@ -1,34 +1,338 @@
 """``recdistill precompute``: the exported teacher, hosted under ZeRO-3 on Ray Train workers,
-labels every training position once; soft labels go to run_dir/soft_labels."""
+labels every training position once; soft labels go to ``run_dir/soft_labels``.
+
+Work is planned in *shards* of consecutive training sequences (``precompute.rows_per_shard``
+sequences each), so shard boundaries never depend on the worker count. Worker r
+of W takes the not-yet-committed shards ``r::W``. The teacher is hosted under
+ZeRO-3, so all workers run their forwards in lockstep (a worker with nothing
+left runs a one-row dummy forward). A writer thread encodes and uploads each
+finished shard while the teacher computes the next batches.
+
+Re-running after a crash skips committed shards; per-shard sampling seeds and
+fixed per-shard batches make the values identical to an uninterrupted run.
+"""
 
 from __future__ import annotations
 
-from ray.train.torch import TorchTrainer
+import json
+import logging
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from cluster.common import require_dataset, save_resolved_config, teacher_url
-from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
-from data_pipeline import soft_labels
+import numpy as np
+import torch
+
+from cluster.common import save_resolved_config
+from cluster.plan import RunPlan, build_plan
+from cluster.config import Config, build_config
+from cluster.engine import RayTrainContext, WorkerContext
+from cluster.runtime import select_runtime
+from cluster.teacher_hosting import ShardedTeacher
+from data_pipeline import soft_labels as store
+from data_pipeline.dataset import load_manifest, read_split
+from data_pipeline.exports import check_export_fits_dataset, verify_export
 from data_pipeline.layout import RunLayout
-from distill.config import Config
-from distill.export import check_export_fits_dataset, verify_export
-from distill.precompute import precompute_loop
+from distill.sequences import left_pad
+from distill.training import training_sequences_with_users
+
+log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict:
+@dataclass
+class ShardPlan:
+    """The sequences of one shard and where its positions sit in the global example order."""
+
+    index: int
+    seq_indices: np.ndarray  # (R,) into the global sequence list
+    example_start: np.ndarray  # (R,) global id of each sequence's first position
+
+
+def plan_shards(sequences: list[np.ndarray], rows_per_shard: int) -> list[ShardPlan]:
+    """Consecutive runs of ``rows_per_shard`` sequences; example ids count positions in sequence order."""
+    positions = np.array([len(s) - 1 for s in sequences], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(positions)[:-1]]) if len(positions) else positions
+    plans = []
+    for index, begin in enumerate(range(0, len(sequences), rows_per_shard)):
+        rows = np.arange(begin, min(begin + rows_per_shard, len(sequences)))
+        plans.append(ShardPlan(index, rows, starts[rows]))
+    return plans
+
+
+def assign_shards(todo: list[int], rank: int, world: int) -> list[int]:
+    """Deterministic, worker-count-aware assignment of the remaining shards."""
+    return todo[rank::world]
+
+
+def shard_seed(seed: int, shard_index: int) -> int:
+    """Sampling seed of one shard: independent of which worker computes it, or when."""
+    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+
+
+@dataclass
+class TeacherOutputs:
+    """Per-sequence teacher outputs for one batch, positions oldest first."""
+
+    topk_ids: list[np.ndarray]  # each (n_i, k) int64
+    topk_logits: list[np.ndarray]  # each (n_i, k) float32
+    lse: list[np.ndarray]  # each (n_i,) float32
+    sampled: Optional[tuple[list, list, list]] = None
+
+
+def teacher_outputs(
+    logits: torch.Tensor, inputs: torch.Tensor, k: int, num_sampled: int, generator: Optional[torch.Generator]
+) -> TeacherOutputs:
+    """Top-k ids/logits, log-normaliser and sampled labels at every real position.
+
+    logits: (B, L, C) fp32 with column 0 = padding; inputs: (B, L) left-padded ids.
+    The padding column is excluded from top-k, the log-normaliser and sampling.
+    """
+    real = inputs != 0  # (B, L)
+    flat = logits[real][:, 1:]  # (P, C-1): row-major, so each sequence's positions stay in order
+    top_values, top_columns = flat.topk(k, dim=-1)
+    lse = torch.logsumexp(flat, dim=-1)
+    counts = real.sum(dim=1).tolist()
+    split = lambda t: [a.numpy() for a in torch.split(t, counts)]  # noqa: E731
+    sampled = None
+    if num_sampled:
+        padded = torch.nn.functional.pad(flat, (1, 0), value=torch.finfo(flat.dtype).min)
+        ids, cnts, vals = store.sample_soft_labels(padded, num_sampled, generator)
+        bounds = np.cumsum([0] + counts)
+        sampled = tuple([x[a:b] for a, b in zip(bounds[:-1], bounds[1:])] for x in (ids, cnts, vals))
+    return TeacherOutputs(split(top_columns + 1), split(top_values), split(lse), sampled)
+
+
+@dataclass
+class _ShardBuffer:
+    plan: ShardPlan
+    batches: list[tuple[np.ndarray, TeacherOutputs]] = field(default_factory=list)
+
+
+class ShardWriter:
+    """Encodes and commits finished shards on a background thread (bounded queue = bounded memory)."""
+
+    def __init__(self, store_url: str, spec: store.StoreSpec, provenance: dict[str, Any], row_group_size: int, storage_options):
+        self.store_url, self.spec, self.provenance = store_url, spec, provenance
+        self.row_group_size, self.storage_options = row_group_size, storage_options
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self.records: list[dict] = []
+        self.thread = threading.Thread(target=self._run, name="soft-label-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put((shard, users, sequences))
+
+    def close(self) -> list[dict]:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return self.records
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error:
+                continue  # drain: the main thread raises at its next submit/close
+            try:
+                self.records.append(self._write(*item))
+            except BaseException as exc:  # surfaced on the main thread
+                self.error = exc
+
+    def _write(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> dict:
+        rows = shard.plan.seq_indices
+        outs = [o for _, o in shard.batches]
+        cat = lambda name: [a for o in outs for a in getattr(o, name)]  # noqa: E731
+        sampled = None
+        if self.spec.num_sampled:
+            sampled = tuple([a for o in outs for a in o.sampled[i]] for i in range(3))
+        table = store.encode_rows(
+            self.spec,
+            seq_index=rows,
+            users=users[rows],
+            example_start=shard.plan.example_start,
+            inputs=[sequences[i][:-1] for i in rows],
+            targets=[sequences[i][1:] for i in rows],
+            topk_ids=cat("topk_ids"),
+            topk_logits=cat("topk_logits"),
+            lse=cat("lse"),
+            sampled=sampled,
+            shard_name=store.shard_name(shard.plan.index),
+        )
+        return store.write_shard(self.store_url, shard.plan.index, table, self.provenance, self.row_group_size, self.storage_options)
+
+
+def run_precompute(
+    teacher,
+    users: np.ndarray,
+    sequences: list[np.ndarray],
+    plans: list[ShardPlan],
+    todo: list[int],
+    spec: store.StoreSpec,
+    provenance: dict[str, Any],
+    store_url: str,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world: int,
+    row_group_size: int,
+    storage_options=None,
+    progress=None,
+    forward_only: bool = False,
+    labels_only: bool = False,
+) -> list[dict]:
+    """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records.
+
+    For the benchmark: ``forward_only`` runs the same teacher forwards and nothing else (the
+    reference time); ``labels_only`` also computes the soft labels but stores nothing.
+    """
+    mine = assign_shards(todo, rank, world)
+    # The number of forwards every rank runs: the largest share, in batches.
+    def batches_of(shards: list[int]) -> int:
+        return sum(math.ceil(len(plans[j].seq_indices) / batch_size) for j in shards)
+
+    steps = max(batches_of(assign_shards(todo, r, world)) for r in range(world)) if todo else 0
+    writer = ShardWriter(store_url, spec, provenance, row_group_size, storage_options)
+    tasks = [(j, b) for j in mine for b in range(0, len(plans[j].seq_indices), batch_size)]
+    current: Optional[_ShardBuffer] = None
+    generator = None
+    try:
+        for step in range(steps):
+            if step >= len(tasks):  # nothing left here: a dummy forward keeps ZeRO-3 in lockstep
+                teacher.logits_all(torch.ones(1, 1, dtype=torch.long))
+                continue
+            j, begin = tasks[step]
+            if current is None or current.plan.index != j:
+                current = _ShardBuffer(plans[j])
+                generator = torch.Generator().manual_seed(shard_seed(seed, j))
+            rows = plans[j].seq_indices[begin : begin + batch_size]
+            inputs = left_pad([sequences[i][:-1] for i in rows], max(len(sequences[i]) - 1 for i in rows))
+            logits = teacher.logits_all(inputs).cpu()
+            if forward_only:
+                continue
+            outputs = teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)
+            if labels_only:
+                continue
+            current.batches.append((rows, outputs))
+            if progress is not None:
+                progress(int((inputs != 0).sum()))
+            if begin + batch_size >= len(plans[j].seq_indices):
+                writer.submit(current, users, sequences)
+                current = None
+    finally:
+        records = writer.close()
+    return records
+
+
+def precompute_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker`` for ``recdistill precompute``."""
+    precompute_worker(loop_config, RayTrainContext())
+
+
+def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
+    """One worker's share of the labelling, under whatever engine ``ctx`` is."""
+    import deepspeed
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    cfg = build_config(loop_config["config"])
+    teacher_url = loop_config["teacher_url"]
+    forward_only, labels_only = loop_config.get("forward_only", False), loop_config.get("labels_only", False)
+    benchmark_only = forward_only or labels_only  # neither touches the store
+    rank, world = ctx.rank, ctx.world_size
+    runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
+    deepspeed.init_distributed(dist_backend=runtime.backend)
+    layout = RunLayout(cfg.run.run_dir)
+    storage = cfg.data.storage_options
+    pcfg = cfg.precompute
+
+    manifest = load_manifest(layout.data, storage)
+    teacher = ShardedTeacher(teacher_url, storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16, device=ctx.device(runtime.use_gpu))
+    check_export_fits_dataset(teacher.meta, manifest, teacher_url)
+    users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
+    # The store's layout was decided by the run plan (cluster.plan), from the counts, before any worker started.
+    rows_per_shard, row_group_size = loop_config["rows_per_shard"], loop_config["row_group_size"]
+    plans = plan_shards(sequences, rows_per_shard)
+    spec = store.StoreSpec(
+        num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled, max_len=teacher.model_cfg.max_len
+    )
+    # The sampling seed decides stored values, and the layout which rows a shard holds: a reusable
+    # shard must match both.
+    provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed,
+                  "layout": {"rows_per_shard": rows_per_shard, "row_group_size": row_group_size}}
+    done = {} if benchmark_only else store.committed_shards(layout.soft_labels, provenance, storage)
+    todo = [p.index for p in plans if p.index not in done]
+    if todo and not benchmark_only:
+        if rank == 0:
+            store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
+        dist.barrier()
+    total_positions = sum(len(sequences[i]) - 1 for j in todo for i in plans[j].seq_indices)
+    my_positions = sum(len(sequences[i]) - 1 for j in assign_shards(todo, rank, world) for i in plans[j].seq_indices)
+    if rank == 0:
+        log.info("precompute: %d shards, %d already committed, %d positions to go on %d workers", len(plans), len(done), total_positions, world)
+
+    started = time.perf_counter()
+    # Rank 0 shows its own share; the others run at the same pace (lockstep).
+    bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
+    run_precompute(
+        teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
+        rank, world, row_group_size, storage, progress=bar.update,
+        forward_only=forward_only, labels_only=labels_only,
+    )
+    bar.close()
+    dist.barrier()  # every shard is committed before the manifest
+    if rank == 0 and not benchmark_only:
+        records = store.committed_shards(layout.soft_labels, provenance, storage)
+        positions = sum(len(s) - 1 for s in sequences)
+        store.write_manifest(
+            layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(sequences), positions,
+            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
+            storage_options=storage,
+        )
+    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only}
+    # Ray Train V2 surfaces metrics of checkpointed reports only, so rank 0 attaches a tiny one.
+    with tempfile.TemporaryDirectory(prefix="recdistill-precompute-") as tmp:
+        if rank == 0:
+            with open(os.path.join(tmp, "timing.json"), "w") as f:
+                json.dump(metrics, f)
+        ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
+
+
+def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
+    # Ray is imported here, on the driver: the worker part above runs without it.
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+
+    plan = plan or build_plan(cfg)
+    plan.require("precompute")
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
-    dataset = require_dataset(cfg)
-    # Refuse a teacher from another dataset here, before any worker starts.
-    check_export_fits_dataset(verify_export(teacher_url(cfg), cfg.data.storage_options), dataset, teacher_url(cfg))
+    # The teacher's weights against its fingerprint (a full read), here, before any worker starts.
+    verify_export(plan.teacher_url, cfg.data.storage_options)
+    print(f"precompute: teacher {plan.teacher['fingerprint'][:12]} from {plan.teacher_url}; {plan.num_sequences:,} sequences "
+          f"in files of {plan.layout.store_rows_per_shard} and row groups of {plan.layout.store_row_group_size} "
+          f"({plan.layout.origin['precompute.row_group_size']}) on {cfg.scaling.num_workers} workers", flush=True)
     ensure_ray(cfg)
     trainer = TorchTrainer(
         precompute_loop,
-        train_loop_config={"config": cfg.to_dict(), "teacher_url": teacher_url(cfg)},
+        train_loop_config={"config": cfg.to_dict(), "teacher_url": plan.teacher_url,
+                           "rows_per_shard": plan.layout.store_rows_per_shard, "row_group_size": plan.layout.store_row_group_size},
         scaling_config=scaling_config(cfg),
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="precompute"),
     )
     trainer.fit()
-    manifest = soft_labels.load_store_manifest(layout.soft_labels, cfg.data.storage_options)
-    print(soft_labels.format_manifest(manifest))
+    manifest = store.load_store_manifest(layout.soft_labels, cfg.data.storage_options)
+    print(store.format_manifest(manifest))
     return manifest

@@ -1,24 +1,33 @@
-"""``recdistill prepare``: interaction log -> leave-one-out example shards in run_dir/data."""
+"""``recdistill prepare``: interaction log -> leave-one-out example shards in run_dir/data.
+
+Runs on the driver (no Ray). The row groups of the example shards are sized by the run
+plan's rule (:func:`cluster.plan.data_row_group_rule`) once the row counts are known.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from cluster.common import save_resolved_config
+from cluster.config import Config
+from cluster.plan import RunPlan, build_plan, data_row_group_rule
 from data_pipeline.dataset import prepare_dataset
 from data_pipeline.layout import RunLayout
-from distill.config import Config
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
+    plan = plan or build_plan(cfg)
+    plan.require("prepare")
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
-    manifest = prepare_dataset(cfg.data, layout.data, cfg.run.seed)
-    cfg.check_catalog(manifest["num_items"])
+    manifest = prepare_dataset(cfg.data, layout.data, cfg.run.seed, row_group_size_for=data_row_group_rule(cfg))
     splits = manifest["splits"]
     print(
         f"prepared {manifest['source']}: {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
         f"{manifest['num_interactions']:,} interactions; train positions {splits['train']['num_positions']:,}, "
-        f"valid {splits['valid']['num_rows']:,}, test {splits['test']['num_rows']:,} -> {layout.data}"
+        f"valid {splits['valid']['num_rows']:,}, test {splits['test']['num_rows']:,}; row groups of "
+        f"{splits['train']['row_group_size']} users -> {layout.data}"
     )
+    # What depends on the catalog (k, eval.ks, a given teacher) is checked now, before anything else runs.
+    build_plan(cfg).check([s for s in ("train-teacher", "precompute", "evaluate")])
     return manifest

@@ -14,8 +14,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
-from distill.config import Config
-from distill.runtime import select_runtime, use_gpu_for_scaling
+from cluster.config import Config
+from cluster.runtime import select_runtime, use_gpu_for_scaling
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cluster.common import model_exports  # noqa: E402
 from data_pipeline import fsio  # noqa: E402
 from data_pipeline.layout import RunLayout  # noqa: E402
-from distill.config import Config  # noqa: E402
+from cluster.config import Config  # noqa: E402
 
 LABELS = {"teacher": "teacher", "student_kd": "distilled student", "student_baseline": "baseline student", "popularity": "popularity"}
 

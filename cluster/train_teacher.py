@@ -1,26 +1,245 @@
-"""``recdistill train-teacher``: Ray Train TorchTrainer + DeepSpeed ZeRO workers."""
+"""``recdistill train-teacher``: the teacher's recipe, Ray Train TorchTrainer + DeepSpeed ZeRO workers.
+
+Each epoch: data-parallel next-item training (global batch fixed whatever the
+worker count), distributed full-ranking validation, a DeepSpeed checkpoint
+reported to the engine, and, when validation NDCG@10 improved, a consolidated
+export of the teacher to ``run_dir/teacher``.
+
+Resuming: Ray Train hands the last reported checkpoint to a restarted group. A
+ZeRO checkpoint only loads at the world size that wrote it, so when the worker
+count changed, each worker first converts it to DeepSpeed's *universal*
+checkpoint format (world-size independent) and loads that.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Optional
 
-from ray.train.torch import TorchTrainer
+import numpy as np
+import torch
 
-from cluster.common import refuse_other_settings, require_dataset, save_resolved_config
-from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+from cluster.common import save_resolved_config
+from cluster.config import Config, build_config, stage_fingerprint
+from cluster.engine import RayTrainContext, WorkerContext
+from cluster.models import save_model
+from cluster.plan import RunPlan, build_plan
+from cluster.runtime import deepspeed_config, select_runtime
+from data_pipeline import fsio
+from data_pipeline.dataset import load_manifest, read_split, train_item_counts
+from data_pipeline.exports import read_export_meta
 from data_pipeline.layout import RunLayout
-from distill.config import Config
-from distill.export import read_export_meta
-from distill.teacher_training import teacher_train_loop
+from distill.model import SequentialRecommender
+from distill.sequences import next_item_batch
+from distill.sizing import count_parameters
+from distill.training import NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, training_sequences
 
 log = logging.getLogger(__name__)
 
+CKPT_TAG = "ckpt"
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
 
-def run(cfg: Config) -> dict:
+
+def _convert_to_universal(checkpoint_dir: str, out_root: str) -> str:
+    """DeepSpeed checkpoint at another world size -> universal checkpoint; returns its tag."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint.ds_to_universal import parse_arguments
+
+    tag = f"{CKPT_TAG}_universal"
+    argv = ["ds_to_universal", "--input_folder", os.path.join(checkpoint_dir, CKPT_TAG), "--output_folder", os.path.join(out_root, tag)]
+    saved, sys.argv = sys.argv, argv
+    try:
+        ds_to_universal(parse_arguments())
+    finally:
+        sys.argv = saved
+    return tag
+
+
+def _resume(engine, checkpoint_dir: str, universal: bool, state: dict[str, Any], rank: int, world: int) -> None:
+    """Load the DeepSpeed checkpoint the engine handed back, converting it first if the world size changed."""
+    scratch = tempfile.mkdtemp(prefix="recdistill-universal-") if universal else None
+    try:
+        load_root, tag = checkpoint_dir, CKPT_TAG
+        if universal:
+            log.info("rank %d: checkpoint from %d workers, now %d: converting to universal", rank, state["world_size"], world)
+            load_root, tag = scratch, _convert_to_universal(checkpoint_dir, scratch)
+        engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # our local copy of the checkpoint
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f)", rank, state["epoch"], state["best_ndcg"])
+    state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
+
+
+def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The full fp32 state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
+    gather = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gather:
+        if rank != 0:
+            return None
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in model.state_dict().items()}
+
+
+def teacher_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``; ``loop_config = {"config": Config.to_dict()}``."""
+    train_teacher_worker(loop_config, RayTrainContext())
+
+
+def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
+    """One worker's share of the teacher's training, under whatever engine ``ctx`` is."""
+    import deepspeed
+
+    setup_started = time.perf_counter()
+    cfg: Config = build_config(loop_config["config"])
+    rank, world = ctx.rank, ctx.world_size
+    runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
+    device = ctx.device(runtime.use_gpu)
     layout = RunLayout(cfg.run.run_dir)
-    refuse_other_settings(cfg, layout.teacher, "teacher")
+    storage = cfg.data.storage_options
+    mcfg, tcfg = cfg.teacher.model, cfg.teacher.train
+
+    manifest = load_manifest(layout.data, storage)
+    num_items = manifest["num_items"]
+    sequences = training_sequences(read_split(layout.data, "train", storage, manifest), mcfg.max_len)
+    valid = read_split(layout.data, "valid", storage, manifest)
+
+    # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
+    stage_fp = stage_fingerprint(cfg, "teacher")
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
+                             "stage_fingerprint": stage_fp}
+    restored = ctx.restore_checkpoint()  # each rank deletes its own copy after loading
+    checkpoint_dir = restored.local_dir if restored else None
+    if restored is not None:
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            state = json.load(f)
+        check_checkpoint_stage(state, stage_fp, restored.origin)
+        state["stage_fingerprint"] = stage_fp
+    universal = checkpoint_dir is not None and state["world_size"] != world
+
+    micro_batch = math.ceil(tcfg.batch_size / world)
+    steps_per_epoch = math.ceil(len(sequences) / tcfg.batch_size)  # as rank_batches
+    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch)
+    ds_config["checkpoint"] = {"load_universal": universal}
+
+    # Ray Train already created the process group; DeepSpeed's comm layer adopts it.
+    deepspeed.init_distributed(dist_backend=runtime.backend)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
+    with init_ctx:
+        model = SequentialRecommender(mcfg, num_items)
+    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
+    objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
+    engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
+
+    if checkpoint_dir is not None:
+        _resume(engine, checkpoint_dir, universal, state, rank, world)
+        try:  # an export lost in a crash is re-made at the next improvement
+            read_export_meta(layout.teacher, storage)
+        except ValueError:
+            state["best_ndcg"] = -1.0
+
+    if rank == 0:
+        log.info("teacher: DeepSpeed ZeRO-%d engine ready on %d workers in %.1f s", cfg.deepspeed.zero_stage, world, time.perf_counter() - setup_started)
+    params = count_parameters(mcfg, num_items)
+    patience_left = tcfg.patience
+    for epoch in range(state["epoch"], tcfg.epochs):
+        started = time.perf_counter()
+        engine.train()
+        losses = []
+        for rows in rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world):
+            if len(rows):
+                inputs, targets = next_item_batch([sequences[i] for i in rows], mcfg.max_len)
+            else:  # a short last step: still take part in the collectives, with no targets
+                inputs = targets = torch.zeros(1, mcfg.max_len, dtype=torch.long)
+            loss_sum, count = engine(inputs.to(device), targets.to(device))
+            global_count = count.detach().float()
+            torch.distributed.all_reduce(global_count)
+            # Sum over the global batch / its size: DeepSpeed averages gradients over ranks, hence * world.
+            loss = loss_sum * world / global_count.clamp(min=1)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
+        train_seconds = time.perf_counter() - started
+
+        engine.eval()
+        metrics = distributed_ranking_eval(
+            engine.module.model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
+        )
+        improved = metrics["ndcg@10"] > state["best_ndcg"]
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_seconds": train_seconds,
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
+        state["history"].append(record)
+        if improved:
+            state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1)
+            full = _gather_state_dict(engine.module.model, cfg.deepspeed.zero_stage, rank)
+            if rank == 0:
+                info = {
+                    "role": "teacher",
+                    "params": params,
+                    "dataset_fingerprint": manifest["fingerprint"],
+                    "epoch": epoch + 1,
+                    "valid": metrics,
+                    "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
+                }
+                export_fp = save_model(layout.teacher, full, mcfg, num_items, info, storage)
+                log.info("epoch %d: new best teacher exported (fingerprint %s)", epoch + 1, export_fp[:12])
+            patience_left = tcfg.patience
+        else:
+            patience_left -= 1
+        state.update(epoch=epoch + 1, world_size=world)
+        if rank == 0:
+            progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
+                        "stage_fingerprint": stage_fp}
+            fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
+
+        with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
+            engine.save_checkpoint(tmp, tag=CKPT_TAG)
+            if rank == 0:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(state, f)
+            report = {**record, "best_val_ndcg@10": state["best_ndcg"], "params": params, "world_size": world}
+            ctx.report(report, checkpoint_dir=tmp)
+        if tcfg.patience and patience_left <= 0:
+            log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+            break
+    if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
+        progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
+                    "stage_fingerprint": stage_fp, "complete": True}
+        fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
+
+
+def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
+    # Ray is imported here, on the driver: the worker part above runs without it (tests, a GPU box without Ray).
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+
+    plan = plan or build_plan(cfg)
+    plan.require("train-teacher")
+    stage = plan.stage("train-teacher")
+    layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
-    require_dataset(cfg)
+    print(f"train-teacher: {stage.action} on {stage.workers} workers, stage fingerprint {stage.fingerprints['stage']}, "
+          f"{cfg.teacher.train.epochs} epochs -> {stage.writes}", flush=True)
     ensure_ray(cfg)
     trainer = TorchTrainer(
         teacher_train_loop,

@@ -34,14 +34,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.config import DataConfig
+from data_pipeline.config import DataConfig
 from data_pipeline import fsio
 from data_pipeline.ingest import DataError, read_interactions
 from data_pipeline.synthetic import generate_interactions
@@ -71,10 +71,14 @@ def _version() -> str:
 # Prepare
 
 
-def prepare_dataset(cfg: DataConfig, out_url: str, seed: int) -> dict[str, Any]:
+def prepare_dataset(
+    cfg: DataConfig, out_url: str, seed: int, row_group_size_for: Optional[Callable[[list[int]], int]] = None
+) -> dict[str, Any]:
     """Read (or generate) interactions, filter, remap, split leave-one-out and write under ``out_url``.
 
-    ``seed`` only matters for ``format: synthetic``. ``cfg.storage_options`` is
+    ``seed`` only matters for ``format: synthetic``. Row groups hold ``cfg.row_group_size``
+    rows when set, else ``row_group_size_for(rows of each training file)`` (the run plan's
+    rule: the streaming reader's deal must fill the batch), else 64. ``cfg.storage_options`` is
     used for the input and the output alike. Returns the manifest (also written
     to ``out_url/manifest.json``, last). Raises :class:`DataError` if no user is
     left after the filters.
@@ -143,7 +147,7 @@ def prepare_dataset(cfg: DataConfig, out_url: str, seed: int) -> dict[str, Any]:
 
     fsio.write_parquet_atomic(fsio.join(out_url, "item_ids.parquet"), _id_table("item", item_ids), storage)
     fsio.write_parquet_atomic(fsio.join(out_url, "user_ids.parquet"), _id_table("user", user_ids), storage)
-    manifest["splits"] = _write_splits(lengths, items, out_url, cfg)
+    manifest["splits"] = _write_splits(lengths, items, out_url, cfg, row_group_size_for)
 
     fsio.write_json_atomic(fsio.join(out_url, MANIFEST), manifest, storage)
     log.info(
@@ -266,16 +270,21 @@ def _split_tables(lengths: np.ndarray, items: np.ndarray) -> dict[str, pa.Table]
     }
 
 
-def _write_splits(lengths: np.ndarray, items: np.ndarray, out_url: str, cfg: DataConfig) -> dict[str, Any]:
+def _write_splits(
+    lengths: np.ndarray, items: np.ndarray, out_url: str, cfg: DataConfig, row_group_size_for: Optional[Callable[[list[int]], int]]
+) -> dict[str, Any]:
     """Write every split in shards of ``rows_per_shard`` users; return the manifest's "splits" entry."""
     entries = {}
+    num_users = len(lengths)
+    train_files = [min(cfg.rows_per_shard, num_users - start) for start in range(0, num_users, cfg.rows_per_shard)]
+    row_group_size = cfg.row_group_size or (row_group_size_for(train_files) if row_group_size_for else 64)
     for split, table in _split_tables(lengths, items).items():
         files, rows = [], []
         for shard, start in enumerate(range(0, table.num_rows, cfg.rows_per_shard)):
             part = table.slice(start, cfg.rows_per_shard)
             relative = f"{split}/part-{shard:05d}.parquet"
             fsio.write_parquet_atomic(
-                fsio.join(out_url, relative), part, cfg.storage_options, row_group_size=cfg.row_group_size
+                fsio.join(out_url, relative), part, cfg.storage_options, row_group_size=row_group_size
             )
             files.append(relative)
             rows.append(part.num_rows)
@@ -286,7 +295,10 @@ def _write_splits(lengths: np.ndarray, items: np.ndarray, out_url: str, cfg: Dat
             "num_rows": table.num_rows,
             # Total length of the list column: the training positions for train, history items otherwise.
             "num_positions": int(pc.sum(pc.list_value_length(list_column)).as_py() or 0),
+            "row_group_size": row_group_size,
         }
+        if split == "train":  # histories with >= 2 items: the rows of the soft-label store
+            entries[split]["num_sequences"] = int((lengths - 2 >= 2).sum())
     return entries
 
 

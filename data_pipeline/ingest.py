@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from distill.config import DataConfig
+from data_pipeline.config import DataConfig
 from data_pipeline import fsio
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from distill.config import SyntheticConfig
+from data_pipeline.config import SyntheticConfig
 from data_pipeline.ingest import INTERACTIONS_SCHEMA
 
 # How often an already-consumed item is re-drawn before the repeat is accepted.

@@ -182,3 +182,23 @@ def distributed_ranking_eval(
         dist.all_reduce(totals)
     count = max(float(totals[-1]), 1.0)
     return {k: float(v) / count for k, v in zip(keys, totals[:-1])}
+
+
+class PositionLogits(nn.Module):
+    """Student logits at the real positions only: (B, L) -> (P, C), fp32. One module, so DDP sees every weight in forward.
+
+    ``bf16``: the forward (chiefly the (P, d) x (d, C) catalog matmul, the student's largest
+    cost) runs under bf16 autocast; the logits come back as fp32, so the losses' softmax over
+    the catalog stays fp32. The weights and the optimiser stay fp32 either way.
+    """
+
+    def __init__(self, model: SequentialRecommender, bf16: bool = False):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.model(inputs)
+            logits = self.model.scores(hidden[inputs != PAD_ID])
+        return logits.float()

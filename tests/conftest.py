@@ -28,7 +28,7 @@ SMALL_RUN = [
 
 
 def small_config(run_dir: Path | str, *overrides: str):
-    from distill.config import load_config
+    from cluster.config import load_config
 
     return load_config(ROOT / "configs" / "tiny.yaml", [f"run.run_dir={run_dir}", *SMALL_RUN, *overrides]).with_absolute_paths()
 

@@ -10,7 +10,7 @@ from conftest import small_config
 from data_pipeline.dataset import load_manifest, prepare_dataset, read_split
 from data_pipeline.layout import RunLayout
 from distill.evaluate import evaluate_split, model_scorer
-from distill.export import save_export
+from cluster.models import save_model
 from distill.model import SequentialRecommender
 
 
@@ -25,7 +25,7 @@ def run(tmp_path):
 def export(folder: str, cfg, num_items: int, seed: int, dataset_fingerprint: str) -> SequentialRecommender:
     torch.manual_seed(seed)
     model = SequentialRecommender(cfg.student.model, num_items).eval()
-    save_export(folder, model.state_dict(), cfg.student.model, num_items,
+    save_model(folder, model.state_dict(), cfg.student.model, num_items,
                 {"role": "student", "dataset_fingerprint": dataset_fingerprint})
     return model
 

@@ -60,7 +60,8 @@ def test_bad_config_exits_2_with_the_key(tmp_path, capsys):
 
 def test_evaluate_before_prepare_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", f"run.run_dir={tmp_path / 'empty'}"]) == 2
-    assert "not a prepared dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no prepared dataset at" in err and "run `recdistill prepare` first" in err
 
 
 def test_k_beyond_catalog_is_refused_after_prepare(tmp_path, capsys):

@@ -22,8 +22,9 @@ from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, train_item_counts
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import EpochPlan, list_blocks
-from distill.config import stage_fingerprint
-from distill.export import load_model, read_export_meta, save_export
+from cluster.config import stage_fingerprint
+from data_pipeline.exports import read_export_meta
+from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
 from distill.training import lr_ratio
 
@@ -47,7 +48,7 @@ def make_store(run_dir: Path, *overrides: str):
     model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
     with torch.no_grad():
         model.item_emb.weight.mul_(30)
-    save_export(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"],
+    save_model(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"],
                 {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]})
     precompute.run(cfg)
     return cfg
@@ -77,7 +78,7 @@ def test_store_from_another_teacher_or_dataset_is_refused_before_training(store_
     # Another teacher: same architecture, other weights.
     other = SequentialRecommender(cfg.teacher.model, load_manifest(layout.data)["num_items"])
     other_url = str(tmp_path / "other-teacher")
-    save_export(other_url, other.state_dict(), cfg.teacher.model, other.num_items, {"role": "teacher"})
+    save_model(other_url, other.state_dict(), cfg.teacher.model, other.num_items, {"role": "teacher"})
     with pytest.raises(store.SoftLabelError, match="teacher"):
         distill.run(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": other_url})}))
     # Another dataset (other seed): the store's dataset fingerprint no longer matches.

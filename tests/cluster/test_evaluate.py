@@ -9,14 +9,15 @@ from cluster import evaluate, report
 from conftest import small_config
 from data_pipeline.dataset import prepare_dataset
 from data_pipeline.layout import RunLayout
-from distill.export import ExportError, save_export
+from data_pipeline.exports import ExportError
+from cluster.models import save_model
 from distill.model import SequentialRecommender
 
 
 def _export(folder: str, model_cfg, num_items: int, dataset_fingerprint: str, seed: int) -> str:
     torch.manual_seed(seed)
     model = SequentialRecommender(model_cfg, num_items)
-    return save_export(folder, model.state_dict(), model_cfg, num_items, {"dataset_fingerprint": dataset_fingerprint})
+    return save_model(folder, model.state_dict(), model_cfg, num_items, {"dataset_fingerprint": dataset_fingerprint})
 
 
 def test_a_teacher_given_by_teacher_checkpoint_is_evaluated_and_reported(tmp_path):

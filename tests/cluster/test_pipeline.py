@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from cluster.common import refuse_other_settings
 from cluster.pipeline import training_complete
-from distill.config import ConfigError, build_config, stage_fingerprint
+from cluster.config import build_config, stage_fingerprint
+from cluster.plan import PlanError, build_plan
 
 
 def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
@@ -25,18 +25,20 @@ def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
     assert training_complete(str(folder), cfg, "student")  # a history from before fingerprints: taken at its word
 
 
-def test_a_stage_finished_under_other_settings_is_not_done(tmp_path):
-    cfg = build_config({})
-    done = {"history": [{"epoch": 1}], "restarts": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "student")}
-    (tmp_path / "history.json").write_text(json.dumps(done))
-    assert training_complete(str(tmp_path), cfg, "student")
-    wider = build_config({}, ["student.model.d_model=32"])
-    assert not training_complete(str(tmp_path), wider, "student")
-    # Running it would resume the other student's checkpoints: refused before any worker starts.
-    with pytest.raises(ConfigError, match=r"holds a student trained with other settings.*ray/student"):
-        refuse_other_settings(wider, str(tmp_path), "student")
-    refuse_other_settings(cfg, str(tmp_path), "student")  # the same settings: fine
-    refuse_other_settings(wider, str(tmp_path / "nothing-here"), "student")
+def test_a_stage_finished_under_other_settings_is_not_done_and_the_plan_refuses_it(tmp_path):
+    cfg = build_config({}, [f"run.run_dir={tmp_path}"])
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    done = {"history": [{"epoch": 1}], "restarts": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "baseline")}
+    (folder / "history.json").write_text(json.dumps(done))
+    assert training_complete(str(folder), cfg, "baseline")
+    assert build_plan(cfg).stage("distill --baseline").action == "done" and not build_plan(cfg).problems
+    wider = build_config({}, [f"run.run_dir={tmp_path}", "student.model.d_model=32"])
+    assert not training_complete(str(folder), wider, "baseline")
+    # Running it would resume the other student's checkpoints: refused by the plan, before any worker starts.
+    with pytest.raises(PlanError, match=r"holds a baseline trained with other settings.*ray/baseline"):
+        build_plan(wider).check()
+    assert not build_plan(build_config({}, [f"run.run_dir={tmp_path / 'nothing-here'}", "student.model.d_model=32"])).problems
 
 
 def test_stage_fingerprints_ignore_how_long_and_how_a_stage_runs():

@@ -17,7 +17,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest
 from data_pipeline.layout import RunLayout
-from distill.export import load_model, save_export
+from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def _make_teacher(cfg) -> None:
     with torch.no_grad():
         model.item_emb.weight.mul_(30)  # spread the scores so top-k has no near-ties
     info = {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]}
-    save_export(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"], info, cfg.data.storage_options)
+    save_model(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"], info, cfg.data.storage_options)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -153,7 +153,7 @@ def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
     # ...and by inspect, given a run whose teacher is another one.
     other_teacher = f"{run_dir}-other-teacher"
     model = SequentialRecommender(cfg.teacher.model, manifest["num_items"])
-    save_export(other_teacher, model.state_dict(), cfg.teacher.model, manifest["num_items"], {}, storage)
+    save_model(other_teacher, model.state_dict(), cfg.teacher.model, manifest["num_items"], {}, storage)
     assert cli_main(["inspect", url, *overrides, f"teacher.checkpoint={other_teacher}"]) == 2
     assert "teacher" in capsys.readouterr().err
 

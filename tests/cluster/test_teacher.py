@@ -16,9 +16,9 @@ from cluster import prepare, train_teacher
 from cluster.pipeline import training_complete
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
-from distill.config import stage_fingerprint
+from cluster.config import stage_fingerprint
 from distill.evaluate import evaluate_split, popularity_scorer
-from distill.export import load_model, save_export
+from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
 from conftest import kill_train_worker_when, registered_checkpoints, small_config
 
@@ -37,7 +37,7 @@ def hosting_loop(loop_config: dict) -> None:
     import ray.train
     import deepspeed
 
-    from distill.teacher_hosting import ShardedTeacher
+    from cluster.teacher_hosting import ShardedTeacher
     from distill.training import lockstep_batches
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -66,7 +66,7 @@ def test_zero3_hosting_partitions_parameters_and_matches_unsharded_scores(ray_se
     torch.manual_seed(3)
     model = SequentialRecommender(cfg.teacher.model, 60).eval()
     export = str(tmp_path / "teacher")
-    save_export(export, model.state_dict(), cfg.teacher.model, 60, {"role": "teacher"})
+    save_model(export, model.state_dict(), cfg.teacher.model, 60, {"role": "teacher"})
     rng = np.random.default_rng(0)
     histories = rng.integers(0, 61, size=(11, 20))  # 11 rows: uneven across 2 ranks and batches of 3
     histories[:, -1] = rng.integers(1, 61, size=11)

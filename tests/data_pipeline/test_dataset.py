@@ -13,7 +13,7 @@ import pytest
 from data_pipeline import dataset, fsio
 from data_pipeline.dataset import load_manifest, prepare_dataset, read_split, train_item_counts
 from data_pipeline.ingest import DataError
-from distill.config import DataConfig, SyntheticConfig
+from data_pipeline.config import DataConfig, SyntheticConfig
 
 # Users a and b survive; c has only 2 interactions and is dropped, and with it item q.
 # a: w@1, y@3, x@3 (tie: y came first in the file) -> w y x
@@ -145,7 +145,9 @@ def test_manifest_contents(hand_made):
     assert (manifest["dropped_users"], manifest["dropped_items"]) == (1, 1)
     assert len(manifest["fingerprint"]) == 64
     assert manifest["created_by"].startswith("recdistill ")
-    assert manifest["splits"]["train"] == {"files": ["train/part-00000.parquet"], "rows": [2], "num_rows": 2, "num_positions": 3}
+    # 2 and 1 training items: one history of >= 2 items (a training sequence); row groups of 64 (no plan's rule given).
+    assert manifest["splits"]["train"] == {"files": ["train/part-00000.parquet"], "rows": [2], "num_rows": 2, "num_positions": 3,
+                                           "row_group_size": 64, "num_sequences": 1}
     assert manifest["splits"]["valid"]["num_rows"] == 2
     assert manifest["splits"]["test"]["num_positions"] == 5
     assert load_manifest(out) == manifest

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.ingest import INTERACTIONS_SCHEMA, DataError, read_interactions
-from distill.config import ColumnMapping, DataConfig
+from data_pipeline.config import ColumnMapping, DataConfig
 
 
 @pytest.fixture(params=["local", "memory"])

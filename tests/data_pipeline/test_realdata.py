@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.dataset import prepare_dataset, read_split, train_item_counts
-from distill.config import DataConfig
+from data_pipeline.config import DataConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 

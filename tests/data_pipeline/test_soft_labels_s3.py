@@ -10,7 +10,7 @@ from data_pipeline import fsio
 from data_pipeline import soft_labels as sl
 from data_pipeline.soft_labels import SoftLabelError, StoreSpec
 
-from test_soft_labels import DATASET, OTHER_TEACHER, TEACHER, encode, make_batch
+from soft_label_helpers import DATASET, OTHER_TEACHER, TEACHER, encode, make_batch
 
 pytestmark = pytest.mark.integration
 

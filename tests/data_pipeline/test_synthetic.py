@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline.ingest import INTERACTIONS_SCHEMA
 from data_pipeline.synthetic import generate_interactions
-from distill.config import SyntheticConfig
+from data_pipeline.config import SyntheticConfig
 
 SMALL = SyntheticConfig(num_users=300, num_items=120, num_clusters=6, min_length=5, max_length=15)
 

@@ -1,6 +1,10 @@
-"""Distillation losses against small dense reference implementations."""
+"""Distillation losses against small dense reference implementations: the shared references,
+properties every KD term must have (masking, dtypes, gradients), the hard-label term and the
+dispatcher of :mod:`distill.losses`.
 
-import math
+The dense references and fixtures here are also imported by ``test_losses_topk.py`` and
+``test_losses_alt.py`` (the tests of :mod:`distill.losses_topk` and :mod:`distill.losses_alt`).
+"""
 
 import pytest
 import torch
@@ -16,7 +20,6 @@ from distill.losses import (
     kl_topk_tail,
     ranking_distillation,
     reverse_kl_topk,
-    teacher_bucket_log_probs,
 )
 
 MIN32 = torch.finfo(torch.float32).min
@@ -90,113 +93,12 @@ def sampled_soft(teacher: torch.Tensor, num_draws: int, generator: torch.Generat
 
 
 # --------------------------------------------------------------------------------------
-# Top-k divergences
-
-
-@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
-def test_full_topk_equals_dense_kl(T):
-    teacher, student = pair()
-    soft = soft_labels(teacher, k=teacher.shape[1] - 1)  # every real item
-    ref = dense_kl(teacher, student, T).sum()
-    for fn in (
-        lambda: kl_topk(student, soft["topk_ids"], soft["topk_logits"], T),
-        lambda: kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T),
-    ):
-        loss, count = fn()
-        assert count.item() == teacher.shape[0] and count.dtype == torch.int64
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-        g, = torch.autograd.grad(loss, student)
-        g_ref, = torch.autograd.grad(ref, student, retain_graph=True)
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
-
-
-def test_kl_topk_is_the_renormalised_variant():
-    teacher, student = pair()
-    soft = soft_labels(teacher, k=7)
-    ids = soft["topk_ids"]
-    p = F.softmax(teacher.gather(1, ids) / 2.0, dim=-1)
-    log_q = F.log_softmax(student.gather(1, ids) / 2.0, dim=-1)
-    ref = (p * (p.log() - log_q)).sum() * 4.0
-    loss, _ = kl_topk(student, ids, soft["topk_logits"], 2.0)
-    torch.testing.assert_close(loss, ref)
-
-
-def test_kl_topk_tail_equals_dense_bucket_kl_at_T1():
-    teacher, student = pair(C=40)
-    soft = soft_labels(teacher, k=6)
-    p = dense_buckets(teacher, soft["topk_ids"], 1.0)
-    q = dense_buckets(student, soft["topk_ids"], 1.0)
-    ref = (p * (p.log() - q.log())).sum()
-    loss, _ = kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], 1.0)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    # The teacher side is exact at T=1: the stored values reproduce the true buckets.
-    log_p = teacher_bucket_log_probs(soft["topk_logits"], soft["lse"], 39, 1.0)
-    torch.testing.assert_close(log_p.exp(), p, rtol=1e-5, atol=1e-7)
-
-
-def test_student_tail_is_exact_for_peaked_and_spread_rows_with_finite_gradients():
-    # Rows 0-1: the student puts > 99.9% (even all, in fp32) of its mass on the teacher's top-k,
-    # where log(1 - top mass) is useless; rows 2-3 are ordinary. Both must match float64.
-    C, k = 50, 5
-    teacher, student = pair(P=4, C=C, seed=3)
-    soft = soft_labels(teacher, k)
-    with torch.no_grad():
-        for row, gap in ((0, 12.0), (1, 40.0)):
-            student[row, soft["topk_ids"][row]] += gap
-    for T in (1.0, 2.0):
-        loss, _ = kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T)
-        (g,) = torch.autograd.grad(loss, student)
-        s64 = student.detach().double().requires_grad_(True)
-        log_q = F.log_softmax(s64[:, 1:] / T, dim=-1)
-        top = log_q.gather(1, soft["topk_ids"] - 1)
-        in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, soft["topk_ids"] - 1, True)
-        tail = torch.logsumexp(log_q.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
-        log_p = teacher_bucket_log_probs(soft["topk_logits"], soft["lse"], C - 1, T).double()
-        ref = (log_p.exp() * (log_p - torch.cat([top, tail], dim=1))).sum() * T * T
-        (g_ref,) = torch.autograd.grad(ref, s64)
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(g.double(), g_ref, rtol=1e-3, atol=1e-5)
-
-
-def test_teacher_tail_at_T_not_1_is_exact_for_equal_tail_logits_and_biased_as_documented():
-    k, n_items = 5, 30
-    g = torch.Generator().manual_seed(1)
-    top = torch.sort(torch.randn(4, k, generator=g) + 3.0, descending=True).values
-    # Equal tail logits: the approximation is exact at every T.
-    flat_tail = with_pad(torch.cat([top, torch.full((4, n_items - k), 0.5)], dim=1))
-    soft = soft_labels(flat_tail, k)
-    for T in (0.5, 2.0, 4.0):
-        got = teacher_bucket_log_probs(soft["topk_logits"], soft["lse"], n_items, T).exp()
-        torch.testing.assert_close(got, dense_buckets(flat_tail, soft["topk_ids"], T), rtol=1e-5, atol=1e-6)
-    # Spread-out tail: exact at T=1, tail over-estimated for T > 1, under-estimated for T < 1.
-    spread = with_pad(torch.cat([top, torch.linspace(-4.0, 1.0, n_items - k).expand(4, -1)], dim=1))
-    soft = soft_labels(spread, k)
-    tail = lambda T: teacher_bucket_log_probs(soft["topk_logits"], soft["lse"], n_items, T).exp()[:, -1]  # noqa: E731
-    exact = lambda T: dense_buckets(spread, soft["topk_ids"], T)[:, -1]  # noqa: E731
-    torch.testing.assert_close(tail(1.0), exact(1.0), rtol=1e-5, atol=1e-7)
-    assert (tail(2.0) > exact(2.0)).all()
-    assert (tail(0.5) < exact(0.5)).all()
-
-
-def test_teacher_tail_rounding_to_zero_is_safe():
-    # fp16-stored logits can make the top-k mass exceed 1 by rounding: tail clamps to 0.
-    z = torch.tensor([[5.0, 1.0]])
-    lse = torch.logsumexp(z, dim=-1) - 1e-3  # slightly inconsistent store
-    log_p = teacher_bucket_log_probs(z, lse, 10, 2.0)
-    assert torch.isfinite(log_p[:, :2]).all() and log_p[0, 2] == float("-inf")
-    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(1))
-    student = with_pad(torch.randn(1, 10)).requires_grad_(True)
-    ids = torch.tensor([[1, 2]])
-    for fn in (kl_topk_tail, jsd_topk):
-        loss, _ = fn(student, ids, z, lse, 2.0)
-        g, = torch.autograd.grad(loss, student)
-        assert torch.isfinite(loss) and torch.isfinite(g).all()
+# Properties of every KD term: zero at equality, masking, dtypes, gradients, arguments
 
 
 def test_equal_logits_give_zero():
     teacher, _ = pair(C=25)
-    # Equal tail logits so that the T != 1 tail approximation is exact (see above).
+    # Equal tail logits so that the T != 1 tail approximation is exact (see test_losses_topk.py).
     real = teacher[:, 1:].abs()  # the top 8 are then the first 8 columns (all > -1)
     real[:, 8:] = -1.0
     teacher = with_pad(real)
@@ -209,58 +111,6 @@ def test_equal_logits_give_zero():
             assert abs(loss.item()) < 1e-5, (name, T, loss.item())
             g, = torch.autograd.grad(loss, student)
             assert g.abs().max() < 1e-5, (name, T)
-
-
-def test_kl_topk_tail_equal_logits_zero_at_T1_for_any_tail():
-    teacher, _ = pair(C=25)
-    soft = soft_labels(teacher, k=4)
-    loss, _ = kl_topk_tail(teacher.clone(), soft["topk_ids"], soft["topk_logits"], soft["lse"], 1.0)
-    assert abs(loss.item()) < 1e-5
-
-
-def test_reverse_kl_matches_reference():
-    teacher, student = pair()
-    soft = soft_labels(teacher, k=9)
-    ids, T = soft["topk_ids"], 1.5
-    log_p = F.log_softmax(teacher.gather(1, ids) / T, dim=-1)
-    log_q = F.log_softmax(student.gather(1, ids) / T, dim=-1)
-    ref = (log_q.exp() * (log_q - log_p)).sum() * T * T
-    loss, _ = reverse_kl_topk(student, ids, soft["topk_logits"], T)
-    torch.testing.assert_close(loss, ref)
-
-
-def test_jsd_matches_reference_is_symmetric_and_bounded():
-    teacher, student = pair(scale=2.0)
-    C = teacher.shape[1]
-    # Reference on the (k+1) buckets at T=1.
-    soft = soft_labels(teacher, k=5)
-    p = dense_buckets(teacher, soft["topk_ids"], 1.0)
-    q = dense_buckets(student, soft["topk_ids"], 1.0)
-    m = (p + q) / 2
-    ref = (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).sum()
-    loss, _ = jsd_topk(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], 1.0)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    # Symmetric when the buckets are the same for both (k = C - 1: every item its own bucket).
-    with torch.no_grad():
-        s_as_teacher = soft_labels(student, C - 1)
-        # Same top-k ids for both directions: order one by the other's ids.
-        ids = soft_labels(teacher, C - 1)["topk_ids"]
-        ab, _ = jsd_topk(student, ids, teacher.gather(1, ids), torch.logsumexp(teacher[:, 1:], -1), 2.0)
-        ba, _ = jsd_topk(teacher, ids, student.gather(1, ids), s_as_teacher["lse"], 2.0)
-    torch.testing.assert_close(ab, ba, rtol=1e-5, atol=1e-6)
-    # Bounded by log 2 * T^2 per position, even for nearly disjoint distributions.
-    far_t = with_pad(torch.tensor([[50.0, -50.0, -50.0, -50.0]]))
-    far_s = with_pad(torch.tensor([[-50.0, 50.0, -50.0, -50.0]]))
-    s_far = soft_labels(far_t, 1)
-    for T in (1.0, 3.0):
-        loss, _ = jsd_topk(far_s, s_far["topk_ids"], s_far["topk_logits"], s_far["lse"], T)
-        assert 0 <= loss.item() <= math.log(2) * T * T + 1e-5
-    loss, _ = jsd_topk(far_s, s_far["topk_ids"], s_far["topk_logits"], s_far["lse"], 1.0)
-    assert loss.item() > 0.99 * math.log(2)
-
-
-# --------------------------------------------------------------------------------------
-# Masking, dtypes, gradients
 
 
 def test_fully_masked_batch_is_exactly_zero_with_zero_gradient():
@@ -331,96 +181,6 @@ def test_bad_shapes_and_arguments_raise():
     big = torch.arange(1, 11).expand(student.shape[0], -1)
     with pytest.raises(ValueError):  # k larger than the number of real items
         kl_topk(student, big, big.float())
-
-
-# --------------------------------------------------------------------------------------
-# Sampled KD
-
-
-def test_kl_sampled_unbiased_at_T1_value_and_gradient():
-    C, reps, draws = 50, 20000, 8
-    g = torch.Generator().manual_seed(0)
-    teacher1 = with_pad(torch.randn(1, C - 1, generator=g) * 2)
-    student1 = with_pad(torch.randn(1, C - 1, generator=g) * 2)
-    teacher = teacher1.expand(reps, -1)
-    student = student1.expand(reps, -1).clone().requires_grad_(True)
-    samp = sampled_soft(teacher, draws, g)
-    loss, count = kl_sampled(student, samp["sampled_ids"], samp["sampled_counts"], samp["sampled_logits"], samp["lse"], 1.0)
-    estimate = loss / count
-    ref = dense_ce(teacher1, student1, 1.0)[0]
-    assert abs(estimate.item() - ref.item()) < 0.02 * ref.item()
-    grad, = torch.autograd.grad(loss, student)
-    s_ref = student1.clone().requires_grad_(True)
-    g_ref, = torch.autograd.grad(dense_ce(teacher1, s_ref, 1.0).sum(), s_ref)
-    torch.testing.assert_close(grad.mean(0), g_ref[0], rtol=0, atol=3e-3)
-    # Its gradient is that of the KL: the teacher entropy is constant in the student.
-    g_kl, = torch.autograd.grad(dense_kl(teacher1, s_ref, 1.0).sum(), s_ref)
-    torch.testing.assert_close(g_ref, g_kl, rtol=1e-4, atol=1e-6)
-
-
-def test_kl_sampled_consistent_at_T2_with_unique_ids_and_counts():
-    C, draws, T = 50, 200_000, 2.0
-    g = torch.Generator().manual_seed(1)
-    teacher = with_pad(torch.randn(2, C - 1, generator=g) * 2)
-    student = with_pad(torch.randn(2, C - 1, generator=g) * 2)
-    probs = F.softmax(teacher[:, 1:], dim=-1)
-    drawn = torch.multinomial(probs, draws, replacement=True, generator=g)
-    counts = torch.stack([torch.bincount(row, minlength=C - 1) for row in drawn]).float()  # (2, C-1)
-    ids = torch.arange(1, C).expand(2, -1).clone()
-    ids[counts == 0] = 0  # never-drawn ids become unused slots
-    logits = teacher[:, 1:].clone()
-    loss, _ = kl_sampled(student, ids, counts, logits, None, T)
-    ref = dense_ce(teacher, student, T).sum()
-    assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
-
-
-def test_kl_sampled_slot_layouts_agree_and_unused_slots_are_ignored():
-    g = torch.Generator().manual_seed(2)
-    teacher, student = pair(P=3, C=12, seed=2)
-    samp = sampled_soft(teacher, 6, g)
-    ids, z = samp["sampled_ids"], samp["sampled_logits"]
-    for T in (1.0, 2.0):
-        per_draw, _ = kl_sampled(student, ids, samp["sampled_counts"], z, None, T)
-        # The same draws as unique ids with counts, padded with garbage unused slots.
-        rows_ids, rows_counts, rows_z = [], [], []
-        for r in range(3):
-            uniq, cnt = ids[r].unique(return_counts=True)
-            pad = 8 - len(uniq)
-            rows_ids.append(torch.cat([uniq, torch.zeros(pad, dtype=torch.long)]))
-            rows_counts.append(torch.cat([cnt.float(), torch.zeros(pad)]))
-            rows_z.append(torch.cat([teacher[r, uniq], torch.full((pad,), float("nan"))]))
-        compact, _ = kl_sampled(student, torch.stack(rows_ids), torch.stack(rows_counts), torch.stack(rows_z), None, T)
-        torch.testing.assert_close(compact, per_draw)
-    # A kept row without any draw contributes 0 and no NaN.
-    empty = torch.zeros(3, 4, dtype=torch.long)
-    loss, count = kl_sampled(student, empty, torch.zeros(3, 4), torch.zeros(3, 4), None, 2.0)
-    grad, = torch.autograd.grad(loss, student)
-    assert loss.item() == 0.0 and count.item() == 3 and torch.count_nonzero(grad) == 0
-
-
-# --------------------------------------------------------------------------------------
-# Ranking distillation
-
-
-def test_ranking_distillation_value_and_monotonicity():
-    teacher, student = pair(P=4, C=20)
-    ids = soft_labels(teacher, k=8)["topk_ids"]
-    K, lam = 5, 2.0
-    w = torch.exp(-torch.arange(1, K + 1) / lam)
-    w = w / w.sum()
-    ref = -(F.logsigmoid(student.gather(1, ids[:, :K])) * w).sum()
-    loss, _ = ranking_distillation(student, ids, K=K, lambda_=lam)
-    torch.testing.assert_close(loss, ref)
-    # Raising the student's scores of the teacher's top items lowers the loss.
-    raised = student.detach().scatter_add(1, ids[:, :K], torch.ones(4, K))
-    loss_raised, _ = ranking_distillation(raised, ids, K=K, lambda_=lam)
-    assert loss_raised < loss
-    # Optional negative term: mean over the real non-top-K items.
-    with_neg, _ = ranking_distillation(student, ids, K=K, lambda_=lam, negative_weight=0.5)
-    real = student[:, 1:]
-    outside = torch.ones_like(real, dtype=torch.bool).scatter(1, ids[:, :K] - 1, False)
-    neg = torch.stack([-F.logsigmoid(-real[r][outside[r]]).mean() for r in range(4)]).sum()
-    torch.testing.assert_close(with_neg, ref + 0.5 * neg)
 
 
 # --------------------------------------------------------------------------------------

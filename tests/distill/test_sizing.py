@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import ModelConfig, load_config
+from cluster.config import load_config
+
+from distill.config import ModelConfig
 from distill.model import SequentialRecommender
 from distill.sizing import count_parameters, count_parameters_meta
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import Config, ConfigError, build_config, load_config, parse_override
+from cluster.config import Config, ConfigError, build_config, load_config, parse_override
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -6,6 +6,10 @@ Layout under an export URL (e.g. ``run_dir/teacher``):
                       dataset fingerprint, training metrics, and ``fingerprint`` =
                       sha256 over the weight bytes and the canonical model config.
 Loading never unpickles anything.
+
+This module owns the storage format only (tensors and metadata through fsspec);
+building a model from an export is :mod:`cluster.models`' job, so that the data
+components never depend on the model code.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from data_pipeline import fsio
-from distill.config import ModelConfig
-from distill.model import SequentialRecommender
 
 WEIGHTS = "model.safetensors"
 META = "export.json"
@@ -72,18 +74,22 @@ def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) ->
 def save_export(
     url: str,
     state_dict: dict[str, torch.Tensor],
-    model_cfg: ModelConfig,
+    model_config: dict[str, Any],
     num_items: int,
     info: dict[str, Any],
     storage_options: Optional[dict[str, Any]] = None,
 ) -> str:
-    """Write an export and return its fingerprint. ``info`` is stored as is (metrics, provenance)."""
+    """Write an export and return its fingerprint.
+
+    ``model_config`` is the model's config as JSON (it is stored and fingerprinted); ``info``
+    is stored as is (metrics, provenance).
+    """
     # Weights as fp32; integer buffers (a mixed-dim table's item order) keep their dtype.
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
-    if model_cfg.tied_embeddings:
+    if model_config.get("tied_embeddings", True):
         tensors.pop("output.weight", None)  # the same Parameter as item_emb.weight
     weights = save_safetensors(tensors)
-    cfg_dict = model_cfg.model_dump(mode="json")
+    cfg_dict = dict(model_config)
     fingerprint = _fingerprint(weights, cfg_dict, num_items)
     fsio.remove_file(fsio.join(url, META), storage_options)  # uncommit before replacing the weights
     fsio.atomic_write_bytes(fsio.join(url, WEIGHTS), weights, storage_options)
@@ -105,8 +111,8 @@ def read_export_meta(url: str, storage_options: Optional[dict[str, Any]] = None)
 
 def load_export(
     url: str, storage_options: Optional[dict[str, Any]] = None, verify: bool = True
-) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
-    """(state_dict, model config, metadata) of an export; the fingerprint is checked."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata) of an export; the fingerprint is checked. ``metadata["model"]`` is the model's config."""
     meta = read_export_meta(url, storage_options)
     fs, path = fsio.get_fs(fsio.join(url, WEIGHTS), storage_options)
     try:
@@ -115,8 +121,7 @@ def load_export(
         raise ExportError(f"export {url} has metadata but no {WEIGHTS}") from None
     if verify and _fingerprint(weights, meta["model"], meta["num_items"]) != meta["fingerprint"]:
         raise ExportError(f"export {url}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…")
-    model_cfg = ModelConfig.model_validate(meta["model"])
-    return load_safetensors(weights), model_cfg, meta
+    return load_safetensors(weights), meta
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
@@ -145,19 +150,3 @@ def read_export_tensor(url: str, name: str, storage_options: Optional[dict[str, 
         f.seek(8 + header_len + begin)
         data = bytearray(f.read(end - begin))
     return torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"]).clone()
-
-
-def load_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[SequentialRecommender, dict[str, Any]]:
-    """An exported model as a plain (unsharded) module in eval mode, on CPU."""
-    state, model_cfg, meta = load_export(url, storage_options)
-    model = SequentialRecommender(model_cfg, meta["num_items"])
-    load_weights(model, state)
-    return model.eval(), meta
-
-
-def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -> None:
-    """Load an export's tensors; with tied embeddings ``output.weight`` comes from ``item_emb.weight``."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied_ok = {"output.weight"} if model.cfg.tied_embeddings else set()
-    if unexpected or set(missing) - tied_ok:
-        raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")

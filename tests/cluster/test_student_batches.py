@@ -7,7 +7,7 @@ import torch
 
 from data_pipeline import soft_labels as sl
 from distill.sequences import left_pad, left_pad_flat, next_item_batch
-from distill.student_training import batch_from_dataset, batch_from_store
+from cluster.student_batches import batch_from_dataset, batch_from_store
 
 
 def store_table(lengths, k=3, num_items=30, seed=0) -> tuple[pa.Table, sl.StoreSpec]:
@@ -81,7 +81,7 @@ def test_position_logits_bf16_autocast_returns_fp32_logits_close_to_the_fp32_for
     """The GPU path's bf16 forward, exercised with CPU autocast: fp32 logits and fp32 gradients."""
     from distill.config import ModelConfig
     from distill.model import SequentialRecommender
-    from distill.student_training import PositionLogits
+    from distill.training import PositionLogits
 
     torch.manual_seed(0)
     model = SequentialRecommender(ModelConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64, max_len=8, dropout=0.0), 50)

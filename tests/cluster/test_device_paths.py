@@ -1,7 +1,7 @@
 """The paths a GPU cluster takes, on whatever device this machine has.
 
 One rank, no Ray: the teacher trains under DeepSpeed ZeRO-3 with the project's own
-DeepSpeed config (``distill.runtime.deepspeed_config``: on CUDA that means NCCL, bf16
+DeepSpeed config (``cluster.runtime.deepspeed_config``: on CUDA that means NCCL, bf16
 and FusedAdam), its consolidated export is reloaded, and ``ShardedTeacher`` hosts it
 for precompute's labels; the student's bf16-autocast forward trains with a
 distillation loss. The ``cpu`` variants run everywhere (gloo, fp32) and keep the
@@ -28,14 +28,15 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run `
 _TEACHER_SCRIPT = r"""
 import json, sys, tempfile
 import torch, deepspeed
-from distill.config import DeepSpeedConfig, ModelConfig, TrainConfig
-from distill.export import load_model, save_export
+from cluster.config import DeepSpeedConfig
+from distill.config import ModelConfig, TrainConfig
+from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
-from distill.precompute import teacher_outputs
-from distill.runtime import deepspeed_config, select_runtime
+from cluster.precompute import teacher_outputs
+from cluster.runtime import deepspeed_config, select_runtime
 from distill.sequences import next_item_batch
-from distill.teacher_hosting import ShardedTeacher
-from distill.teacher_training import _gather_state_dict
+from cluster.teacher_hosting import ShardedTeacher
+from cluster.train_teacher import _gather_state_dict
 from distill.training import NextItemObjective
 
 expected_device = sys.argv[1]
@@ -84,7 +85,7 @@ engine.eval()
 with torch.no_grad():
     engine_scores = engine.module.model.score_last(probe.to(device)).float().cpu()
 url = tempfile.mkdtemp(prefix="recdistill-device-export-")
-save_export(url, full, mcfg, num_items, {"role": "teacher"})
+save_model(url, full, mcfg, num_items, {"role": "teacher"})
 plain, _ = load_model(url)
 with torch.no_grad():
     plain_scores = plain.score_last(probe)
@@ -155,8 +156,8 @@ def test_student_bf16_forward_trains_with_a_distillation_loss_on_cuda():
     from distill.config import ModelConfig
     from distill.losses import distillation_loss
     from distill.model import PAD_ID, SequentialRecommender
-    from distill.runtime import select_runtime
-    from distill.student_training import PositionLogits
+    from cluster.runtime import select_runtime
+    from distill.training import PositionLogits
 
     runtime = select_runtime(bf16="auto")
     assert runtime.use_gpu and runtime.backend == "nccl"

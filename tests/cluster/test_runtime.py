@@ -1,7 +1,9 @@
 import pytest
 
-from distill.config import DeepSpeedConfig, TrainConfig
-from distill.runtime import deepspeed_config, select_runtime, use_gpu_for_scaling
+from cluster.config import DeepSpeedConfig
+
+from distill.config import TrainConfig
+from cluster.runtime import deepspeed_config, select_runtime, use_gpu_for_scaling
 
 
 def test_gpu_selects_cuda_nccl_bf16():

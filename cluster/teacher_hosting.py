@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from data_pipeline import fsio
 from distill.config import ModelConfig
-from distill.export import WEIGHTS, load_export, load_weights, read_export_meta, verify_export
+from data_pipeline.exports import WEIGHTS, load_export, read_export_meta, verify_export
+from cluster.models import load_weights
 from distill.model import SequentialRecommender
 
 

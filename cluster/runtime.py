@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from distill.config import DeepSpeedConfig, TrainConfig
+from cluster.config import DeepSpeedConfig
+
+from distill.config import TrainConfig
 
 
 @dataclass(frozen=True)

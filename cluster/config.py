@@ -1,0 +1,269 @@
+"""The one typed configuration schema of recdistill.
+
+A run is configured by a YAML file plus ``dotted.key=value`` command-line
+overrides. Both are merged into a plain dict and validated here, once, into a
+tree of frozen pydantic models that the rest of the code receives explicitly.
+Unknown keys are errors that name the key and list the valid ones.
+
+Each package owns its sections: ``data`` and ``precompute`` are
+:mod:`data_pipeline.config`'s, the models, ``distill`` and ``eval`` are
+:mod:`distill.config`'s; ``run``, ``scaling`` and ``deepspeed`` (the engine) are
+defined here, where the top-level :class:`Config` composes them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from data_pipeline.config import DataConfig, PrecomputeConfig
+from distill.config import DistillConfig, EvalConfig, ModelConfig, Section, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key at fault."""
+
+
+class RunConfig(Section):
+    run_dir: str = Field("runs/tiny", description="Output root; any fsspec URL.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class TeacherConfig(Section):
+    model: ModelConfig = ModelConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=256)
+    train: TrainConfig = TrainConfig()
+    checkpoint: Optional[str] = Field(None, description="An exported teacher to use instead of training one.")
+
+
+class StudentConfig(Section):
+    model: ModelConfig = ModelConfig(d_model=16, num_layers=1, num_heads=1, ffn_dim=64)
+    train: TrainConfig = TrainConfig()
+    bf16: Literal["auto", "true", "false"] = Field(
+        "auto", description="bf16 autocast of the student's forward (losses stay fp32); auto = on GPUs that support it."
+    )
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(2, gt=0)
+    min_workers: Optional[int] = Field(None, gt=0, description="Elastic lower bound (distill).")
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=-1)
+    address: Optional[str] = Field(None, description="Ray address; None starts or joins a local cluster.")
+    elastic_resize_interval_s: float = Field(60.0, ge=0, description="How often an elastic run looks for more workers.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ScalingConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(3, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: Literal["auto", "true", "false"] = "auto"
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def check_catalog(self, num_items: int) -> None:
+        """Checks that depend on the dataset (known only after prepare)."""
+        if self.precompute.k > num_items:
+            raise ConfigError(f"precompute.k={self.precompute.k} is larger than the catalog ({num_items} items)")
+        for k in self.eval.ks:
+            if k > num_items:
+                raise ConfigError(f"eval.ks contains {k}, larger than the catalog ({num_items} items)")
+
+    def with_absolute_paths(self) -> "Config":
+        """Local relative paths made absolute, so Ray workers (whose working directory differs) find them."""
+
+        def absolute(url: str) -> str:
+            return url if not url or "://" in url else str(Path(url).expanduser().resolve())
+
+        data = self.data.model_copy(update={"path": absolute(self.data.path)})
+        run = self.run.model_copy(update={"run_dir": absolute(self.run.run_dir)})
+        updates: dict[str, Any] = {"data": data, "run": run}
+        if self.teacher.checkpoint:
+            updates["teacher"] = self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint)})
+        return self.model_copy(update=updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# What a training stage learns from
+
+
+# Settings that change how long or how a stage runs, not what it learns: a checkpoint made
+# under other values of these still belongs to the stage (e.g. more epochs to train longer).
+_OPERATIONAL_TRAIN = {"epochs", "patience", "eval_batch_size"}
+_OPERATIONAL_DISTILL = {"prefetch_blocks", "checkpoint_every_steps", "log_consumed"}
+
+
+def stage_fingerprint(
+    cfg: Config, stage: Literal["teacher", "student", "baseline"], teacher_fingerprint: Optional[str] = None
+) -> str:
+    """A short hash of the settings that define what ``stage`` trains.
+
+    Stored in its checkpoints and its ``history.json``: a checkpoint or finished stage with
+    another fingerprint was made by another configuration, and must not be resumed or
+    reused as if it were this one's. The distilled student also depends on its teacher
+    (``teacher_fingerprint``, the export's): a new teacher means a new student.
+    """
+    # Values at their schema default are left out, so that a new option (added at its default)
+    # does not make every finished stage look like another configuration's.
+    def settings(section: BaseModel, operational: set[str] = frozenset()) -> dict[str, Any]:
+        return section.model_dump(mode="json", exclude=set(operational), exclude_defaults=True)
+
+    if stage == "teacher":
+        parts: dict[str, Any] = {"model": settings(cfg.teacher.model), "train": settings(cfg.teacher.train, _OPERATIONAL_TRAIN)}
+    elif stage in ("student", "baseline"):
+        parts = {"model": settings(cfg.student.model), "train": settings(cfg.student.train, _OPERATIONAL_TRAIN),
+                 "distill": None if stage == "baseline" else settings(cfg.distill, _OPERATIONAL_DISTILL)}
+    else:
+        raise ValueError(f"unknown stage {stage!r}; expected teacher, student or baseline")
+    parts["seed"] = cfg.run.seed
+    if stage == "student":
+        parts["teacher"] = teacher_fingerprint
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _valid_keys(model_cls: type[BaseModel]) -> list[str]:
+    return sorted(model_cls.model_fields)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model class that owns the field at ``loc`` (a pydantic error location)."""
+    cls: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list field: stay with the list's element class
+            continue
+        field = cls.model_fields.get(str(part))
+        section = _section_class(field.annotation) if field is not None else None
+        if section is None:
+            break
+        cls = section
+    return cls
+
+
+def _section_class(annotation: Any) -> Optional[type[BaseModel]]:
+    """The section class inside an annotation such as ``X``, ``Optional[X]`` or ``Optional[list[X]]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(_valid_keys(_section_at(loc)))
+            lines.append(f"unknown key '{key}'; valid keys here: {valid}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``, recursively for mappings; any other value (lists too) replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value), the value typed as YAML would type it."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a config tree plus dotted overrides into a :class:`Config`."""
+    if not isinstance(tree or {}, dict):
+        raise ConfigError("a config file must hold a mapping at the top level")
+    # Start from the full default tree, so a partial section (``student.model.dropout=0.3``) keeps
+    # its section's own defaults (the student's, not a generic model's) for the keys it leaves out.
+    merged = _merge(Config().to_dict(), copy.deepcopy(tree or {}))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(merged, key, value)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or nothing: all defaults) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: a config file must hold a mapping at the top level")
+    try:
+        return build_config(tree, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or '<defaults>'}: {exc}") from None

@@ -1,0 +1,40 @@
+"""Models in and out of exports: the bridge between the model code (:mod:`distill.model`)
+and the export format (:mod:`data_pipeline.exports`), which know nothing of each other."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from data_pipeline.exports import ExportError, load_export, save_export
+from distill.config import ModelConfig
+from distill.model import SequentialRecommender
+
+
+def save_model(
+    url: str,
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    num_items: int,
+    info: dict[str, Any],
+    storage_options: Optional[dict[str, Any]] = None,
+) -> str:
+    """Export a model's weights with its config; returns the export's fingerprint."""
+    return save_export(url, state_dict, model_cfg.model_dump(mode="json"), num_items, info, storage_options)
+
+
+def load_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[SequentialRecommender, dict[str, Any]]:
+    """An exported model as a plain (unsharded) module in eval mode, on CPU."""
+    state, meta = load_export(url, storage_options)
+    model = SequentialRecommender(ModelConfig.model_validate(meta["model"]), meta["num_items"])
+    load_weights(model, state)
+    return model.eval(), meta
+
+
+def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -> None:
+    """Load an export's tensors; with tied embeddings ``output.weight`` comes from ``item_emb.weight``."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied_ok = {"output.weight"} if model.cfg.tied_embeddings else set()
+    if unexpected or set(missing) - tied_ok:
+        raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")

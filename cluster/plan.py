@@ -1,0 +1,402 @@
+"""The run plan: every decision of a job, made once on the driver before any worker starts.
+
+:func:`build_plan` reads the validated config and what already exists under
+``run.run_dir`` (the dataset manifest, the teacher's export, the soft-label store's
+manifest, each training stage's ``history.json``), never the data itself beyond
+manifests, Parquet footers and counts, and never starts Ray. From them it decides:
+
+* each stage's inputs (with fingerprints), what it writes, its worker count, and
+  whether it is done, resumes, or runs;
+* the storage layout: row-group and file sizes of the example shards and of the
+  soft-label store, derived from the row counts, the global batch and the reader's
+  virtual shards (:mod:`data_pipeline.block_layout`) unless set explicitly;
+* every problem that would make a stage fail, with the key or file at fault and the fix.
+
+Stages read their decisions from the plan; ``recdistill plan`` prints it and
+``pipeline`` refuses a plan with any problem before its first stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
+
+from cluster.common import teacher_url
+from cluster.config import Config, ConfigError, stage_fingerprint
+from data_pipeline import block_layout, fsio
+from data_pipeline import soft_labels
+from data_pipeline.dataset import DataError, load_manifest, read_split
+from data_pipeline.exports import ExportError, read_export_meta
+from data_pipeline.layout import RunLayout
+
+STAGES = ("prepare", "train-teacher", "precompute", "distill", "distill --baseline", "evaluate")
+#: The data's row groups when nothing else decides them (a dataset prepared before plans existed).
+LEGACY_ROW_GROUP = 64
+
+
+class PlanError(ConfigError):
+    """A plan that cannot work; the message lists every problem, stage by stage."""
+
+    def __init__(self, problems: list["Problem"]):
+        self.problems = problems
+        by_message: dict[str, list[str]] = {}  # one line per problem, naming every stage it stops
+        for p in problems:
+            by_message.setdefault(p.message, []).append(p.stage)
+        lines = [f"[{', '.join(stages)}] {message}" for message, stages in by_message.items()]
+        super().__init__("the run cannot work as configured:\n  " + "\n  ".join(lines))
+
+
+@dataclass(frozen=True)
+class Problem:
+    stage: str
+    message: str
+
+
+@dataclass
+class StagePlan:
+    name: str
+    action: str  # "run", "resume", "done" (skipped) or "given" (teacher.checkpoint)
+    reads: dict[str, str]
+    writes: str
+    workers: str
+    fingerprints: dict[str, Optional[str]] = field(default_factory=dict)
+    # Peak memory per worker; estimated by the stages that can (None: not estimated yet).
+    memory_estimate: Optional[str] = None
+    # An input that does not exist yet; fine in a pipeline (an earlier stage makes it), fatal alone.
+    missing_input: Optional[str] = None
+
+
+@dataclass
+class StorageLayout:
+    num_virtual_shards: int
+    data_rows_per_shard: int
+    data_row_group_size: Optional[int]  # None: decided by prepare from the row count (the plan's rule)
+    store_rows_per_shard: Optional[int]
+    store_row_group_size: Optional[int]
+    origin: dict[str, str] = field(default_factory=dict)  # setting -> explicit / derived / as written / at prepare
+    fill: dict[str, float] = field(default_factory=dict)  # reader -> mean global batch / best possible
+
+
+@dataclass
+class RunPlan:
+    run_dir: str
+    dataset: Optional[dict[str, Any]]
+    num_sequences: Optional[int]  # training sequences (users with >= 2 training items): the store's rows
+    teacher_url: str
+    teacher: Optional[dict[str, Any]]
+    store: Optional[dict[str, Any]]  # the committed store's manifest, only when it fits this run
+    layout: StorageLayout
+    stages: dict[str, StagePlan]
+    problems: list[Problem]
+
+    def stage(self, name: str) -> StagePlan:
+        return self.stages[name]
+
+    def check(self, stages: Iterable[str] = STAGES) -> None:
+        """Raise :class:`PlanError` listing every problem of ``stages``."""
+        wanted = set(stages)
+        found = [p for p in self.problems if p.stage in wanted]
+        if found:
+            raise PlanError(found)
+
+    def require(self, stage: str) -> None:
+        """Before running ``stage`` on its own: no problem, and every input already there."""
+        self.check([stage])
+        missing = self.stages[stage].missing_input
+        if missing:
+            raise PlanError([Problem(stage, missing)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Building
+
+
+def data_row_group_rule(cfg: Config):
+    """The rule prepare applies to size the example shards' row groups once it knows the row counts
+    (``data.row_group_size`` when set): the largest whose deal fills the student's global batch."""
+    if cfg.data.row_group_size:
+        return lambda shard_rows: cfg.data.row_group_size
+    J, B, seed = cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed
+    return lambda shard_rows: block_layout.choose_row_group_size(shard_rows, J, B, seed)
+
+
+def build_plan(cfg: Config) -> RunPlan:
+    """The plan of ``cfg``'s run, from the config and the manifests under ``run.run_dir``."""
+    return _Planner(cfg).build()
+
+
+class _Planner:
+    """Reads what exists once, then decides stage by stage (in pipeline order)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.paths = RunLayout(cfg.run.run_dir)
+        self.storage = cfg.data.storage_options
+        self.problems: list[Problem] = []
+        self.stages: dict[str, StagePlan] = {}
+
+    def problem(self, stage: str, message: str) -> None:
+        self.problems.append(Problem(stage, message))
+
+    def build(self) -> RunPlan:
+        cfg = self.cfg
+        self.dataset = _try(lambda: load_manifest(self.paths.data, self.storage), DataError)
+        self.num_sequences = self._num_sequences()
+        self.teacher_url = teacher_url(cfg)
+        self.teacher = _try(lambda: read_export_meta(self.teacher_url, self.storage), ExportError)
+        self.layout = StorageLayout(
+            num_virtual_shards=cfg.distill.num_virtual_shards,
+            data_rows_per_shard=cfg.data.rows_per_shard,
+            data_row_group_size=None,
+            store_rows_per_shard=None,
+            store_row_group_size=None,
+        )
+        self._check_config()
+        self._prepare()
+        self._train_teacher()
+        self._precompute()
+        self._student("distill", baseline=False)
+        self._student("distill --baseline", baseline=True)
+        self.stages["evaluate"] = StagePlan(
+            "evaluate", "run", {"dataset": self.paths.data, "models": "every export present"}, self.paths.metrics, "driver",
+            missing_input=None if self.dataset else f"no prepared dataset at {self.paths.data}: run `recdistill prepare` first")
+        return RunPlan(self.cfg.run.run_dir, self.dataset, self.num_sequences, self.teacher_url, self.teacher,
+                       self.store, self.layout, self.stages, self.problems)
+
+    # ---- checks that need nothing but the config
+
+    def _check_config(self) -> None:
+        cfg = self.cfg
+        J, B = cfg.distill.num_virtual_shards, cfg.student.train.batch_size
+        for stage in ("distill", "distill --baseline"):
+            if B < J:
+                self.problem(stage, f"student.train.batch_size ({B}) is smaller than distill.num_virtual_shards ({J}): "
+                                    "every virtual shard adds at least one row per step. Raise the batch or lower the shards")
+            if cfg.scaling.num_workers > J:
+                self.problem(stage, f"scaling.num_workers ({cfg.scaling.num_workers}) exceeds distill.num_virtual_shards "
+                                    f"({J}), the most workers the streaming reader can feed. Lower the workers or raise the shards")
+
+    # ---- stages
+
+    def _prepare(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        source = "synthetic generator" if cfg.data.format == "synthetic" else cfg.data.path
+        stage = StagePlan("prepare", "done" if self.dataset else "run", {"input": source}, paths.data, "driver")
+        self.stages["prepare"] = stage
+        if self.dataset:
+            stage.fingerprints["dataset"] = self.dataset["fingerprint"]
+            self._check_catalog()
+            self._data_layout()
+            return
+        self.layout.data_row_group_size = cfg.data.row_group_size
+        self.layout.origin["data.row_group_size"] = "explicit" if cfg.data.row_group_size else "at prepare, from the row count"
+        if cfg.data.format != "synthetic":
+            if not cfg.data.path:
+                self.problem("prepare", f"data.path is not set (data.format is {cfg.data.format}): give the input log's URL")
+            elif not _exists(cfg.data.path, self.storage):
+                self.problem("prepare", f"data.path {cfg.data.path} does not exist: check the path (and data.storage_options)")
+
+    def _check_catalog(self) -> None:
+        num_items = self.dataset["num_items"]
+        if self.cfg.precompute.k > num_items:
+            self.problem("precompute", f"precompute.k={self.cfg.precompute.k} is larger than the catalog ({num_items} items)")
+        for k in self.cfg.eval.ks:
+            if k > num_items:  # validation (train-teacher, distill) and the test report use them
+                for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
+                    self.problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)")
+
+    def _data_layout(self) -> None:
+        """The baseline streams the training split as prepare wrote it: check its deal."""
+        cfg, split = self.cfg, self.dataset["splits"]["train"]
+        written = split.get("row_group_size")
+        self.layout.data_row_group_size = written or LEGACY_ROW_GROUP
+        self.layout.origin["data.row_group_size"] = "as written" if written else "as written (assumed 64: an older dataset)"
+        groups = block_layout.shard_row_groups(split["rows"], self.layout.data_row_group_size)
+        fill = block_layout.batch_fill(groups, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
+        self.layout.fill["baseline"] = round(fill.ratio, 3)
+        if fill.ratio < block_layout.MIN_FILL:
+            fix = ("lower data.row_group_size" if cfg.data.row_group_size
+                   else "re-run prepare (it now sizes row groups from the data), or use another run.run_dir")
+            self.problem("distill --baseline", _fill_message(f"the training split under {self.paths.data}", groups, fill, cfg, fix))
+
+    def _train_teacher(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        reads = {"dataset": paths.data}
+        workers = f"{cfg.scaling.num_workers} (DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})"
+        if cfg.teacher.checkpoint:
+            stage = StagePlan("train-teacher", "given", reads, self.teacher_url, workers)
+            if self.teacher is None:
+                self.problem("train-teacher", f"teacher.checkpoint {cfg.teacher.checkpoint} holds no exported model "
+                                              "(export.json missing): check the URL, or remove the key to train a teacher")
+        else:
+            stage = StagePlan("train-teacher", self._progress(paths.teacher, "teacher"), reads, paths.teacher, workers)
+        stage.fingerprints["stage"] = stage_fingerprint(cfg, "teacher")
+        if self.teacher:
+            stage.fingerprints["teacher"] = self.teacher["fingerprint"]
+        self.stages["train-teacher"] = stage
+        if self.teacher and self.dataset:
+            where = "teacher.checkpoint" if cfg.teacher.checkpoint else self.teacher_url
+            if self.teacher["num_items"] != self.dataset["num_items"]:
+                self.problem("precompute", f"the teacher at {self.teacher_url} ({where}) scores {self.teacher['num_items']} "
+                                              f"items, the dataset has {self.dataset['num_items']}: it belongs to another dataset")
+            elif self.teacher.get("dataset_fingerprint") not in (None, self.dataset["fingerprint"]):
+                self.problem("precompute", f"the teacher at {self.teacher_url} ({where}) was trained on dataset "
+                                              f"{self.teacher['dataset_fingerprint'][:12]}…, this run's is "
+                                              f"{self.dataset['fingerprint'][:12]}…: use another run.run_dir or teacher")
+        if not self.dataset:
+            stage.missing_input = f"no prepared dataset at {paths.data}: run `recdistill prepare` first"
+
+    def _precompute(self) -> None:
+        cfg, paths = self.cfg, self.paths
+        stage = StagePlan("precompute", "run", {"teacher": self.teacher_url, "dataset": paths.data}, paths.soft_labels,
+                          f"{cfg.scaling.num_workers} (teacher hosted under ZeRO-{cfg.deepspeed.zero_stage})")
+        self.stages["precompute"] = stage
+        self.store = None
+        teacher_will_change = self.stages["train-teacher"].action in ("run", "resume")
+        if self.teacher and self.dataset and not teacher_will_change:
+            try:
+                self.store = soft_labels.load_store_manifest(
+                    paths.soft_labels, self.storage, expect_teacher=self.teacher["fingerprint"],
+                    expect_dataset=self.dataset["fingerprint"], expect_num_items=self.dataset["num_items"])
+                self._check_store_spec()
+                stage.action = "done"
+                stage.fingerprints["store teacher"] = self.store["teacher_fingerprint"]
+            except soft_labels.SoftLabelError as exc:
+                self.store_problem = str(exc)
+        if self.store is not None:
+            self._store_layout_as_written()
+        else:
+            self._store_layout_to_write()
+        if not self.teacher:
+            stage.missing_input = f"no teacher export at {self.teacher_url}: run `recdistill train-teacher` first"
+        if not self.dataset:
+            stage.missing_input = f"no prepared dataset at {paths.data}: run `recdistill prepare` first"
+
+    def _check_store_spec(self) -> None:
+        """A store of other label settings (k, value dtype, sampled labels) is not this run's: precompute re-runs."""
+        pcfg, spec = self.cfg.precompute, self.store.get("spec", {})
+        wanted = {"k": pcfg.k, "value_dtype": pcfg.dtype, "num_sampled": pcfg.num_sampled}
+        differs = {key: (spec.get(key), value) for key, value in wanted.items() if spec.get(key) != value}
+        if differs:
+            what = ", ".join(f"{key} {theirs} (config: {ours})" for key, (theirs, ours) in differs.items())
+            raise soft_labels.SoftLabelError(f"soft labels at {self.paths.soft_labels} hold other labels: {what}; run precompute again")
+
+    def _store_layout_as_written(self) -> None:
+        store = self.store
+        rows = [s["rows"] for s in store["shards"]]
+        group = store.get("row_group_size")
+        self.layout.store_rows_per_shard = max(rows) if rows else None
+        self.layout.origin["precompute.rows_per_shard"] = "as written"
+        if group is None:  # a store written before the manifest recorded it: read its footers
+            from data_pipeline.streaming import list_blocks
+
+            files = [fsio.join(self.paths.soft_labels, s["file"]) for s in store["shards"]]
+            groups = [b.num_rows for b in list_blocks(files, self.storage, rows)]
+            self.layout.origin["precompute.row_group_size"] = "as written (from the Parquet footers)"
+            self.layout.store_row_group_size = max(groups) if groups else None
+        else:
+            groups = block_layout.shard_row_groups(rows, group)
+            self.layout.origin["precompute.row_group_size"] = "as written"
+            self.layout.store_row_group_size = group
+        self._check_store_fill(groups, "distill", f"the soft-label store at {self.paths.soft_labels}",
+                               "re-run precompute into a fresh store (delete it) so that its row groups are sized for this run")
+
+    def _store_layout_to_write(self) -> None:
+        cfg, n = self.cfg, self.num_sequences
+        explicit_rows, explicit_group = cfg.precompute.rows_per_shard, cfg.precompute.row_group_size
+        self.layout.origin["precompute.rows_per_shard"] = "explicit" if explicit_rows else "derived"
+        self.layout.origin["precompute.row_group_size"] = "explicit" if explicit_group else "derived"
+        if n is None:  # no dataset yet: decided when the plan is rebuilt after prepare
+            self.layout.origin = {**self.layout.origin, "precompute.rows_per_shard": "after prepare, from the row count",
+                                  "precompute.row_group_size": "after prepare, from the row count"}
+            self.layout.store_rows_per_shard, self.layout.store_row_group_size = explicit_rows, explicit_group
+            return
+        rows_per_shard = explicit_rows or block_layout.choose_store_rows_per_shard(n)
+        shard_rows = block_layout.shard_sizes(n, rows_per_shard)
+        group = explicit_group or block_layout.choose_row_group_size(
+            shard_rows, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
+        self.layout.store_rows_per_shard, self.layout.store_row_group_size = rows_per_shard, group
+        fix = "lower precompute.row_group_size (or remove it: the plan then sizes row groups itself)"
+        self._check_store_fill(block_layout.shard_row_groups(shard_rows, group), "precompute",
+                               f"precompute.row_group_size={group} over {n:,} sequences", fix)
+
+    def _check_store_fill(self, groups: list[int], stage: str, what: str, fix: str) -> None:
+        cfg = self.cfg
+        fill = block_layout.batch_fill(groups, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
+        self.layout.fill["distill"] = round(fill.ratio, 3)
+        if fill.ratio < block_layout.MIN_FILL:
+            self.problem(stage, _fill_message(what, groups, fill, cfg, fix))
+
+    def _student(self, name: str, baseline: bool) -> None:
+        cfg, paths = self.cfg, self.paths
+        folder = paths.baseline if baseline else paths.student
+        reads = {"dataset": paths.data} if baseline else {"store": paths.soft_labels, "teacher": self.teacher_url}
+        workers = str(cfg.scaling.num_workers) if cfg.scaling.min_workers is None else f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} (elastic)"
+        teacher_fp = None if baseline or not self.teacher else self.teacher["fingerprint"]
+        knowable = baseline or (self.teacher is not None and self.stages["train-teacher"].action in ("done", "given"))
+        action = self._progress(folder, "baseline" if baseline else "student", teacher_fp, check=knowable)
+        stage = StagePlan(name, action, reads, folder, workers)
+        if knowable:
+            stage.fingerprints["stage"] = stage_fingerprint(cfg, "baseline" if baseline else "student", teacher_fp)
+        self.stages[name] = stage
+        if not self.dataset:
+            stage.missing_input = f"no prepared dataset at {paths.data}: run `recdistill prepare` first"
+        elif not baseline and self.store is None:
+            stage.missing_input = getattr(self, "store_problem", None) or (
+                f"no soft-label store for this run's teacher at {paths.soft_labels}: run `recdistill precompute` first")
+        if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
+            self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
+
+    # ---- helpers
+
+    def _progress(self, folder: str, stage: str, teacher_fp: Optional[str] = None, check: bool = True) -> str:
+        """"done", "resume" or "run" from the stage's ``history.json``; a history of other settings is a problem."""
+        history = _try(lambda: fsio.read_json(fsio.join(folder, "history.json"), self.storage), FileNotFoundError)
+        if history is None:
+            return "run"
+        recorded = history.get("stage_fingerprint")
+        expected = stage_fingerprint(self.cfg, stage, teacher_fp)
+        if check and recorded is not None and recorded != expected:
+            self.problem("distill --baseline" if stage == "baseline" else "distill" if stage == "student" else "train-teacher",
+                         f"{folder} holds a {stage} trained with other settings (stage fingerprint {recorded}, this config's "
+                         f"{expected}), and its checkpoints under {fsio.join(self.cfg.run.run_dir, 'ray', stage)} would be "
+                         "resumed. Use another run.run_dir, or delete both to train this one from scratch")
+        return "done" if history.get("complete") else "resume"
+
+    def _num_sequences(self) -> Optional[int]:
+        if not self.dataset:
+            return None
+        train = self.dataset["splits"]["train"]
+        if "num_sequences" in train:
+            return int(train["num_sequences"])
+        # An older manifest: count the training histories of >= 2 items (one column of the split).
+        lengths = read_split(self.paths.data, "train", self.storage, self.dataset).column("items").combine_chunks()
+        import pyarrow.compute as pc
+
+        return int(pc.sum(pc.greater_equal(pc.list_value_length(lengths), 2)).as_py() or 0)
+
+
+def _fill_message(what: str, groups: list[int], fill: block_layout.Fill, cfg: Config, fix: str) -> str:
+    sizes = [g for g in groups if g]
+    return (f"{what}: {len(sizes)} row groups of {min(sizes, default=0)}-{max(sizes, default=0)} rows dealt into "
+            f"distill.num_virtual_shards={cfg.distill.num_virtual_shards} give global batches of {fill.mean_batch:.1f} rows "
+            f"on average, {100 * fill.ratio:.0f}% of the {fill.best_batch:.1f} possible with student.train.batch_size="
+            f"{cfg.student.train.batch_size} (at least {100 * block_layout.MIN_FILL:.0f}% needed). Fix: {fix}")
+
+
+def _try(read, *errors):
+    try:
+        return read()
+    except errors:
+        return None
+
+
+def _exists(url: str, storage: dict[str, Any]) -> bool:
+    try:
+        fs, path = fsio.get_fs(url, storage)
+        return bool(fs.exists(path))
+    except Exception:  # an unreachable store: the prepare stage reports it with its own message
+        return True

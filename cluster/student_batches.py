@@ -1,0 +1,102 @@
+"""The student's batches: rows the streaming reader hands a worker, as tensors.
+
+Distillation reads the soft-label store (inputs, targets and the teacher's labels per
+position); the baseline reads the dataset's training split (next-item pairs only). Both
+are vectorised (no per-row Python): they run on the prefetch thread beside the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cluster.config import Config
+from data_pipeline import fsio
+from data_pipeline import soft_labels as store
+from data_pipeline.layout import RunLayout
+from data_pipeline.streaming import BlockRef, list_blocks
+from distill.sequences import left_pad_flat
+
+
+@dataclass
+class StudentBatch:
+    """One worker's share of a global step, as tensors.
+
+    inputs/targets: (B, L) left-padded; ``soft``: per-position teacher labels aligned
+    with the real (non-padding) positions of ``inputs`` in row-major order; ``rows``:
+    an identifier per row (for the consumed-rows audit log).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    soft: Optional[dict[str, torch.Tensor]]
+    rows: list[int]
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, offsets): row r is ``values[offsets[r]:offsets[r + 1]]``."""
+    col = table.column(name).combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy()
+
+
+def _padded(values: np.ndarray, offsets: np.ndarray, max_len: int) -> torch.Tensor:
+    # A worker with no rows this step still runs a forward (DDP all-reduces in backward): one padding row.
+    width = int(min(np.diff(offsets).max(initial=0), max_len)) or 1
+    return torch.from_numpy(left_pad_flat(values, offsets, width) if len(offsets) > 1 else np.zeros((1, width), np.int64))
+
+
+def _row_ids(table: pa.Table, name: str) -> list[int]:
+    return table.column(name).to_numpy().tolist() if table.num_rows else []
+
+
+def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -> tuple[list[BlockRef], Optional[list[str]]]:
+    """The student's training row groups and the columns to read: the soft-label store's,
+    or (``soft_manifest`` None: the baseline) the dataset's training split."""
+    layout, storage = RunLayout(cfg.run.run_dir), cfg.data.storage_options
+    if soft_manifest is None:
+        split = dataset["splits"]["train"]
+        return list_blocks([fsio.join(layout.data, f) for f in split["files"]], storage, split["rows"]), ["user", "items"]
+    shards = soft_manifest["shards"]
+    files = [fsio.join(layout.soft_labels, s["file"]) for s in shards]
+    return list_blocks(files, storage, [s["rows"] for s in shards]), None
+
+
+def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
+    """A soft-label store batch; positions older than the student's ``max_len`` window are dropped.
+
+    Vectorised (no per-row Python): it runs on the prefetch thread beside the training step.
+    """
+    inputs, targets = _list_column(table, "inputs"), _list_column(table, "targets")
+    # Decoded even for an empty share (0 positions), so every worker runs the same loss code.
+    soft = store.decode_positions(table, spec)
+    # Keep each row's last min(n, max_len) positions (the student's window), labels alike.
+    offsets = soft.pop("row_offsets").numpy()
+    lengths = np.diff(offsets)
+    if (lengths > max_len).any():
+        row_of = np.repeat(np.arange(len(lengths)), lengths)
+        keep = torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])
+        soft = {name: t[keep] for name, t in soft.items()}
+    return StudentBatch(inputs=_padded(*inputs, max_len), targets=_padded(*targets, max_len), soft=soft,
+                        rows=_row_ids(table, "seq_index"))
+
+
+def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
+    """A batch of training histories (the baseline): next-item pairs from the last max_len+1 items."""
+    values, offsets = _list_column(table, "items")
+    # A sequence s of n >= 2 items gives inputs s[:-1] and targets s[1:]: gather the inputs' value
+    # indices (each usable row's [start, end - 1)); the targets are the same indices + 1.
+    row_lengths = np.diff(offsets)
+    usable = np.flatnonzero(row_lengths >= 2)
+    starts, lengths = offsets[:-1][usable], row_lengths[usable] - 1
+    input_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    gather = np.arange(input_offsets[-1]) - np.repeat(input_offsets[:-1] - starts, lengths)
+    return StudentBatch(
+        inputs=_padded(values[gather], input_offsets, max_len),
+        targets=_padded(values[gather + 1], input_offsets, max_len),
+        soft=None,
+        rows=_row_ids(table, "user"),
+    )
