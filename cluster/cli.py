@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Callable
 
@@ -79,7 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ExportError, SoftLabelError) as exc:
         print(f"recdistill {args.stage}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ != "TrainingFailedError":  # not a worker's failure: a bug here, keep the traceback
+            raise
+        print(f"recdistill {args.stage}: the workers failed: {worker_error(exc)} (the worker log above has the full traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def worker_error(exc: BaseException) -> str:
+    """The root cause of a Ray Train failure in one line: the last ``SomeError: message`` line of its text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", line)]
+    return (causes or lines or [type(exc).__name__])[-1]
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
-from cluster.engine import RayTrainContext, WorkerContext
+from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan
 from cluster.runtime import select_runtime
@@ -61,6 +61,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     import torch.distributed as dist
 
     cfg: Config = build_config(loop_config["config"])
+    quiet_worker_logs(cfg.run.log_level)
     baseline: bool = loop_config["baseline"]
     rank, world = ctx.rank, ctx.world_size
     runtime = select_runtime(cfg.run.device, cfg.student.bf16)
@@ -234,7 +235,7 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     # Every file the reader will stream is listed now (Parquet footers against the manifests' row counts),
     # so a missing or replaced file is refused before any worker starts.
     blocks, _ = training_blocks(cfg, plan.dataset, None if baseline else plan.store)
-    print(f"{name}: {stage.action} on {stage.workers} workers; {sum(b.num_rows for b in blocks):,} rows in {len(blocks)} "
+    print(f"{name}: {stage.action}; workers {stage.workers}; {sum(b.num_rows for b in blocks):,} rows in {len(blocks)} "
           f"row groups, global batch {cfg.student.train.batch_size} over {cfg.distill.num_virtual_shards} virtual shards "
           f"(fill {plan.layout.fill.get('baseline' if baseline else 'distill', float('nan')):.0%}) -> {stage.writes}", flush=True)
     ensure_ray(cfg)

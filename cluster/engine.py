@@ -11,13 +11,32 @@ process group the caller set up).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 import torch
+
+
+def quiet_worker_logs(log_level: str = "INFO") -> None:
+    """Silence, once per worker process, the lines a user cannot act on; the loop prints its own per epoch.
+
+    * DeepSpeed's ZeRO collectives call ``all_gather_into_tensor`` / ``reduce_scatter_tensor``,
+      which torch deprecates with a FutureWarning at every step of every epoch on every rank
+      (hundreds of lines per epoch). Nothing in this project calls them; only a DeepSpeed
+      release can change it.
+    * Ray Train logs every report ("Reporting training result ...": the whole metrics dict,
+      from every rank) and every checkpoint upload at INFO. They stay visible at
+      ``run.log_level=DEBUG``.
+    """
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated", category=FutureWarning)
+    if log_level != "DEBUG":
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

@@ -310,8 +310,9 @@ class _Planner:
         self.layout.origin["precompute.rows_per_shard"] = "explicit" if explicit_rows else "derived"
         self.layout.origin["precompute.row_group_size"] = "explicit" if explicit_group else "derived"
         if n is None:  # no dataset yet: decided when the plan is rebuilt after prepare
-            self.layout.origin = {**self.layout.origin, "precompute.rows_per_shard": "after prepare, from the row count",
-                                  "precompute.row_group_size": "after prepare, from the row count"}
+            for key, value in (("precompute.rows_per_shard", explicit_rows), ("precompute.row_group_size", explicit_group)):
+                if value is None:
+                    self.layout.origin[key] = "after prepare, from the row count"
             self.layout.store_rows_per_shard, self.layout.store_row_group_size = explicit_rows, explicit_group
             return
         rows_per_shard = explicit_rows or block_layout.choose_store_rows_per_shard(n)

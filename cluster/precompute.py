@@ -31,7 +31,7 @@ import torch
 from cluster.common import save_resolved_config
 from cluster.plan import RunPlan, build_plan
 from cluster.config import Config, build_config
-from cluster.engine import RayTrainContext, WorkerContext
+from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
 from cluster.teacher_hosting import ShardedTeacher
 from data_pipeline import soft_labels as store
@@ -246,6 +246,7 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     from tqdm import tqdm
 
     cfg = build_config(loop_config["config"])
+    quiet_worker_logs(cfg.run.log_level)
     teacher_url = loop_config["teacher_url"]
     forward_only, labels_only = loop_config.get("forward_only", False), loop_config.get("labels_only", False)
     benchmark_only = forward_only or labels_only  # neither touches the store

@@ -29,7 +29,7 @@ import torch
 
 from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
-from cluster.engine import RayTrainContext, WorkerContext
+from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan
 from cluster.runtime import deepspeed_config, select_runtime
@@ -105,6 +105,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
 
     setup_started = time.perf_counter()
     cfg: Config = build_config(loop_config["config"])
+    quiet_worker_logs(cfg.run.log_level)
     rank, world = ctx.rank, ctx.world_size
     runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
     device = ctx.device(runtime.use_gpu)
@@ -188,6 +189,9 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             **{f"val_{k}": v for k, v in metrics.items()},
         }
         state["history"].append(record)
+        if rank == 0:
+            log.info("teacher epoch %d: train loss %.4f, val NDCG@10 %.4f%s, %.1f s on %d workers", epoch + 1, record["train_loss"],
+                     metrics["ndcg@10"], " (best)" if improved else "", train_seconds, world)
         if improved:
             state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1)
             full = _gather_state_dict(engine.module.model, cfg.deepspeed.zero_stage, rank)
@@ -238,7 +242,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     stage = plan.stage("train-teacher")
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
-    print(f"train-teacher: {stage.action} on {stage.workers} workers, stage fingerprint {stage.fingerprints['stage']}, "
+    print(f"train-teacher: {stage.action}; workers {stage.workers}; stage fingerprint {stage.fingerprints['stage']}, "
           f"{cfg.teacher.train.epochs} epochs -> {stage.writes}", flush=True)
     ensure_ray(cfg)
     trainer = TorchTrainer(

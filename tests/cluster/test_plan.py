@@ -1,0 +1,148 @@
+"""The run plan: what it decides from the config and the manifests, and every class of plan that
+cannot work refused before any Ray worker starts (no Ray in this module: starting it fails the test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster import ray_setup
+from cluster.cli import main
+from cluster.config import build_config, stage_fingerprint
+from cluster.models import save_model
+from cluster.plan import PlanError, build_plan
+from data_pipeline.dataset import load_manifest
+from distill.model import SequentialRecommender
+
+SMALL = ["data.synthetic.num_users=300", "data.synthetic.num_items=80", "data.synthetic.num_clusters=8"]
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Every stage starts Ray through ensure_ray: here, reaching it means a refusal came too late."""
+    def refuse(cfg):
+        raise AssertionError("a Ray worker group was about to start")
+
+    monkeypatch.setattr(ray_setup, "ensure_ray", refuse)
+
+
+def _prepared(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    assert main(["prepare", f"run.run_dir={run_dir}", *SMALL, *overrides]) == 0
+    return run_dir
+
+
+def _refused(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_an_empty_run_plans_every_stage_and_derives_the_layout_after_prepare(tmp_path, capsys):
+    cfg = build_config({}, [f"run.run_dir={tmp_path / 'run'}", *SMALL])
+    plan = build_plan(cfg)
+    assert [s.action for s in plan.stages.values()] == ["run"] * 6 and not plan.problems
+    assert plan.stage("distill").missing_input  # fine in a pipeline, refused alone
+    with pytest.raises(PlanError, match="run `recdistill prepare` first"):
+        plan.require("train-teacher")
+    run_dir = _prepared(tmp_path)
+    plan = build_plan(build_config({}, [f"run.run_dir={run_dir}", *SMALL]))
+    manifest = load_manifest(str(run_dir / "data"))
+    assert plan.num_sequences == manifest["splits"]["train"]["num_sequences"] > 0
+    # 300 users, B=128, 16 virtual shards: prepare sized the row groups below 64 so the batch is filled.
+    assert plan.layout.data_row_group_size == manifest["splits"]["train"]["row_group_size"] < 64
+    assert plan.layout.fill["baseline"] >= 0.9 and plan.layout.fill["distill"] >= 0.9
+    assert plan.layout.origin["precompute.row_group_size"] == "derived"
+
+
+def test_plan_command_prints_a_table_and_json(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    capsys.readouterr()
+    assert main(["plan", f"run.run_dir={run_dir}", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "storage layout" in out and "precompute.row_group_size" in out and "no problems found" in out
+    assert main(["plan", "--json", f"run.run_dir={run_dir}", *SMALL]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["stages"]["prepare"]["action"] == "done" and plan["dataset"]["num_users"] == 300
+
+
+def test_an_impossible_explicit_layout_is_refused_before_training(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "precompute.row_group_size=64"],
+             "[precompute]", "precompute.row_group_size=64", "global batches of", "Fix: lower precompute.row_group_size")
+    assert not (run_dir / "teacher").exists()
+
+
+def test_an_explicit_data_layout_that_starves_the_batch_is_refused_right_after_prepare(tmp_path, capsys):
+    _refused(capsys, ["pipeline", f"run.run_dir={tmp_path / 'run'}", *SMALL, "data.row_group_size=300"],
+             "[distill --baseline]", "data.row_group_size")
+    assert (tmp_path / "run" / "data" / "manifest.json").exists() and not (tmp_path / "run" / "teacher").exists()
+
+
+def _teacher_export(url, cfg, num_items, dataset_fingerprint):
+    model = SequentialRecommender(cfg.teacher.model, num_items)
+    return save_model(url, model.state_dict(), cfg.teacher.model, num_items, {"role": "teacher", "params": 1,
+                                                                               "dataset_fingerprint": dataset_fingerprint})
+
+
+def test_a_store_of_another_teacher_is_refused_before_distill_starts(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    cfg = build_config({}, [f"run.run_dir={run_dir}", *SMALL])
+    dataset = load_manifest(str(run_dir / "data"))
+    _teacher_export(str(run_dir / "teacher"), cfg, dataset["num_items"], dataset["fingerprint"])
+    (run_dir / "teacher" / "history.json").write_text(json.dumps(
+        {"history": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "teacher")}))
+    (run_dir / "soft_labels").mkdir()
+    (run_dir / "soft_labels" / "manifest.json").write_text(json.dumps(
+        {"kind": "recdistill.soft_labels", "schema_version": 1, "teacher_fingerprint": "0" * 64,
+         "dataset_fingerprint": dataset["fingerprint"], "num_items": dataset["num_items"]}))
+    _refused(capsys, ["distill", f"run.run_dir={run_dir}", *SMALL], "[distill]", "made by teacher", "run precompute again")
+    # ... and from another dataset
+    (run_dir / "soft_labels" / "manifest.json").write_text(json.dumps(
+        {"kind": "recdistill.soft_labels", "schema_version": 1, "dataset_fingerprint": "1" * 64, "num_items": dataset["num_items"],
+         "teacher_fingerprint": json.loads((run_dir / "teacher" / "export.json").read_text())["fingerprint"]}))
+    _refused(capsys, ["distill", f"run.run_dir={run_dir}", *SMALL], "made by dataset")
+    # In a pipeline the store is simply re-made: precompute is planned to run.
+    assert build_plan(cfg).stage("precompute").action == "run"
+
+
+def test_a_checkpoint_from_other_settings_is_refused_before_the_first_stage(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "teacher").mkdir(parents=True)
+    (run_dir / "teacher" / "history.json").write_text(json.dumps({"history": [], "stage_fingerprint": "other"}))
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL], "[train-teacher]",
+             "holds a teacher trained with other settings", "ray/teacher")
+    assert not (run_dir / "data").exists()  # refused before prepare
+
+
+def test_missing_inputs_are_refused_before_the_first_stage(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", "data.format=sasrec", f"data.path={tmp_path / 'nope.txt'}"],
+             "[prepare]", "data.path", "nope.txt", "does not exist")
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, f"teacher.checkpoint={tmp_path / 'no-teacher'}"],
+             "[train-teacher]", "teacher.checkpoint", "no-teacher")
+    assert not (run_dir / "data").exists()
+    _refused(capsys, ["precompute", f"run.run_dir={run_dir}", *SMALL], "[precompute]", "run `recdistill prepare` first")
+
+
+def test_a_catalog_mismatch_is_refused_before_training(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    cfg = build_config({}, [f"run.run_dir={run_dir}", *SMALL])
+    dataset = load_manifest(str(run_dir / "data"))
+    other = str(tmp_path / "other-teacher")
+    _teacher_export(other, cfg, dataset["num_items"] + 5, "f" * 64)
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, f"teacher.checkpoint={other}"],
+             "[precompute]", f"scores {dataset['num_items'] + 5} items", f"the dataset has {dataset['num_items']}")
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "precompute.k=500"], "precompute.k=500", "larger than the catalog")
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "eval.ks=[10,5000]"], "eval.ks contains 5000")
+    assert not (run_dir / "teacher").exists()
+
+
+def test_config_level_problems_name_both_keys(tmp_path):
+    cfg = build_config({}, [f"run.run_dir={tmp_path}", "student.train.batch_size=8", "scaling.num_workers=20"])
+    with pytest.raises(PlanError) as err:
+        build_plan(cfg).check()
+    assert "student.train.batch_size (8)" in str(err.value) and "scaling.num_workers (20)" in str(err.value)
