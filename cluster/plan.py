@@ -255,17 +255,18 @@ class _Planner:
                           f"{cfg.scaling.num_workers} (teacher hosted under ZeRO-{cfg.deepspeed.zero_stage})")
         self.stages["precompute"] = stage
         self.store = None
-        teacher_will_change = self.stages["train-teacher"].action in ("run", "resume")
-        if self.teacher and self.dataset and not teacher_will_change:
+        if self.teacher and self.dataset:  # the store must fit the teacher export that exists now
             try:
                 self.store = soft_labels.load_store_manifest(
                     paths.soft_labels, self.storage, expect_teacher=self.teacher["fingerprint"],
                     expect_dataset=self.dataset["fingerprint"], expect_num_items=self.dataset["num_items"])
                 self._check_store_spec()
-                stage.action = "done"
                 stage.fingerprints["store teacher"] = self.store["teacher_fingerprint"]
             except soft_labels.SoftLabelError as exc:
-                self.store_problem = str(exc)
+                self.store, self.store_problem = None, str(exc)
+        # Done unless the teacher is still to be trained (in a pipeline, a new teacher means new labels).
+        if self.store is not None and self.stages["train-teacher"].action in ("done", "given"):
+            stage.action = "done"
         if self.store is not None:
             self._store_layout_as_written()
         else:
@@ -337,7 +338,9 @@ class _Planner:
         reads = {"dataset": paths.data} if baseline else {"store": paths.soft_labels, "teacher": self.teacher_url}
         workers = str(cfg.scaling.num_workers) if cfg.scaling.min_workers is None else f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} (elastic)"
         teacher_fp = None if baseline or not self.teacher else self.teacher["fingerprint"]
-        knowable = baseline or (self.teacher is not None and self.stages["train-teacher"].action in ("done", "given"))
+        # The distilled student's fingerprint includes its teacher's: checked against the export there now
+        # (a pipeline that trains a new teacher checks again when it re-plans after train-teacher).
+        knowable = baseline or self.teacher is not None
         action = self._progress(folder, "baseline" if baseline else "student", teacher_fp, check=knowable)
         stage = StagePlan(name, action, reads, folder, workers)
         if knowable:

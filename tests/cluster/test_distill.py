@@ -24,6 +24,7 @@ from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import EpochPlan, list_blocks
 from cluster.config import stage_fingerprint
 from data_pipeline.exports import read_export_meta
+from cluster.plan import PlanError
 from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
 from distill.training import lr_ratio
@@ -79,14 +80,14 @@ def test_store_from_another_teacher_or_dataset_is_refused_before_training(store_
     other = SequentialRecommender(cfg.teacher.model, load_manifest(layout.data)["num_items"])
     other_url = str(tmp_path / "other-teacher")
     save_model(other_url, other.state_dict(), cfg.teacher.model, other.num_items, {"role": "teacher"})
-    with pytest.raises(store.SoftLabelError, match="teacher"):
+    with pytest.raises(PlanError, match="made by teacher"):
         distill.run(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": other_url})}))
     # Another dataset (other seed): the store's dataset fingerprint no longer matches.
     other_data = small_config(tmp_path / "other-data", *STUDENT, "run.seed=5")
     prepare.run(other_data)
     shutil.copytree(layout.soft_labels, RunLayout(other_data.run.run_dir).soft_labels)
     shutil.copytree(layout.teacher, RunLayout(other_data.run.run_dir).teacher)
-    with pytest.raises(store.SoftLabelError, match="dataset"):
+    with pytest.raises(PlanError, match="made by dataset"):
         distill.run(other_data)
     assert not (Path(cfg.run.run_dir) / "student").exists()  # nothing trained
 
