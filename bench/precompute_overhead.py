@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ray.train.torch import TorchTrainer
 
-from cluster.common import require_dataset, teacher_url
+from cluster.common import teacher_url
+from cluster.plan import build_plan
 from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
@@ -39,7 +40,9 @@ def _teacher_summary(cfg) -> dict:
 
 def timed_run(cfg, mode: str) -> float:
     """mode: "forward" (teacher forwards only), "labels" (+ top-k, normaliser), "full" (+ encode and store)."""
+    plan = build_plan(cfg)  # the store's layout, as `recdistill precompute` would write it
     loop_config = {"config": cfg.to_dict(), "teacher_url": teacher_url(cfg),
+                   "rows_per_shard": plan.layout.store_rows_per_shard, "row_group_size": plan.layout.store_row_group_size,
                    "forward_only": mode == "forward", "labels_only": mode == "labels"}
     trainer = TorchTrainer(
         precompute_loop,
@@ -60,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides).with_absolute_paths()
     layout = RunLayout(cfg.run.run_dir)
-    require_dataset(cfg)
+    build_plan(cfg).require("precompute")
     ensure_ray(cfg)
     forward, labels, full = [], [], []
     for _ in range(args.repeats):

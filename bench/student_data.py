@@ -37,7 +37,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from cluster.common import require_dataset, teacher_url
+from cluster.common import teacher_url
+from cluster.plan import build_plan
 from cluster.ray_setup import start_local_ray
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
@@ -74,7 +75,7 @@ def ray_data_rows_per_second(cfg, blocks: list[BlockRef], spec, decode: bool) ->
     rows, started = 0, time.perf_counter()
     # iter_torch_batches cannot build tensors from ragged list columns; pyarrow batches + our decode can.
     for table in ds.iter_batches(batch_size=cfg.student.train.batch_size, batch_format="pyarrow",
-                                 local_shuffle_buffer_size=cfg.precompute.row_group_size):
+                                 local_shuffle_buffer_size=blocks[0].num_rows):
         rows += table.num_rows
         if decode:
             batch_from_store(table, spec, cfg.student.model.max_len)
@@ -135,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one Ray Train worker on CPU gets OMP_NUM_THREADS=1
     cfg = load_config(args.config, args.overrides).with_absolute_paths()
     layout = RunLayout(cfg.run.run_dir)
-    require_dataset(cfg)
+    build_plan(cfg).require("distill")
     storage = cfg.data.storage_options
     dataset = load_manifest(layout.data, storage)
     num_items = dataset["num_items"]

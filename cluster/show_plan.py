@@ -34,7 +34,7 @@ def format_plan(plan: RunPlan) -> str:
                        ("precompute.rows_per_shard", layout.store_rows_per_shard),
                        ("precompute.row_group_size", layout.store_row_group_size),
                        ("distill.num_virtual_shards", layout.num_virtual_shards)):
-        origin = layout.origin.get(key, "explicit" if key.startswith(("data.rows", "distill.")) else "")
+        origin = layout.origin.get(key, "configured")
         lines.append(f"  {key:<28}{'-' if value is None else value!s:>8}  {origin}")
     for reader, ratio in layout.fill.items():
         lines.append(f"  batch fill ({reader}){'':<{14 - len(reader)}}{ratio:>8.0%}  mean global batch / best possible")

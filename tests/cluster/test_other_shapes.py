@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.other_shapes import write_synthetic
+from bench.other_shapes import SHARED_DATA, write_ml100k, write_synthetic
 from cluster.cli import main
 from cluster.config import load_config
 from cluster.plan import build_plan
@@ -23,13 +23,23 @@ TINY_MODELS = [
 ]
 
 
-def test_200_users_and_5000_items_through_the_ml1m_config(ray_session, tmp_path, capsys):
-    data = write_synthetic(tmp_path / "few-users.txt", num_users=200, num_items=5000, clusters=50)
+def _shape(name, tmp_path):
+    if name == "ml100k":
+        if not (SHARED_DATA / "ml-100k" / "u.data").exists():
+            pytest.skip(f"needs {SHARED_DATA}/ml-100k/u.data (not redistributable, so not in the repository)")
+        return write_ml100k(tmp_path / "ml100k.txt")
+    return write_synthetic(tmp_path / "few-users.txt", num_users=200, num_items=5000, clusters=50)
+
+
+@pytest.mark.parametrize("shape", ["synthetic-200x5000", pytest.param("ml100k", marks=pytest.mark.realdata)])
+def test_another_shape_through_the_ml1m_config(ray_session, tmp_path, shape):
+    """200 users x 5,000 items, and ML-100k as `user item` lines (943 users, 1,682 items)."""
+    data = _shape(shape, tmp_path)
     overrides = [f"data.path={data}", f"run.run_dir={tmp_path / 'run'}", *TINY_MODELS]
     assert main(["pipeline", "--config", str(ROOT / "configs" / "ml1m.yaml"), *overrides]) == 0
     plan = build_plan(load_config(ROOT / "configs" / "ml1m.yaml", overrides).with_absolute_paths())
-    # 200 sequences with 64-row row groups would fill a quarter of the batch; the plan chose smaller ones.
-    assert plan.layout.store_row_group_size < 64 and plan.layout.data_row_group_size < 64
+    if shape == "synthetic-200x5000":  # 64-row groups would fill a quarter of the batch; the plan chose smaller ones
+        assert plan.layout.store_row_group_size < 64 and plan.layout.data_row_group_size < 64
     assert plan.layout.fill["distill"] >= 0.9 and plan.layout.fill["baseline"] >= 0.9
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"popularity", "teacher", "student_kd", "student_baseline"}
