@@ -79,7 +79,7 @@ from data_pipeline.prefetch import BlockReadError, PrefetchIterator, _Prefetcher
 
 __all__ = [
     "BLOCK_ID_COLUMN", "ROW_IN_BLOCK_COLUMN", "BlockRef", "BlockSlice", "EpochPlan", "StreamingReader",
-    "check_batch_fill", "list_blocks", "owned_virtual_shards", "read_block",
+    "list_blocks", "owned_virtual_shards", "read_block",
     "BlockReadError", "PrefetchIterator", "prefetch_iter",  # from data_pipeline.prefetch
 ]
 
@@ -194,35 +194,6 @@ def _check_shape(num_virtual_shards: int, global_batch_size: int) -> None:
             f"global_batch_size ({global_batch_size}) must be >= num_virtual_shards ({num_virtual_shards}): "
             "every virtual shard contributes at least one row per step"
         )
-
-
-def check_batch_fill(
-    blocks: Sequence[BlockRef], num_virtual_shards: int, global_batch_size: int, seed: int, min_fill: float = 0.8
-) -> float:
-    """Refuse a store whose row groups are too few or too large for the virtual shards.
-
-    Step s takes about B / J rows from each virtual shard, so a shard with no block (fewer
-    non-empty row groups than J) never contributes, and shards much longer than the rest
-    stretch the epoch with small late batches: the training then runs with a smaller
-    global batch (and more steps) than ``global_batch_size`` says, silently. Raises
-    ``ValueError`` if epoch 0's mean global batch is below ``min_fill`` of the best
-    possible, ``rows / ceil(rows / B)``; returns that mean otherwise.
-    """
-    plan = EpochPlan(blocks, num_virtual_shards, global_batch_size, seed, epoch=0)
-    if plan.steps == 0:
-        return 0.0
-    mean = plan.num_rows / plan.steps
-    if mean < min_fill * plan.num_rows / math.ceil(plan.num_rows / global_batch_size):
-        sizes = [b.num_rows for b in blocks if b.num_rows]
-        files = sorted({b.file for b in blocks})
-        raise ValueError(
-            f"{len(files)} file(s) (first: {files[0]}) hold {len(sizes)} row groups of {min(sizes)}-{max(sizes)} rows: "
-            f"dealt into {num_virtual_shards} virtual shards they give global batches of {mean:.1f} rows on average "
-            f"({plan.steps} steps per epoch), not the {global_batch_size} asked for. Write the files with smaller row "
-            f"groups (data.row_group_size or precompute.row_group_size, then re-run that stage) or lower "
-            f"distill.num_virtual_shards."
-        )
-    return mean
 
 
 def owned_virtual_shards(rank: int, world: int, num_virtual_shards: int) -> list[int]:

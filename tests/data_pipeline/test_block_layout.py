@@ -58,3 +58,15 @@ def test_store_files_are_about_sixteen_whole_multiples_of_64_rows():
     assert bl.choose_store_rows_per_shard(10**7) == bl.MAX_STORE_SHARD_ROWS
     for rows in (1, 100, 999, 6040, 50_000):
         assert bl.choose_store_rows_per_shard(rows) % 64 == 0
+
+
+def test_the_layouts_seen_on_ml1m():
+    # The ML-1M training split as first written (3 row groups of ~2,000 users) over 16 virtual shards
+    # and 64-row batches: 12 rows per step on average (the run trained on 5x smaller batches than asked).
+    fill = bl.batch_fill([2048, 2048, 1944], 16, 64, seed=0)
+    assert fill.mean_batch == pytest.approx(11.8, abs=0.05) and fill.ratio < 0.2
+    assert bl.batch_fill([2048, 2048, 1944], 1, 64, seed=0).ratio == 1.0  # one virtual shard: full batches
+    assert bl.batch_fill([64] * 94 + [24], 16, 64, seed=0).ratio >= bl.MIN_FILL  # the ML-1M store: 95 groups
+    # 400 rows, B = 128: 4 steps at best (a mean of 100), which 25 groups of 16 rows over 16 shards achieve.
+    assert bl.batch_fill([16] * 25, 16, 128, seed=0).mean_batch == 100
+    assert bl.batch_fill([64] * 6 + [16], 16, 128, seed=0).mean_batch < 60  # 7 groups: 7 of 16 shards used

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import uuid
 from collections import Counter
@@ -171,22 +170,6 @@ def test_invalid_configurations_raise(store, kwargs, message):
     _, blocks = store
     with pytest.raises(ValueError, match=message):
         reader(blocks, **kwargs)
-
-
-def test_batch_fill_refuses_too_few_large_row_groups():
-    # 3 row groups of ~2,000 rows over 16 virtual shards: 12 rows per step, not 64 (the ML-1M
-    # training split as first written, one row group per 2,048 users).
-    big = [BlockRef("s3://b/train/part-00000.parquet", g, n, g) for g, n in enumerate([2048, 2048, 1944])]
-    with pytest.raises(ValueError, match=r"part-00000\.parquet.*3 row groups of 1944-2048 rows.*batches of 11\.8 rows"):
-        streaming.check_batch_fill(big, 16, 64, seed=0)
-    assert streaming.check_batch_fill(big, 1, 64, seed=0) == 6040 / math.ceil(6040 / 64)  # one shard: full batches
-    small = [BlockRef("f.parquet", g, 64, g) for g in range(95)]  # the ML-1M store: 95 groups of 64
-    assert 0.8 * 64 <= streaming.check_batch_fill(small, 16, 64, seed=0) <= 64
-    assert streaming.check_batch_fill(small[:2], 2, 1000, seed=0) == 128  # fewer rows than B: judged against the rows
-    # 400 rows, B = 128: 4 steps at best (a mean of 100), which 25 groups of 16 rows over 16 shards achieve.
-    assert streaming.check_batch_fill([BlockRef("f", g, 16, g) for g in range(25)], 16, 128, seed=0) == 100
-    with pytest.raises(ValueError, match="batches of 50.0 rows"):  # 7 groups of <= 64 rows: 7 of 16 shards used
-        streaming.check_batch_fill([BlockRef("f", g, 64 if g < 6 else 16, g) for g in range(7)], 16, 128, seed=0)
 
 
 def test_workers_own_virtual_shards_modulo_world():
