@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster import distill, evaluate
 from cluster.common import teacher_url
-from cluster.pipeline import training_complete
+from cluster.plan import training_complete
 from data_pipeline import fsio
 from bench.compare_students import compare
 from data_pipeline.layout import RunLayout

@@ -1,5 +1,4 @@
-"""Small helpers every stage uses: the resolved config on disk, where the run's models are,
-and a training stage's recorded progress."""
+"""Small helpers every stage uses: the resolved config on disk (secrets redacted) and where the run's models are."""
 
 from __future__ import annotations
 
@@ -41,11 +40,3 @@ def model_exports(cfg: Config) -> dict[str, str]:
     """Report name -> export folder of every trained model a run evaluates and reports on."""
     layout = RunLayout(cfg.run.run_dir)
     return {"teacher": teacher_url(cfg), "student_kd": layout.student, "student_baseline": layout.baseline}
-
-
-def recorded_stage(cfg: Config, folder: str) -> dict[str, Any] | None:
-    """A stage's ``history.json`` (epochs, stage fingerprint, ``complete``), or None before its first epoch."""
-    try:
-        return fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options)
-    except FileNotFoundError:
-        return None

@@ -15,8 +15,7 @@ import time
 from typing import Callable
 
 from cluster import distill, evaluate, precompute, prepare, report, train_teacher
-from cluster.common import recorded_stage
-from cluster.config import Config, stage_fingerprint
+from cluster.config import Config
 from cluster.plan import RunPlan, build_plan
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
@@ -32,17 +31,6 @@ STEPS: dict[str, Callable[[Config, RunPlan], object]] = {
     "distill --baseline": lambda cfg, plan: distill.run(cfg, baseline=True, plan=plan),
     "evaluate": lambda cfg, plan: evaluate.run(cfg, plan=plan),
 }
-
-
-def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: str | None = None) -> bool:
-    """``stage`` finished (early stop or last epoch) with this configuration, not merely exported a best-so-far model.
-
-    A stage finished under other settings (another student size, loss, seed...) is not done;
-    history files from before stage fingerprints existed are taken at their word.
-    """
-    progress = recorded_stage(cfg, folder) or {}
-    recorded = progress.get("stage_fingerprint")
-    return bool(progress.get("complete")) and recorded in (None, stage_fingerprint(cfg, stage, teacher_fingerprint))
 
 
 def run(cfg: Config) -> dict[str, float]:

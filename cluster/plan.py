@@ -358,17 +358,14 @@ class _Planner:
 
     def _progress(self, folder: str, stage: str, teacher_fp: Optional[str] = None, check: bool = True) -> str:
         """"done", "resume" or "run" from the stage's ``history.json``; a history of other settings is a problem."""
-        history = _try(lambda: fsio.read_json(fsio.join(folder, "history.json"), self.storage), FileNotFoundError)
-        if history is None:
-            return "run"
-        recorded = history.get("stage_fingerprint")
-        expected = stage_fingerprint(self.cfg, stage, teacher_fp)
-        if check and recorded is not None and recorded != expected:
+        action, recorded = stage_progress(self.cfg, folder, stage, teacher_fp)
+        if check and recorded is not None:
             self.problem("distill --baseline" if stage == "baseline" else "distill" if stage == "student" else "train-teacher",
                          f"{folder} holds a {stage} trained with other settings (stage fingerprint {recorded}, this config's "
-                         f"{expected}), and its checkpoints under {fsio.join(self.cfg.run.run_dir, 'ray', stage)} would be "
-                         "resumed. Use another run.run_dir, or delete both to train this one from scratch")
-        return "done" if history.get("complete") else "resume"
+                         f"{stage_fingerprint(self.cfg, stage, teacher_fp)}), and its checkpoints under "
+                         f"{fsio.join(self.cfg.run.run_dir, 'ray', stage)} would be resumed. "
+                         "Use another run.run_dir, or delete both to train this one from scratch")
+        return action
 
     def _num_sequences(self) -> Optional[int]:
         if not self.dataset:
@@ -381,6 +378,23 @@ class _Planner:
         import pyarrow.compute as pc
 
         return int(pc.sum(pc.greater_equal(pc.list_value_length(lengths), 2)).as_py() or 0)
+
+
+def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """A training stage's progress from its ``history.json``: ("run" | "resume" | "done", the recorded stage
+    fingerprint when it is another configuration's, else None). Histories from before fingerprints count as ours."""
+    history = _try(lambda: fsio.read_json(fsio.join(folder, "history.json"), cfg.data.storage_options), FileNotFoundError)
+    if history is None:
+        return "run", None
+    recorded = history.get("stage_fingerprint")
+    other = recorded if recorded not in (None, stage_fingerprint(cfg, stage, teacher_fp)) else None
+    return ("done" if history.get("complete") else "resume"), other
+
+
+def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: Optional[str] = None) -> bool:
+    """``stage`` finished (early stop or last epoch) with this configuration, not merely exported a best-so-far model."""
+    action, other = stage_progress(cfg, folder, stage, teacher_fingerprint)
+    return action == "done" and other is None
 
 
 def _fill_message(what: str, groups: list[int], fill: block_layout.Fill, cfg: Config, fix: str) -> str:

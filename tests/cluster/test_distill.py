@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cluster import distill, precompute, prepare
-from cluster.pipeline import training_complete
+from cluster.plan import training_complete
 from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store

@@ -1,4 +1,4 @@
-"""The pipeline's "is this stage done?" rules and the refusal of a stage left by other
+"""The plan's "is this stage done?" rules and the refusal of a stage left by other
 settings (the full pipeline runs in test_job_submit.py)."""
 
 from __future__ import annotations
@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from cluster.pipeline import training_complete
 from cluster.config import build_config, stage_fingerprint
-from cluster.plan import PlanError, build_plan
+from cluster.plan import PlanError, build_plan, training_complete
 
 
 def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):

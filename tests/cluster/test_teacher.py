@@ -13,7 +13,7 @@ import ray.cloudpickle
 import torch
 
 from cluster import prepare, train_teacher
-from cluster.pipeline import training_complete
+from cluster.plan import training_complete
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from cluster.config import stage_fingerprint
