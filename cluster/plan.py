@@ -254,7 +254,7 @@ class _Planner:
         stage = StagePlan("precompute", "run", {"teacher": self.teacher_url, "dataset": paths.data}, paths.soft_labels,
                           f"{cfg.scaling.num_workers} (teacher hosted under ZeRO-{cfg.deepspeed.zero_stage})")
         self.stages["precompute"] = stage
-        self.store = None
+        self.store, self.store_problem = None, None
         if self.teacher and self.dataset:  # the store must fit the teacher export that exists now
             try:
                 self.store = soft_labels.load_store_manifest(
@@ -349,7 +349,7 @@ class _Planner:
         if not self.dataset:
             stage.missing_input = f"no prepared dataset at {paths.data}: run `recdistill prepare` first"
         elif not baseline and self.store is None:
-            stage.missing_input = getattr(self, "store_problem", None) or (
+            stage.missing_input = self.store_problem or (
                 f"no soft-label store for this run's teacher at {paths.soft_labels}: run `recdistill precompute` first")
         if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
             self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import DataConfig
 from data_pipeline import fsio
+from data_pipeline.block_layout import shard_sizes
 from data_pipeline.ingest import DataError, read_interactions
 from data_pipeline.synthetic import generate_interactions
 
@@ -276,7 +277,7 @@ def _write_splits(
     """Write every split in shards of ``rows_per_shard`` users; return the manifest's "splits" entry."""
     entries = {}
     num_users = len(lengths)
-    train_files = [min(cfg.rows_per_shard, num_users - start) for start in range(0, num_users, cfg.rows_per_shard)]
+    train_files = shard_sizes(num_users, cfg.rows_per_shard)
     row_group_size = cfg.row_group_size or (row_group_size_for(train_files) if row_group_size_for else 64)
     for split, table in _split_tables(lengths, items).items():
         files, rows = [], []
