@@ -7,26 +7,15 @@ from typing import Any
 import yaml
 
 from data_pipeline import fsio
+from data_pipeline.credentials import redact
 from data_pipeline.layout import RunLayout
 from cluster.config import Config
 
 
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def redact(value: Any) -> Any:
-    """A copy of nested options with every secret-looking value replaced, for files and logs."""
-    if isinstance(value, dict):
-        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
 def save_resolved_config(cfg: Config) -> None:
-    """Write the fully resolved config to ``run_dir/config.yaml`` (storage credentials redacted)."""
-    tree = cfg.to_dict()
-    tree["data"]["storage_options"] = redact(tree["data"]["storage_options"])
+    """Write the fully resolved config to ``run_dir/config.yaml``, every credential redacted
+    (storage options, and any URL in the config that carries a user:password or a signature)."""
+    tree = redact(cfg.to_dict())
     text = yaml.safe_dump(tree, sort_keys=False)
     fsio.atomic_write_bytes(RunLayout(cfg.run.run_dir).config, text.encode(), cfg.data.storage_options)
 

@@ -25,7 +25,7 @@ from cluster.common import teacher_url
 from cluster.config import Config, ConfigError, stage_fingerprint
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
-from data_pipeline.dataset import DataError, load_manifest, read_split
+from data_pipeline.dataset import DataError, dataset_settings, load_manifest, read_split, settings_differ
 from data_pipeline.exports import ExportError, read_export_meta
 from data_pipeline.layout import RunLayout
 
@@ -188,6 +188,7 @@ class _Planner:
         self.stages["prepare"] = stage
         if self.dataset:
             stage.fingerprints["dataset"] = self.dataset["fingerprint"]
+            self._check_dataset_settings()
             self._check_catalog()
             self._data_layout()
             return
@@ -198,6 +199,18 @@ class _Planner:
                 self.problem("prepare", f"data.path is not set (data.format is {cfg.data.format}): give the input log's URL")
             elif not _exists(cfg.data.path, self.storage):
                 self.problem("prepare", f"data.path {cfg.data.path} does not exist: check the path (and data.storage_options)")
+
+    def _check_dataset_settings(self) -> None:
+        """A dataset prepared from another input (path, format, columns, filters) is not this run's:
+        every stage after it would silently train and report on the old data."""
+        wanted = dataset_settings(self.cfg.data, self.cfg.run.seed)
+        recorded = self.dataset.get("settings") or _legacy_settings(self.dataset, wanted)
+        differs = settings_differ(recorded, wanted)
+        if differs:
+            what = "; ".join(f"data.{key}: prepared from {theirs!r}, config says {ours!r}" for key, (theirs, ours) in differs.items())
+            self.problem("prepare", f"{self.paths.data} was prepared with other data settings ({what}), and every stage "
+                                    f"after it learnt from that data. Use another run.run_dir, or delete {self.cfg.run.run_dir} "
+                                    "to start this run afresh")
 
     def _check_catalog(self) -> None:
         num_items = self.dataset["num_items"]
@@ -403,6 +416,21 @@ def _fill_message(what: str, groups: list[int], fill: block_layout.Fill, cfg: Co
             f"distill.num_virtual_shards={cfg.distill.num_virtual_shards} give global batches of {fill.mean_batch:.1f} rows "
             f"on average, {100 * fill.ratio:.0f}% of the {fill.best_batch:.1f} possible with student.train.batch_size="
             f"{cfg.student.train.batch_size} (at least {100 * block_layout.MIN_FILL:.0f}% needed). Fix: {fix}")
+
+
+def _legacy_settings(manifest: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest written before settings were recorded says: its source, format and filters
+    (the settings it does not record are taken to match)."""
+    recorded = dict(wanted)
+    recorded["format"] = manifest.get("format", wanted["format"])
+    if "path" in wanted and manifest.get("source") not in (None, "synthetic"):
+        recorded["path"] = manifest["source"]
+    for key in ("min_user_interactions", "min_item_interactions", "min_rating"):
+        if key in wanted and key in manifest.get("filters", {}):
+            recorded[key] = manifest["filters"][key]
+    if wanted["format"] == "synthetic" and "synthetic" in manifest:
+        recorded.update(synthetic=manifest["synthetic"], seed=manifest.get("seed"))
+    return recorded
 
 
 def _try(read, *errors):

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from data_pipeline.config import DataConfig
 from data_pipeline import fsio
 from data_pipeline.block_layout import shard_sizes
+from data_pipeline.credentials import redact
 from data_pipeline.ingest import DataError, read_interactions
 from data_pipeline.synthetic import generate_interactions
 
@@ -72,6 +73,35 @@ def _version() -> str:
 # Prepare
 
 
+def dataset_settings(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """The settings that decide a dataset's content (not its file layout or credentials).
+
+    Recorded in the manifest: a prepared dataset whose settings differ from the config's was
+    made from another input, and must not be taken as this run's.
+    """
+    if cfg.format == "synthetic":
+        return {"format": "synthetic", "synthetic": cfg.synthetic.model_dump(mode="json"), "seed": seed,
+                "min_user_interactions": cfg.min_user_interactions, "min_item_interactions": cfg.min_item_interactions}
+    settings = cfg.model_dump(mode="json", include={"path", "format", "columns", "min_rating", "min_user_interactions",
+                                                     "min_item_interactions"})
+    if cfg.format == "csv":
+        settings["csv_delimiter"] = cfg.csv_delimiter
+    settings["path"] = redact(settings["path"])
+    return settings
+
+
+def settings_differ(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key -> (recorded, wanted) for every dataset setting that differs (nested keys dotted)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(recorded) | set(wanted)):
+        a, b = recorded.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update({f"{key}.{k}": v for k, v in settings_differ(a, b).items()})
+        elif a != b:
+            out[key] = (a, b)
+    return out
+
+
 def prepare_dataset(
     cfg: DataConfig, out_url: str, seed: int, row_group_size_for: Optional[Callable[[list[int]], int]] = None
 ) -> dict[str, Any]:
@@ -90,7 +120,7 @@ def prepare_dataset(
         source = "synthetic"
     else:
         table = read_interactions(cfg)
-        source = cfg.path
+        source = redact(cfg.path)
 
     # Integer codes for the raw ids (in order of first appearance; only used internally).
     user_codes, user_raw = _encode(table.column("user"))
@@ -125,6 +155,7 @@ def prepare_dataset(
         "dropped_users": int(len(user_raw) - len(user_ids)),
         "dropped_items": int(len(item_raw) - len(item_ids)),
         "fingerprint": _fingerprint(lengths, items, user_ids, item_ids),
+        "settings": dataset_settings(cfg, seed),
         "filters": {
             "min_user_interactions": cfg.min_user_interactions,
             "min_item_interactions": cfg.min_item_interactions,

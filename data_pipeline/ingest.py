@@ -4,7 +4,9 @@ Every supported format becomes a table with the columns of
 :data:`INTERACTIONS_SCHEMA`:
 
 ``user`` (string), ``item`` (string)
-    Raw ids exactly as written in the file.
+    Raw ids exactly as written in the file. The headerless text formats (sasrec,
+    MovieLens) define their ids as integers, and a non-integer id there is an error
+    naming the line; CSV and Parquet ids are strings.
 ``timestamp`` (int64)
     The file's time column, or, for formats without one, the row's position in
     the file (0, 1, 2, ...) so that "file order" is the time order.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -80,6 +83,7 @@ _TEXT_LAYOUTS = {
 # pyarrow.csv only splits on one byte, so '::' is translated to this control
 # character (which never occurs in a well-formed file) before the fast path.
 _UNIT_SEPARATOR = "\x1f"
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
 
 
 def read_interactions(cfg: DataConfig) -> pa.Table:
@@ -126,6 +130,8 @@ def _read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
             return f.read()
     except FileNotFoundError as exc:
         raise DataError(f"{url}: file not found") from exc
+    except IsADirectoryError:
+        raise DataError(f"{url} is a directory, not a file: data.path names one interaction log") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def _read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
 
 def _read_text(url: str, data: bytes, layout: _TextLayout) -> pa.Table:
     fast = _parse_text_fast(data, layout)
-    if fast is not None and _valid(fast, rating_required="rating" in layout.fields):
+    if fast is not None and _valid(fast, rating_required="rating" in layout.fields, integer_ids=True):
         return _normalise(fast)
     return _parse_lines(url, data, layout)
 
@@ -185,7 +191,7 @@ def _parse_lines(url: str, data: bytes, layout: _TextLayout) -> pa.Table:
                 f"got {len(parts)}: {line[:120]!r}"
             )
         for role, value in zip(layout.fields, parts):
-            columns[role].append(_convert_field(url, lineno, role, value, required=True))
+            columns[role].append(_convert_field(url, lineno, role, value, required=True, integer_ids=True))
     return _normalise(pa.table({f: columns[f] for f in layout.fields}, schema=_partial_schema(layout.fields)))
 
 
@@ -196,12 +202,16 @@ def _decode_line(url: str, lineno: int, raw: bytes) -> str:
         raise DataError(f"{url}, line {lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def _convert_field(url: str, lineno: int, role: str, value: str, required: bool) -> Any:
-    """Check and convert one field; ``required`` False lets an empty rating become null."""
+def _convert_field(url: str, lineno: int, role: str, value: str, required: bool, integer_ids: bool = False) -> Any:
+    """Check and convert one field; ``required`` False lets an empty rating become null;
+    ``integer_ids``: the format's ids are integers (kept as their text)."""
     text = value.strip() if role in ("rating", "timestamp") else value
     if role in ("user", "item"):
         if not text:
             raise DataError(f"{url}, line {lineno}: empty {role} id")
+        if integer_ids and not _INTEGER.fullmatch(text):
+            raise DataError(f"{url}, line {lineno}: {role} id must be an integer in this format, got {value!r} "
+                            "(for string ids use data.format=csv or parquet)")
         return text
     if not text and not required:
         return None
@@ -315,6 +325,8 @@ def _read_parquet(url: str, cfg: DataConfig) -> pa.Table:
             raw = pf.read(columns=list(roles.values()))
     except FileNotFoundError as exc:
         raise DataError(f"{url}: file not found") from exc
+    except IsADirectoryError:
+        raise DataError(f"{url} is a directory, not a file: data.path names one interaction log") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{url}: not a readable Parquet file ({exc})") from exc
 
@@ -348,11 +360,14 @@ def _normalise(table: pa.Table) -> pa.Table:
     ).cast(INTERACTIONS_SCHEMA)
 
 
-def _valid(table: pa.Table, rating_required: bool) -> bool:
-    """True if a fast-path table has no nulls or empty ids where the reference parser would object."""
+def _valid(table: pa.Table, rating_required: bool, integer_ids: bool = False) -> bool:
+    """True if a fast-path table has no nulls, empty or (``integer_ids``) non-integer ids where the
+    reference parser would object."""
     for name in ("user", "item"):
         column = table.column(name)
         if column.null_count or pc.any(pc.equal(pc.utf8_length(column), 0)).as_py():
+            return False
+        if integer_ids and not pc.all(pc.match_substring_regex(column, _INTEGER.pattern)).as_py():
             return False
     if "timestamp" in table.column_names and table.column("timestamp").null_count:
         return False

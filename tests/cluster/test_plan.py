@@ -146,3 +146,18 @@ def test_config_level_problems_name_both_keys(tmp_path):
     with pytest.raises(PlanError) as err:
         build_plan(cfg).check()
     assert "student.train.batch_size (8)" in str(err.value) and "scaling.num_workers (20)" in str(err.value)
+
+
+def test_a_dataset_prepared_from_another_input_is_not_done(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    config_before = (run_dir / "config.yaml").read_text()
+    log = tmp_path / "log.txt"
+    log.write_text("".join(f"{u} {i}\n" for u in range(1, 30) for i in range(1, 8)))
+    err = _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "data.format=sasrec", f"data.path={log}"],
+                   "[prepare]", "data.format: prepared from 'synthetic', config says 'sasrec'", f"delete {run_dir}")
+    assert "already done" not in err
+    _refused(capsys, ["prepare", f"run.run_dir={run_dir}", *SMALL[:-1], "data.synthetic.num_clusters=4"],
+             "data.synthetic.num_clusters: prepared from 8, config says 4")
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "data.min_user_interactions=5"], "data.min_user_interactions")
+    assert (run_dir / "config.yaml").read_text() == config_before  # never rewritten to claim the new input
+    assert build_plan(build_config({}, [f"run.run_dir={run_dir}", *SMALL])).stage("prepare").action == "done"

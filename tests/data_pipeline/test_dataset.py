@@ -110,10 +110,10 @@ def test_dense_ids_cover_one_to_n():
 
 
 def test_filters_iterate_until_stable(tmp_path):
-    # Round 1 drops items 5 and 6 (seen once), which leaves user C with one item, so C goes;
+    # Round 1 drops items 5 and 6 (seen once), which leaves user 3 with one item, so 3 goes;
     # round 2 then finds item 4 seen once and drops it; round 3 changes nothing.
     path = tmp_path / "seq.txt"
-    path.write_text("A 1\nA 2\nA 3\nB 1\nB 2\nB 3\nB 4\nC 4\nC 5\nC 6\n")
+    path.write_text("1 1\n1 2\n1 3\n2 1\n2 2\n2 3\n2 4\n3 4\n3 5\n3 6\n")
     out = str(tmp_path / "data")
     cfg = DataConfig(path=str(path), format="sasrec", min_item_interactions=2)
     manifest = prepare_dataset(cfg, out, seed=0)
@@ -124,7 +124,7 @@ def test_filters_iterate_until_stable(tmp_path):
 
 def test_nothing_left_after_filters_is_an_error_and_writes_no_manifest(tmp_path):
     path = tmp_path / "seq.txt"
-    path.write_text("A 1\nA 2\nB 1\n")
+    path.write_text("1 1\n1 2\n2 1\n")
     out = tmp_path / "data"
     with pytest.raises(DataError, match="no users left"):
         prepare_dataset(DataConfig(path=str(path), format="sasrec"), str(out), seed=0)

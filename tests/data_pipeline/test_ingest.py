@@ -60,8 +60,8 @@ def test_sasrec_tolerates_tabs_runs_of_spaces_and_blank_lines(put):
 
 def test_sasrec_gzip_is_decompressed(tmp_path):
     path = tmp_path / "seq.txt.gz"
-    path.write_bytes(gzip.compress(b"a x\na y\n"))
-    assert read(str(path), "sasrec")["item"] == ["x", "y"]
+    path.write_bytes(gzip.compress(b"1 7\n1 8\n"))
+    assert read(str(path), "sasrec")["item"] == ["7", "8"]
 
 
 def test_movielens_udata(put):
@@ -142,6 +142,8 @@ def test_min_rating_filters_rated_rows_and_keeps_unrated(put):
         ("movielens_dat", b"1::1::5::10\n1::2::good::11\n", 2, "rating must be a number"),
         ("movielens_dat", b"1::1::5::10\n1::2::4::\n", 2, "timestamp must be an integer"),
         ("sasrec", b"1 1\n1 \xff\xfe\n", 2, "UTF-8"),
+        ("sasrec", b"57 1\n57 abc\n", 2, "item id must be an integer in this format, got 'abc'"),
+        ("movielens_dat", b"1::1::5::10\nu2::2::4::11\n", 2, "user id must be an integer"),
     ],
 )
 def test_malformed_line_names_file_and_line(put, fmt, data, line, fragment):
@@ -186,6 +188,12 @@ def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found") as err:
         read_interactions(DataConfig(path=url, format="sasrec"))
     assert url in str(err.value)
+
+
+def test_a_directory_given_as_the_input_file(tmp_path):
+    with pytest.raises(DataError, match="is a directory, not a file") as err:
+        read_interactions(DataConfig(path=str(tmp_path), format="sasrec"))
+    assert str(tmp_path) in str(err.value)
 
 
 def test_unknown_format_names_the_valid_ones(tmp_path):
