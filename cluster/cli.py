@@ -8,6 +8,7 @@ writes under ``run.run_dir`` and saves the resolved config to ``run_dir/config.y
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import re
@@ -18,6 +19,7 @@ from data_pipeline.ingest import DataError
 from data_pipeline.soft_labels import SoftLabelError
 from cluster.config import Config, ConfigError, load_config
 from data_pipeline.exports import ExportError
+from data_pipeline.streaming import StreamError
 
 # stage name -> (module in cluster/, one-line help). Modules are imported lazily so that
 # `--help` stays fast and a stage's heavy dependencies load only when it runs.
@@ -35,6 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults).")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error, not only its message.")
     parser.add_argument(
         "overrides", nargs="*", metavar="dotted.key=value", help="Config overrides, e.g. run.run_dir=s3://bucket/run1"
     )
@@ -62,8 +65,18 @@ def stage_function(name: str) -> Callable[..., object]:
     return module.run  # type: ignore[no-any-return]
 
 
+# A user's mistake or a fault in the environment, not a bug: one line, no traceback (unless --debug).
+USER_ERRORS = (ConfigError, DataError, ExportError, SoftLabelError, StreamError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come before, between or after the options (`inspect URL --config F k=v`).
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     try:
         cfg: Config = load_config(args.config, args.overrides).with_absolute_paths()
     except ConfigError as exc:
@@ -77,16 +90,58 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["as_json"] = args.json
     try:
         stage_function(args.stage)(cfg, **kwargs)
-    except (ConfigError, DataError, ExportError, SoftLabelError) as exc:
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
         print(f"recdistill {args.stage}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"recdistill {args.stage}: interrupted. What each stage committed is kept (atomic files, registered "
+              "checkpoints); run the same command again to resume.", file=sys.stderr)
+        return 130
     except Exception as exc:
-        if type(exc).__name__ != "TrainingFailedError":  # not a worker's failure: a bug here, keep the traceback
+        if args.debug:
             raise
-        print(f"recdistill {args.stage}: the workers failed: {worker_error(exc)} (the worker log above has the full traceback)",
-              file=sys.stderr)
+        if type(exc).__name__ == "TrainingFailedError":
+            print(f"recdistill {args.stage}: the workers failed: {worker_error(exc)} "
+                  "(the worker log above has the full traceback)", file=sys.stderr)
+            return 1
+        message = environment_error(exc)
+        if message is None:  # neither the user's input nor the environment: a bug here, keep the traceback
+            raise
+        print(f"recdistill {args.stage}: {message} (--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+#: Storage-client errors (botocore, aiohttp, gcsfs, adlfs) by class name, so that none has to be installed.
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "InvalidAccessKeyId",
+                      "SignatureDoesNotMatch", "ExpiredToken", "ClientAuthenticationError", "RefreshError"}
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                      "ServerTimeoutError", "ConnectionError", "ConnectionRefusedError", "NewConnectionError",
+                      "ServiceUnavailableError"}
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line for a fault of the environment (storage credentials or endpoint, a full or read-only disk,
+    permissions), from ``exc`` or its causes; None for anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        if name in _CREDENTIAL_ERRORS:
+            return (f"storage credentials were refused or not found ({name}: {current}). Set them in the environment "
+                    "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) or in data.storage_options")
+        if name in _CONNECTION_ERRORS:
+            return f"cannot reach the storage endpoint ({name}: {current}): check data.storage_options (endpoint_url) and the network"
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"out of disk space: {current}. Free space (or point run.run_dir elsewhere) and run again to resume"
+        if isinstance(current, (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError)) or (
+                isinstance(current, OSError) and current.errno == errno.EROFS):
+            return f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def worker_error(exc: BaseException) -> str:

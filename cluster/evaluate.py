@@ -2,7 +2,10 @@
 
 Always the popularity baseline; the teacher (``teacher.checkpoint`` when given), the
 distilled student and the baseline student when their exports exist. A model trained on
-another dataset is refused by name. Writes ``run_dir/report/metrics.json``.
+another dataset is refused by name. Writes ``run_dir/report/metrics.json``, which also
+lists each model it could not score and why: "not trained yet", or "damaged" (its weights
+do not match their fingerprint). A damaged model is never silently left out: the
+intact ones are scored and written, then the stage fails naming the damaged export.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
-from data_pipeline.exports import ExportError, check_export_fits_dataset
+from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
 from cluster.models import load_model
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,16 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     popularity = popularity_scorer(counts)
     results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
+    unavailable: dict[str, str] = {}
     for name, folder in model_exports(cfg).items():
         try:
             model, meta = load_model(folder, storage)
-        except ExportError:
-            continue  # not trained (yet) in this run
+        except ExportMissing:
+            unavailable[name] = "not trained yet"
+            continue
+        except ExportError as exc:
+            unavailable[name] = f"damaged: {exc}"
+            continue
         check_export_fits_dataset(meta, manifest, folder)
         model.to(device)
         scorer = model_scorer(model, meta["model"]["max_len"])
@@ -63,6 +71,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         "dataset_fingerprint": manifest["fingerprint"],
         "device": str(device),
         "models": results,
+        "unavailable": unavailable,
     }
     fsio.write_json_atomic(layout.metrics, report, storage)
     ks = cfg.eval.ks
@@ -70,5 +79,19 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     for name, r in results.items():
         print(f"{name:<18}" + "".join(f"{r[f'hr@{k}']:>10.4f}{r[f'ndcg@{k}']:>10.4f}" for k in ks)
               + f"{r['params']:>12,}{r['latency']['p50_ms']:>12.2f}")
+    for name, why in unavailable.items():
+        print(f"{name:<18}{why}")
     print(f"metrics written to {layout.metrics}")
+    damaged = {name: why for name, why in unavailable.items() if why.startswith("damaged")}
+    if damaged:
+        raise DamagedExports(report, "; ".join(why.removeprefix("damaged: ") for why in damaged.values())
+                             + " (the intact models were scored; retrain or restore the damaged one)")
     return report
+
+
+class DamagedExports(ExportError):
+    """Some model exports are present but damaged; ``report`` holds what was measured without them."""
+
+    def __init__(self, report: dict[str, Any], message: str):
+        super().__init__(message)
+        self.report = report

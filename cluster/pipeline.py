@@ -46,7 +46,13 @@ def run(cfg: Config) -> dict[str, float]:
         else:
             print(f"[pipeline] {name} ...", flush=True)
             started = time.perf_counter()
-            step(cfg, plan)
+            try:
+                step(cfg, plan)
+            except evaluate.DamagedExports:
+                # The report still says what was measured and which model is damaged; then the run fails.
+                fsio.write_json_atomic(fsio.join(layout.report, "timings.json"), timings, cfg.data.storage_options)
+                print(f"[pipeline] {report.run(cfg)}")
+                raise
             timings[name] = time.perf_counter() - started
         plan = build_plan(cfg)  # this stage's output is the next one's input
         plan.check()

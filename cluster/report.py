@@ -22,11 +22,17 @@ from cluster.config import Config  # noqa: E402
 LABELS = {"teacher": "teacher", "student_kd": "distilled student", "student_baseline": "baseline student", "popularity": "popularity"}
 
 
-def verdict(models: dict[str, Any], k: int = 10) -> str:
-    """One line: how much of the teacher's NDCG@k the student keeps, at what size, against the baseline."""
+def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str, str]] = None) -> str:
+    """One line: how much of the teacher's NDCG@k the student keeps, at what size, against the baseline.
+    ``unavailable``: model -> why it was not scored ("not trained yet" or "damaged: ...")."""
+    unavailable = unavailable or {}
+    damaged = [LABELS[name] for name, why in unavailable.items() if why.startswith("damaged") and name in LABELS]
     teacher, student, baseline = models.get("teacher"), models.get("student_kd"), models.get("student_baseline")
+    if damaged and not (teacher and student):
+        return f"the {' and the '.join(damaged)} export is damaged (weights do not match their fingerprint): no verdict"
     if not (teacher and student):
-        return "no distilled student in this run yet"
+        missing = [LABELS[n] for n in ("teacher", "student_kd") if n not in models]
+        return f"no verdict yet: the {' and the '.join(missing)} {'is' if len(missing) == 1 else 'are'} not trained yet"
     key = f"ndcg@{k}"
     line = (
         f"student keeps {100 * student[key] / teacher[key]:.0f}% of teacher NDCG@{k} "
@@ -34,7 +40,13 @@ def verdict(models: dict[str, Any], k: int = 10) -> str:
     )
     if baseline:
         line += f", {100 * (student[key] / baseline[key] - 1):+.1f}% over baseline"
+    elif "student_baseline" in damaged_names(unavailable):
+        line += "; the baseline student's export is damaged, so no comparison with it"
     return line
+
+
+def damaged_names(unavailable: dict[str, str]) -> list[str]:
+    return [name for name, why in unavailable.items() if why.startswith("damaged")]
 
 
 def _read_json(url: str, storage) -> Optional[Any]:
@@ -110,7 +122,8 @@ def run(cfg: Config) -> str:
         _save_png(_stage_times(timings), fsio.join(layout.report, "stage_times.png"), storage)
         plots.append("stage_times.png")
 
-    line = verdict(models)
+    unavailable = metrics.get("unavailable", {})
+    line = verdict(models, unavailable=unavailable)
     rows = [
         "| model | HR@10 | NDCG@10 | HR@20 | NDCG@20 | parameters | bytes | latency p50 / p99 (ms per 256 requests) |",
         "|---|---|---|---|---|---|---|---|",
@@ -130,6 +143,8 @@ def run(cfg: Config) -> str:
             f"Test split; {metrics.get('protocol', '')}. Latency measured on `{metrics.get('device', 'cpu')}`.",
             "",
             *rows,
+            "",
+            *[f"- {LABELS.get(name, name)}: not scored, {why}" for name, why in unavailable.items()],
             "",
             *[f"![{p}]({p})" for p in plots],
             "",

@@ -59,10 +59,15 @@ def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -
     layout, storage = RunLayout(cfg.run.run_dir), cfg.data.storage_options
     if soft_manifest is None:
         split = dataset["splits"]["train"]
-        return list_blocks([fsio.join(layout.data, f) for f in split["files"]], storage, split["rows"]), ["user", "items"]
+        files = [fsio.join(layout.data, f) for f in split["files"]]
+        return list_blocks(files, storage, split["rows"], split.get("bytes")), ["user", "items"]
     shards = soft_manifest["shards"]
     files = [fsio.join(layout.soft_labels, s["file"]) for s in shards]
-    return list_blocks(files, storage, [s["rows"] for s in shards]), None
+
+    def same_store(file: str, footer) -> None:  # each shard's own provenance: no shard of another teacher
+        store.check_shard_provenance(file, footer.metadata, soft_manifest)
+
+    return list_blocks(files, storage, [s["rows"] for s in shards], [s["bytes"] for s in shards], same_store), None
 
 
 def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:

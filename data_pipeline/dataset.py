@@ -311,19 +311,21 @@ def _write_splits(
     train_files = shard_sizes(num_users, cfg.rows_per_shard)
     row_group_size = cfg.row_group_size or (row_group_size_for(train_files) if row_group_size_for else 64)
     for split, table in _split_tables(lengths, items).items():
-        files, rows = [], []
+        files, rows, sizes = [], [], []
         for shard, start in enumerate(range(0, table.num_rows, cfg.rows_per_shard)):
             part = table.slice(start, cfg.rows_per_shard)
             relative = f"{split}/part-{shard:05d}.parquet"
-            fsio.write_parquet_atomic(
-                fsio.join(out_url, relative), part, cfg.storage_options, row_group_size=row_group_size
-            )
+            url = fsio.join(out_url, relative)
+            fsio.write_parquet_atomic(url, part, cfg.storage_options, row_group_size=row_group_size)
+            fs, path = fsio.get_fs(url, cfg.storage_options)
             files.append(relative)
             rows.append(part.num_rows)
+            sizes.append(int(fs.size(path)))  # a replaced or truncated file is told by its size
         list_column = table.column(1)  # "items" or "history"
         entries[split] = {
             "files": files,
             "rows": rows,
+            "bytes": sizes,
             "num_rows": table.num_rows,
             # Total length of the list column: the training positions for train, history items otherwise.
             "num_positions": int(pc.sum(pc.list_value_length(list_column)).as_py() or 0),
@@ -365,18 +367,22 @@ def read_split(
     storage_options: Optional[dict[str, Any]] = None,
     manifest: Optional[dict[str, Any]] = None,
 ) -> pa.Table:
-    """Read all shards of ``split`` ("train", "valid" or "test") into one table, checking row counts."""
+    """Read all shards of ``split`` ("train", "valid" or "test") into one table, checking each file's size
+    (when the manifest records it), page checksums and row count."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     manifest = manifest if manifest is not None else load_manifest(data_url, storage_options)
     entry = manifest["splits"][split]
     tables = []
-    for relative, expected in zip(entry["files"], entry["rows"]):
+    sizes = entry.get("bytes") or [None] * len(entry["files"])
+    for relative, expected, size in zip(entry["files"], entry["rows"], sizes):
         url = fsio.join(data_url, relative)
         fs, path = fsio.get_fs(url, storage_options)
         try:
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
+                if size is not None and f.size != size:
+                    raise DataError(f"{url}: shard has {f.size} bytes, the manifest says {size} (truncated or replaced?)")
+                table = pq.ParquetFile(f, page_checksum_verification=True).read()
         except FileNotFoundError:
             raise DataError(f"{url}: shard listed in the manifest is missing") from None
         except (pa.ArrowInvalid, OSError) as exc:

@@ -33,6 +33,10 @@ class ExportError(ValueError):
     """A missing, incomplete or tampered export."""
 
 
+class ExportMissing(ExportError):
+    """No committed export at the URL (not trained yet): unlike a damaged one, not a fault."""
+
+
 def _fingerprint(weights: bytes, model_cfg: dict[str, Any], num_items: int) -> str:
     h = hashlib.sha256(weights)
     h.update(json.dumps({"model": model_cfg, "num_items": num_items}, sort_keys=True).encode())
@@ -64,10 +68,11 @@ def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) ->
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     except FileNotFoundError:
-        raise ExportError(f"export {url} has metadata but no {WEIGHTS}") from None
+        raise ExportError(f"export {url} is damaged: it has {META} but no {WEIGHTS}") from None
     h.update(json.dumps({"model": meta["model"], "num_items": meta["num_items"]}, sort_keys=True).encode())
     if h.hexdigest() != meta["fingerprint"]:
-        raise ExportError(f"export {url}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…")
+        raise ExportError(f"export {url} is damaged: {WEIGHTS} does not match the fingerprint recorded in {META} "
+                          f"({meta['fingerprint'][:12]}…)")
     return meta
 
 
@@ -103,7 +108,7 @@ def read_export_meta(url: str, storage_options: Optional[dict[str, Any]] = None)
     try:
         meta = fsio.read_json(fsio.join(url, META), storage_options)
     except FileNotFoundError:
-        raise ExportError(f"no exported model at {url} (missing {META})") from None
+        raise ExportMissing(f"no exported model at {url} (missing {META})") from None
     if meta.get("kind") != KIND:
         raise ExportError(f"{fsio.join(url, META)} is not a recdistill model export")
     return meta
@@ -118,9 +123,10 @@ def load_export(
     try:
         weights = fs.cat_file(path)
     except FileNotFoundError:
-        raise ExportError(f"export {url} has metadata but no {WEIGHTS}") from None
+        raise ExportError(f"export {url} is damaged: it has {META} but no {WEIGHTS}") from None
     if verify and _fingerprint(weights, meta["model"], meta["num_items"]) != meta["fingerprint"]:
-        raise ExportError(f"export {url}: weights do not match the recorded fingerprint {meta['fingerprint'][:12]}…")
+        raise ExportError(f"export {url} is damaged: {WEIGHTS} does not match the fingerprint recorded in {META} "
+                          f"({meta['fingerprint'][:12]}…)")
     return load_safetensors(weights), meta
 
 

@@ -76,9 +76,14 @@ def _atomic_local_write(fs: fsspec.AbstractFileSystem, path: str, write: Callabl
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and path not in str(exc):
+            # Name the file being written (a full disk otherwise says only "[Errno 28] No space left on device").
+            if exc.errno is not None:
+                raise type(exc)(exc.errno, f"{exc.strerror} (writing {path})") from None
+            raise OSError(f"{exc} (writing {path})") from None
         raise
 
 
@@ -102,17 +107,18 @@ def write_parquet_atomic(
     storage_options: Optional[dict[str, Any]] = None,
     row_group_size: Optional[int] = None,
 ) -> None:
-    """Write ``table`` as one Parquet file at ``url`` atomically.
+    """Write ``table`` as one Parquet file at ``url`` atomically, with page CRCs (checked on every read).
 
     Locally the file is streamed to a temporary name (no in-memory copy);
     elsewhere it is serialised in memory and uploaded in one put.
     """
     fs, path = get_fs(url, storage_options)
     if is_local(fs):
-        _atomic_local_write(fs, path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
+        _atomic_local_write(fs, path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size,
+                                                                  write_page_checksum=True))
     else:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=row_group_size)
+        pq.write_table(table, sink, row_group_size=row_group_size, write_page_checksum=True)
         fs.pipe_file(path, sink.getvalue().to_pybytes())
 
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -121,31 +121,51 @@ class BlockSlice(NamedTuple):
 # Listing
 
 
+class StreamError(ValueError):
+    """A file the reader was told to stream is missing, unreadable, or not the file its manifest describes."""
+
+
 def list_blocks(
     files: Sequence[str],
     storage_options: Optional[dict[str, Any]] = None,
     expected_rows: Optional[Sequence[int]] = None,
+    expected_bytes: Optional[Sequence[Optional[int]]] = None,
+    check_footer: Optional[Callable[[str, pq.FileMetaData], None]] = None,
 ) -> list[BlockRef]:
     """List every row group of ``files`` as a :class:`BlockRef`, reading only the Parquet footers.
 
     Blocks come in a deterministic order (files as given, row groups in order)
-    and ``block_id`` is the position in that list. ``expected_rows`` (per-file
-    row counts, e.g. from a dataset manifest) guards against a file that was
-    replaced or truncated: a mismatch raises ``ValueError`` naming the file.
-    Empty row groups are listed too (so ids match row-group positions) but are
-    never read.
+    and ``block_id`` is the position in that list. ``expected_rows`` and
+    ``expected_bytes`` (per file, from a manifest) and ``check_footer(file, footer)``
+    (e.g. the provenance a store writes into each file) guard against a file that
+    was replaced or truncated: a mismatch, a missing or an unreadable file raises
+    :class:`StreamError` naming the file. Empty row groups are listed too (so ids
+    match row-group positions) but are never read.
     """
-    if expected_rows is not None and len(expected_rows) != len(files):
-        raise ValueError(f"expected_rows has {len(expected_rows)} entries for {len(files)} files")
+    for name, values in (("expected_rows", expected_rows), ("expected_bytes", expected_bytes)):
+        if values is not None and len(values) != len(files):
+            raise ValueError(f"{name} has {len(values)} entries for {len(files)} files")
     if len(set(files)) != len(files):
         # A file listed twice would have its rows used twice per epoch.
         raise ValueError("files must not contain duplicates")
     blocks: list[BlockRef] = []
     for i, file in enumerate(files):
-        with fsio.open_input(file, storage_options) as f:
-            meta = pq.read_metadata(f)
+        try:
+            with fsio.open_input(file, storage_options) as f:
+                size = f.size() if callable(f.size) else f.size
+                if expected_bytes is not None and expected_bytes[i] is not None and size != expected_bytes[i]:
+                    raise StreamError(f"{file}: {size} bytes, the manifest says {expected_bytes[i]} (truncated or replaced?)")
+                meta = pq.read_metadata(f)
+        except FileNotFoundError:
+            raise StreamError(f"{file}: listed in the manifest but missing") from None
+        except IsADirectoryError:
+            raise StreamError(f"{file}: a directory where the manifest lists a Parquet file") from None
+        except (pa.ArrowException, OSError) as exc:
+            raise StreamError(f"{file}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
         if expected_rows is not None and meta.num_rows != expected_rows[i]:
-            raise ValueError(f"{file}: the Parquet footer says {meta.num_rows} rows, expected {expected_rows[i]}")
+            raise StreamError(f"{file}: the Parquet footer says {meta.num_rows} rows, expected {expected_rows[i]}")
+        if check_footer is not None:
+            check_footer(file, meta)
         for rg in range(meta.num_row_groups):
             blocks.append(BlockRef(file, rg, meta.row_group(rg).num_rows, len(blocks)))
     return blocks
@@ -157,25 +177,31 @@ def read_block(
     storage_options: Optional[dict[str, Any]] = None,
     footers: Optional[dict[str, pq.FileMetaData]] = None,
 ) -> pa.Table:
-    """Read one whole row group (in stored row order).
+    """Read one whole row group (in stored row order), verifying its pages' CRC checksums.
 
     ``footers`` is an optional cache of parsed Parquet footers by file, filled and
     reused here, so that a reader parses each file's footer once rather than once per
     row group (store files are immutable once committed).
 
-    Raises ``ValueError`` if its row count differs from the listing: the file
-    changed since :func:`list_blocks`, and the exactly-once bookkeeping would
-    silently break.
+    Raises :class:`StreamError` naming the file and row group if it cannot be read,
+    a page fails its checksum (a bit flipped since it was written), or its row count
+    differs from the listing (the file changed since :func:`list_blocks`, and the
+    exactly-once bookkeeping would silently break).
     """
     columns = list(columns) if columns is not None else None
     footer = footers.get(block.file) if footers is not None else None
-    with fsio.open_input(block.file, storage_options) as f:
-        parquet = pq.ParquetFile(f, metadata=footer)
-        table = parquet.read_row_group(block.row_group, columns=columns)
-        if footers is not None:
-            footers[block.file] = parquet.metadata
+    try:
+        with fsio.open_input(block.file, storage_options) as f:
+            parquet = pq.ParquetFile(f, metadata=footer, page_checksum_verification=True)
+            table = parquet.read_row_group(block.row_group, columns=columns)
+            if footers is not None:
+                footers[block.file] = parquet.metadata
+    except FileNotFoundError:
+        raise StreamError(f"{block.file}: missing (it was there when the run listed its row groups)") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise StreamError(f"{block.file}: row group {block.row_group} is unreadable (corrupt?): {exc}") from None
     if table.num_rows != block.num_rows:
-        raise ValueError(
+        raise StreamError(
             f"{block.file}: row group {block.row_group} has {table.num_rows} rows, the listing said {block.num_rows}"
         )
     return table

@@ -60,6 +60,7 @@ from data_pipeline.soft_labels.decode import decode_positions
 from data_pipeline.soft_labels.encode import encode_rows, sample_soft_labels
 from data_pipeline.soft_labels.reader import (
     bytes_per_position,
+    check_shard_provenance,
     format_manifest,
     load_store_manifest,
     manifest_spec,
@@ -116,6 +117,7 @@ __all__ = [
     "write_shard",
     # reader
     "bytes_per_position",
+    "check_shard_provenance",
     "format_manifest",
     "load_store_manifest",
     "manifest_spec",

@@ -115,7 +115,7 @@ def _check_file(url: str, entry: dict[str, Any], data: Optional[bytes], verify: 
 
 def _parse(url: str, data: bytes) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(pa.BufferReader(data))
+        return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise SoftLabelError(f"{url}: shard is unreadable (truncated or corrupt?): {exc}") from None
 
@@ -146,15 +146,21 @@ def read_shard(
     expected = soft_label_schema(manifest_spec(manifest))
     if not table.schema.remove_metadata().equals(expected):
         raise SoftLabelError(f"{url}: schema does not match the manifest's spec:\n{table.schema}")
+    check_shard_provenance(url, table.schema.metadata, manifest)
+    return table.replace_schema_metadata(None)
+
+
+def check_shard_provenance(url: str, key_value_metadata: Optional[dict[bytes, bytes]], manifest: dict[str, Any]) -> None:
+    """The teacher and dataset a shard records in its own metadata (its Parquet footer) must be the
+    manifest's: a shard copied in from another store is refused, naming the file."""
     try:
-        theirs = json.loads((table.schema.metadata or {}).get(PROVENANCE_KEY, b"{}"))
+        theirs = json.loads((key_value_metadata or {}).get(PROVENANCE_KEY, b"{}"))
     except ValueError:
         theirs = {}
     for key in ("teacher_fingerprint", "dataset_fingerprint"):
         if theirs.get(key) != manifest[key]:
             a, b = _short(theirs.get(key), manifest[key])
             raise SoftLabelError(f"{url}: shard was made with {key} {a}, the manifest says {b}")
-    return table.replace_schema_metadata(None)
 
 
 def verify_store(store_url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:

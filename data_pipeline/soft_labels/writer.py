@@ -99,6 +99,7 @@ def _serialise(table: pa.Table, row_group_size: int, compression: Optional[str] 
         compression_level=COMPRESSION_LEVEL if compression == "zstd" else None,
         use_dictionary=[path for path in leaves if path not in floats],
         use_byte_stream_split=floats,
+        write_page_checksum=True,  # a CRC per page: the reader checks it as it reads each row group
     )
     return sink.getvalue().to_pybytes()
 

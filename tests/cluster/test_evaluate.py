@@ -47,3 +47,46 @@ def test_a_model_trained_on_another_dataset_is_refused_by_name(tmp_path):
     _export(layout.baseline, cfg.student.model, dataset["num_items"], "0" * 64, seed=1)
     with pytest.raises(ExportError, match=f"{layout.baseline} was trained on dataset 000000000000"):
         evaluate.run(cfg)
+
+
+def _flip_a_bit(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor: the file still parses, only the fingerprint can tell
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_export_is_named_not_dropped_and_the_report_says_so(tmp_path, capsys):
+    cfg = small_config(tmp_path / "run")
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
+    n, fp = dataset["num_items"], dataset["fingerprint"]
+    _export(layout.teacher, cfg.teacher.model, n, fp, seed=0)
+    _export(layout.student, cfg.student.model, n, fp, seed=1)
+    _flip_a_bit(tmp_path / "run" / "student" / "model.safetensors")
+
+    with pytest.raises(evaluate.DamagedExports, match=f"export {layout.student} is damaged") as err:
+        evaluate.run(cfg)
+    metrics = err.value.report
+    assert set(metrics["models"]) == {"popularity", "teacher"}  # the intact ones were still scored
+    assert metrics["unavailable"]["student_kd"].startswith("damaged")
+    assert metrics["unavailable"]["student_baseline"] == "not trained yet"
+    line = report.run(cfg)
+    assert "distilled student export is damaged" in line and "not trained yet" not in line
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "distilled student: not scored, damaged" in text and "baseline student: not scored, not trained yet" in text
+
+
+def test_the_cli_fails_on_a_damaged_export_and_a_missing_one_is_only_not_trained(tmp_path, capsys):
+    from cluster.cli import main
+
+    cfg = small_config(tmp_path / "run")
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
+    _export(layout.teacher, cfg.teacher.model, dataset["num_items"], dataset["fingerprint"], seed=0)
+    argv = ["evaluate", "--config", str(tmp_path / "cfg.yaml")]
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    assert main(argv) == 0
+    assert report.run(cfg) == "no verdict yet: the distilled student is not trained yet"
+    _flip_a_bit(tmp_path / "run" / "teacher" / "model.safetensors")
+    assert main(argv) == 2
+    assert f"export {layout.teacher} is damaged" in capsys.readouterr().err

@@ -161,3 +161,32 @@ def test_a_dataset_prepared_from_another_input_is_not_done(tmp_path, capsys):
     _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL, "data.min_user_interactions=5"], "data.min_user_interactions")
     assert (run_dir / "config.yaml").read_text() == config_before  # never rewritten to claim the new input
     assert build_plan(build_config({}, [f"run.run_dir={run_dir}", *SMALL])).stage("prepare").action == "done"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_a_damaged_training_shard_is_refused_by_name_before_any_worker(tmp_path, capsys, damage):
+    run_dir = _prepared(tmp_path)
+    shard = run_dir / "data" / "train" / "part-00000.parquet"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) - 100])
+        expected = "bytes, the manifest says"
+    elif damage == "delete":
+        shard.unlink()
+        expected = "listed in the manifest but missing"
+    else:  # one bit inside a data page, same size: the page CRC, when evaluate reads the test split
+        shard = run_dir / "data" / "test" / "part-00000.parquet"
+        data = bytearray(shard.read_bytes())
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pq.read_metadata(pa.BufferReader(bytes(data))).row_group(0).column(1)
+        data[column.data_page_offset + column.total_compressed_size // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+        expected = "unreadable"
+    argv = ["distill", "--baseline", f"run.run_dir={run_dir}", *SMALL]
+    if damage == "flip":
+        argv = ["evaluate", f"run.run_dir={run_dir}", *SMALL]
+    err = _refused(capsys, argv, str(shard), expected)
+    assert "Traceback" not in err
+    assert not (run_dir / "student_baseline").exists()

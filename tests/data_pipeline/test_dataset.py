@@ -8,6 +8,8 @@ import uuid
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 
 from data_pipeline import dataset, fsio
@@ -146,8 +148,10 @@ def test_manifest_contents(hand_made):
     assert len(manifest["fingerprint"]) == 64
     assert manifest["created_by"].startswith("recdistill ")
     # 2 and 1 training items: one history of >= 2 items (a training sequence); row groups of 64 (no plan's rule given).
-    assert manifest["splits"]["train"] == {"files": ["train/part-00000.parquet"], "rows": [2], "num_rows": 2, "num_positions": 3,
-                                           "row_group_size": 64, "num_sequences": 1}
+    train = dict(manifest["splits"]["train"])
+    assert train.pop("bytes") == [(Path(out) / "train" / "part-00000.parquet").stat().st_size]
+    assert train == {"files": ["train/part-00000.parquet"], "rows": [2], "num_rows": 2, "num_positions": 3,
+                     "row_group_size": 64, "num_sequences": 1}
     assert manifest["splits"]["valid"]["num_rows"] == 2
     assert manifest["splits"]["test"]["num_positions"] == 5
     assert load_manifest(out) == manifest
@@ -244,12 +248,21 @@ def test_read_split_detects_missing_truncated_and_wrong_shards(tmp_path):
 
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"part-00001.parquet: shard has \d+ bytes, the manifest says \d+ \(truncated"):
+        read_split(str(out), "valid")
+
+    flipped = bytearray(data)
+    column = pq.read_metadata(pa.BufferReader(data)).row_group(0).column(1)
+    flipped[column.data_page_offset + column.total_compressed_size // 2] ^= 0x01  # same size: only the page CRC can tell
+    shard.write_bytes(bytes(flipped))
     with pytest.raises(DataError, match="part-00001.parquet.*unreadable"):
         read_split(str(out), "valid")
 
+    manifest = load_manifest(str(out))
+    del manifest["splits"]["valid"]["bytes"]  # a dataset prepared before sizes were recorded: rows still checked
     pq.write_table(pq.read_table(out / "valid" / "part-00002.parquet"), shard)  # 6 rows where 7 belong
     with pytest.raises(DataError, match="part-00001.parquet: shard has 6 rows, the manifest says 7"):
-        read_split(str(out), "valid")
+        read_split(str(out), "valid", manifest=manifest)
 
     shard.unlink()
     with pytest.raises(DataError, match="part-00001.parquet.*missing"):

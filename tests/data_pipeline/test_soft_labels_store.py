@@ -377,3 +377,32 @@ def test_store_layout_leaves_no_temporary_files(store_url):
     fs, root = fsio.get_fs(store_url)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
     assert names == ["manifest.json", "part-00000.json", "part-00000.parquet", "part-00001.json", "part-00001.parquet"]
+
+
+def test_listing_refuses_a_shard_of_another_teacher_a_truncated_and_a_missing_one(tmp_path):
+    from data_pipeline.streaming import StreamError, list_blocks
+
+    spec = small_spec()
+    url, other_url = str(tmp_path / "store"), str(tmp_path / "other")
+    manifest, records = write_store(url, spec)
+    write_store(other_url, spec, provenance=sl.make_provenance(spec, OTHER_TEACHER, DATASET))
+    files = [fsio.join(url, r["file"]) for r in records]
+    rows, sizes = [r["rows"] for r in records], [r["bytes"] for r in records]
+
+    def check(file, footer):
+        sl.check_shard_provenance(file, footer.metadata, manifest)
+
+    assert sum(b.num_rows for b in list_blocks(files, None, rows, sizes, check)) == sum(rows)
+    victim = tmp_path / "store" / records[1]["file"]
+    victim.write_bytes((tmp_path / "other" / records[1]["file"]).read_bytes())  # same rows, another teacher
+    with pytest.raises(SoftLabelError, match=f"{records[1]['file']}: shard was made with teacher_fingerprint"):
+        list_blocks(files, None, rows, None, check)  # by its own provenance, even where sizes happen to agree
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-10])
+    with pytest.raises(StreamError, match=rf"{records[1]['file']}: {len(data) - 10} bytes, the manifest says {sizes[1]}"):
+        list_blocks(files, None, rows, sizes, check)
+    with pytest.raises(StreamError, match=f"{records[1]['file']}: not a readable Parquet file"):
+        list_blocks(files, None, rows, None, check)
+    victim.unlink()
+    with pytest.raises(StreamError, match=f"{records[1]['file']}: listed in the manifest but missing"):
+        list_blocks(files, None, rows, sizes, check)
