@@ -43,7 +43,7 @@ from distill.losses import distillation_loss
 from distill.model import PAD_ID, SequentialRecommender
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
-from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio
+from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         finally:
             shutil.rmtree(restored.local_dir, ignore_errors=True)
         model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        torch.set_rng_state(blob["rng"])
+        optimizer.load_state_dict(blob["optimizer"])  # dropout needs no RNG state: seed_step seeds every step
         saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
         state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
@@ -120,7 +119,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     def save_and_report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, os.path.join(tmp, WEIGHTS_FILE))
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(tmp, WEIGHTS_FILE))
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({**state, "world_size": world}, f)
             ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
@@ -144,6 +143,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         started, losses = time.perf_counter(), []
         forward.train()
         for step, batch in batches:
+            seed_step(cfg.run.seed, epoch, step, rank)
             logits = forward(batch.inputs.to(device))
             targets = batch.targets[batch.inputs != PAD_ID].to(device)
             soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None

@@ -17,9 +17,13 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
+
+from cluster import checkpoint_integrity
+
+log = logging.getLogger(__name__)
 
 
 def quiet_worker_logs(log_level: str = "INFO") -> None:
@@ -41,10 +45,39 @@ def quiet_worker_logs(log_level: str = "INFO") -> None:
 
 @dataclass(frozen=True)
 class RestoredCheckpoint:
-    """A private local copy of the last reported checkpoint (the caller may delete it)."""
+    """A private local copy of the newest intact reported checkpoint (the caller may delete it)."""
 
     local_dir: str
     origin: str  # where it came from, for messages
+
+
+class CheckpointError(RuntimeError):
+    """No registered checkpoint is intact: nothing is opened, and the message says what to do."""
+
+
+def restore_first_intact(candidates: list[tuple[str, Callable[[str], None]]], rank: int) -> RestoredCheckpoint:
+    """The newest of ``candidates`` (origin, download-into-directory; newest first) whose seals verify.
+
+    Nothing is unpickled before :func:`cluster.checkpoint_integrity.verify` passes; a damaged
+    checkpoint is skipped with a warning naming what is wrong, and the previous one is tried.
+    """
+    reasons = []
+    for origin, download in candidates:
+        local = tempfile.mkdtemp(prefix=f"recdistill-resume-rank{rank}-")
+        try:
+            download(local)
+            problem = checkpoint_integrity.verify(local)
+        except (OSError, ValueError) as exc:  # a checkpoint directory that cannot even be copied
+            problem = f"it cannot be read: {exc}"
+        if problem is None:
+            if reasons:
+                log.warning("rank %d: resuming from %s, the newest intact checkpoint", rank, origin)
+            return RestoredCheckpoint(local, origin)
+        shutil.rmtree(local, ignore_errors=True)
+        reasons.append(f"{origin}: {problem}")
+        log.warning("rank %d: checkpoint %s is not intact (%s); trying the previous one", rank, origin, problem)
+    raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(reasons)
+                          + "\nDelete that checkpoint folder to train this stage from scratch, or restore the files.")
 
 
 class WorkerContext(Protocol):
@@ -82,13 +115,15 @@ class RayTrainContext:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        # A directory of this rank's own: Ray's default download path is shared by every worker on a node.
-        local = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"recdistill-resume-rank{self.rank}-"))
-        return RestoredCheckpoint(local, str(checkpoint.path))
+        # Each into a directory of this rank's own: Ray's default download path is shared by every worker on a node.
+        candidates = [(str(c.path), c.to_directory) for c in [checkpoint, *_older_ray_checkpoints(checkpoint)]]
+        return restore_first_intact(candidates, self.rank)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         import ray.train
 
+        if checkpoint_dir:
+            checkpoint_integrity.seal(checkpoint_dir, self.rank)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -116,24 +151,23 @@ class InProcessContext:
     def device(self, use_gpu: bool) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
-    def _latest(self) -> Optional[str]:
+    def restore_checkpoint(self) -> Optional[RestoredCheckpoint]:
         if not os.path.isdir(self.checkpoint_root):
             return None
-        names = sorted(n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_"))
-        return os.path.join(self.checkpoint_root, names[-1]) if names else None
-
-    def restore_checkpoint(self) -> Optional[RestoredCheckpoint]:
-        latest = self._latest()
-        if latest is None:
+        names = sorted((n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_")), reverse=True)
+        if not names:
             return None
-        local = tempfile.mkdtemp(prefix=f"recdistill-resume-rank{self.rank}-")
-        shutil.copytree(latest, local, dirs_exist_ok=True)
-        return RestoredCheckpoint(local, latest)
+        paths = [os.path.join(self.checkpoint_root, n) for n in names]
+        return restore_first_intact([(p, lambda local, p=p: shutil.copytree(p, local, dirs_exist_ok=True)) for p in paths],
+                                    self.rank)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
         entry: dict[str, Any] = {"metrics": dict(metrics), "checkpoint": None}
+        if checkpoint_dir:
+            checkpoint_integrity.seal(checkpoint_dir, self.rank)
         if checkpoint_dir and self.rank == 0:
-            target = os.path.join(self.checkpoint_root, f"checkpoint_{len(self.reports):06d}")
+            names = [n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_")] if os.path.isdir(self.checkpoint_root) else []
+            target = os.path.join(self.checkpoint_root, f"checkpoint_{len(names):06d}")
             shutil.copytree(checkpoint_dir, target)
             entry["checkpoint"] = target
         self.reports.append(entry)
@@ -142,3 +176,18 @@ class InProcessContext:
         if self.world_size == 1:
             return module
         return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def _older_ray_checkpoints(checkpoint: Any) -> list[Any]:
+    """The checkpoints Ray keeps beside ``checkpoint`` (``num_to_keep``), newest first; names are timestamps."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    current = str(checkpoint.path).rstrip("/")
+    try:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(os.path.dirname(current)))
+    except OSError:
+        return []
+    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and os.path.basename(i.path).startswith("checkpoint_") and i.path < current), reverse=True)
+    return [Checkpoint(path=p, filesystem=checkpoint.filesystem) for p in older]

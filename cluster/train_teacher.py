@@ -40,7 +40,8 @@ from data_pipeline.layout import RunLayout
 from distill.model import SequentialRecommender
 from distill.sequences import next_item_batch
 from distill.sizing import count_parameters
-from distill.training import NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, training_sequences
+from distill.training import (NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, seed_step,
+                              training_sequences)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         started = time.perf_counter()
         engine.train()
         losses = []
-        for rows in rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world):
+        for step, rows in enumerate(rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world)):
+            seed_step(cfg.run.seed, epoch, step, rank)  # dropout: a function of the step, so a resume repeats it
             if len(rows):
                 inputs, targets = next_item_batch([sequences[i] for i in rows], mcfg.max_len)
             else:  # a short last step: still take part in the collectives, with no targets

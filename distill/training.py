@@ -94,6 +94,18 @@ class NextItemObjective(nn.Module):
         return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
 
 
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seed torch's generators (dropout) from (seed, epoch, step, rank) before a training step.
+
+    Every step's randomness is then a pure function of where it is, not of the RNG history:
+    a run resumed from a checkpoint at step s draws the same dropout masks from step s on as
+    the run that never stopped, with no RNG state in the checkpoint (and at any worker count,
+    each rank's masks are defined).
+    """
+    mixed = np.random.SeedSequence([seed, epoch, step, rank]).generate_state(2, np.uint64)
+    torch.manual_seed(int(mixed[0] >> np.uint64(1)))
+
+
 def lr_ratio(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """The learning rate at optimiser step ``step`` (0-based) as a fraction of the configured lr.
 

@@ -1,0 +1,67 @@
+"""Exact resume: a student SIGKILLed mid-epoch and run again ends bit-identical to one that never stopped,
+also when its newest checkpoint was damaged meanwhile (it falls back to the previous one). In-process engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.cli import main
+
+pytestmark = pytest.mark.integration
+
+SCENARIO = Path(__file__).with_name("resume_scenario.py")
+SMALL = ["data.synthetic.num_users=400", "data.synthetic.num_items=80", "data.synthetic.num_clusters=8"]
+# 16-row global batches: ~25 steps an epoch, a checkpoint every 4; dropout on, so the RNG matters.
+TRAIN = ["student.train.batch_size=16", "student.train.epochs=2", "student.train.patience=0", "student.model.dropout=0.2",
+         "distill.checkpoint_every_steps=4", "student.model.max_len=20"]
+
+
+def _train(run_dir: Path, checkpoints: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCENARIO), str(run_dir), str(checkpoints), str(kill_at), *SMALL, *TRAIN],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
+    newest = sorted(checkpoints.glob("checkpoint_*"))[-1]
+    return torch.load(newest / "student.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_a_student_killed_mid_epoch_resumes_bit_identical_even_past_a_damaged_checkpoint(tmp_path):
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = tmp_path / name
+        assert main(["prepare", f"run.run_dir={runs[name]}", *SMALL]) == 0
+
+    straight = _train(runs["straight"], tmp_path / "ckpt-straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = _train(runs["killed"], tmp_path / "ckpt-killed", kill_at=19)  # epoch 1, 3 steps after the step-16 checkpoint
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    history = runs["killed"] / "baseline" / "history.json"
+    assert not history.exists() or not json.loads(history.read_text()).get("complete")
+    checkpoints = sorted((tmp_path / "ckpt-killed").glob("checkpoint_*"))
+    assert len(checkpoints) >= 2
+    newest = json.loads((checkpoints[-1] / "student_state.json").read_text())
+    assert (newest["epoch"], newest["step"]) == (0, 16)
+    (checkpoints[-1] / "student.pt").write_bytes(b"damaged")  # the newest is now unusable: resume from step 12
+
+    resumed = _train(runs["killed"], tmp_path / "ckpt-killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "student.pt has 7 bytes, its seal says" in resumed.stderr and "trying the previous one" in resumed.stderr
+    restarts = json.loads(history.read_text())["restarts"]
+    assert restarts == [{"epoch": 0, "step": 12, "from_workers": 1, "workers": 1}]
+
+    a, b = _final_weights(tmp_path / "ckpt-straight"), _final_weights(tmp_path / "ckpt-killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    export_a = load_file(runs["straight"] / "baseline" / "model.safetensors")
+    export_b = load_file(runs["killed"] / "baseline" / "model.safetensors")
+    assert all(torch.equal(export_a[k], export_b[k]) for k in export_a)
+    fingerprints = [json.loads((r / "baseline" / "export.json").read_text())["fingerprint"] for r in runs.values()]
+    assert fingerprints[0] == fingerprints[1]
