@@ -60,6 +60,9 @@ class ScalingConfig(Section):
     max_failures: int = Field(3, ge=-1)
     address: Optional[str] = Field(None, description="Ray address; None starts or joins a local cluster.")
     elastic_resize_interval_s: float = Field(60.0, ge=0, description="How often an elastic run looks for more workers.")
+    autoscaling: bool = Field(False, description="The Ray cluster adds nodes on demand: start even if the nodes there now "
+                                                 "cannot hold the workers (else refused up front, with the numbers).")
+    start_attempts: int = Field(3, gt=0, description="Tries to start the worker group (each waits 60 s for resources).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":

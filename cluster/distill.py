@@ -223,7 +223,7 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     # Ray is imported here, on the driver: the worker part above runs without it.
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
 
     baseline = baseline or cfg.distill.alpha >= 1.0
     name = "distill --baseline" if baseline else "distill"
@@ -231,6 +231,8 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     plan.require(name)
     stage = plan.stage(name)
     layout = RunLayout(cfg.run.run_dir)
+    for warning in plan.warnings:
+        log.warning("%s", warning.message)
     save_resolved_config(cfg)
     # Every file the reader will stream is listed now (Parquet footers against the manifests' row counts),
     # so a missing or replaced file is refused before any worker starts.
@@ -239,6 +241,7 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
           f"row groups, global batch {cfg.student.train.batch_size} over {cfg.distill.num_virtual_shards} virtual shards "
           f"(fill {plan.layout.fill.get('baseline' if baseline else 'distill', float('nan')):.0%}) -> {stage.writes}", flush=True)
     ensure_ray(cfg)
+    require_resources(cfg, elastic=True)
     trainer = TorchTrainer(
         student_train_loop,
         train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": None if baseline else plan.store,

@@ -38,7 +38,12 @@ def run(cfg: Config) -> dict[str, float]:
     timings: dict[str, float] = {}
     plan = build_plan(cfg)
     plan.check()  # anything that would fail at stage N fails here, before stage 1
+    warned = set()
     for name, step in STEPS.items():
+        for warning in plan.warnings:  # once each (the plan is rebuilt after every stage)
+            if warning.message not in warned:
+                warned.add(warning.message)
+                print(f"[pipeline] warning: {warning.message}", flush=True)
         action = plan.stage(name).action
         if action in ("done", "given"):
             print(f"[pipeline] {name}: already done, skipping" if action == "done"

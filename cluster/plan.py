@@ -28,6 +28,8 @@ from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, dataset_settings, load_manifest, read_split, settings_differ
 from data_pipeline.exports import ExportError, read_export_meta
 from data_pipeline.layout import RunLayout
+from distill.config import ModelConfig
+from distill.sizing import count_parameters
 
 STAGES = ("prepare", "train-teacher", "precompute", "distill", "distill --baseline", "evaluate")
 #: The data's row groups when nothing else decides them (a dataset prepared before plans existed).
@@ -88,6 +90,7 @@ class RunPlan:
     layout: StorageLayout
     stages: dict[str, StagePlan]
     problems: list[Problem]
+    warnings: list[Problem] = field(default_factory=list)  # works, but probably not what the user wants
 
     def stage(self, name: str) -> StagePlan:
         return self.stages[name]
@@ -136,6 +139,7 @@ class _Planner:
         self.paths = RunLayout(cfg.run.run_dir)
         self.storage = cfg.data.storage_options
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         self.stages: dict[str, StagePlan] = {}
 
     def problem(self, stage: str, message: str) -> None:
@@ -163,8 +167,21 @@ class _Planner:
         self.stages["evaluate"] = StagePlan(
             "evaluate", "run", {"dataset": self.paths.data, "models": "every export present"}, self.paths.metrics, "driver",
             missing_input=None if self.dataset else f"no prepared dataset at {self.paths.data}: run `recdistill prepare` first")
+        self._check_sizes()
         return RunPlan(self.cfg.run.run_dir, self.dataset, self.num_sequences, self.teacher_url, self.teacher,
-                       self.store, self.layout, self.stages, self.problems)
+                       self.store, self.layout, self.stages, self.problems, self.warnings)
+
+    def _check_sizes(self) -> None:
+        """A student at least as large as its teacher saves no serving cost: worth a word before training it."""
+        if not self.dataset:
+            return
+        n = self.dataset["num_items"]
+        teacher = (self.teacher or {}).get("params") or count_parameters(
+            ModelConfig.model_validate(self.teacher["model"]) if self.teacher else self.cfg.teacher.model, n)
+        student = count_parameters(self.cfg.student.model, n)
+        if student >= teacher:
+            self.warnings.append(Problem("distill", f"the student ({student:,} parameters) is at least as large as its teacher "
+                                                    f"({teacher:,}): distilling saves no serving cost. Shrink student.model"))
 
     # ---- checks that need nothing but the config
 
@@ -213,13 +230,7 @@ class _Planner:
                                     "to start this run afresh")
 
     def _check_catalog(self) -> None:
-        num_items = self.dataset["num_items"]
-        if self.cfg.precompute.k > num_items:
-            self.problem("precompute", f"precompute.k={self.cfg.precompute.k} is larger than the catalog ({num_items} items)")
-        for k in self.cfg.eval.ks:
-            if k > num_items:  # validation (train-teacher, distill) and the test report use them
-                for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
-                    self.problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)")
+        self.problems += catalog_problems(self.cfg, self.dataset["num_items"])
 
     def _data_layout(self) -> None:
         """The baseline streams the training split as prepare wrote it: check its deal."""
@@ -391,6 +402,18 @@ class _Planner:
         import pyarrow.compute as pc
 
         return int(pc.sum(pc.greater_equal(pc.list_value_length(lengths), 2)).as_py() or 0)
+
+
+def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
+    """What cannot work with a catalog of ``num_items`` items (checked by prepare before it writes anything)."""
+    problems = []
+    if cfg.precompute.k > num_items:
+        problems.append(Problem("precompute", f"precompute.k={cfg.precompute.k} is larger than the catalog ({num_items} items)"))
+    for k in cfg.eval.ks:
+        if k > num_items:  # validation (train-teacher, distill) and the test report use them
+            for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
+                problems.append(Problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)"))
+    return problems
 
 
 def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[str] = None) -> tuple[str, Optional[str]]:

@@ -313,7 +313,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     # Ray is imported here, on the driver: the worker part above runs without it.
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
 
     plan = plan or build_plan(cfg)
     plan.require("precompute")
@@ -325,6 +325,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
           f"in files of {plan.layout.store_rows_per_shard} and row groups of {plan.layout.store_row_group_size} "
           f"({plan.layout.origin['precompute.row_group_size']}) on {cfg.scaling.num_workers} workers", flush=True)
     ensure_ray(cfg)
+    require_resources(cfg)
     trainer = TorchTrainer(
         precompute_loop,
         train_loop_config={"config": cfg.to_dict(), "teacher_url": plan.teacher_url,

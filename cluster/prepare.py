@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from cluster.common import save_resolved_config
 from cluster.config import Config
-from cluster.plan import RunPlan, build_plan, data_row_group_rule
+from cluster.plan import PlanError, Problem, RunPlan, build_plan, catalog_problems, data_row_group_rule
 from data_pipeline.dataset import prepare_dataset
 from data_pipeline.layout import RunLayout
 
@@ -20,7 +20,14 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     plan.require("prepare")
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
-    manifest = prepare_dataset(cfg.data, layout.data, cfg.run.seed, row_group_size_for=data_row_group_rule(cfg))
+    def check_catalog(counts: dict[str, Any]) -> None:  # before anything is written (an old dataset stays intact)
+        problems = catalog_problems(cfg, counts["num_items"])
+        if problems:
+            raise PlanError([Problem(p.stage, f"the input {counts['source']} ({counts['num_users']:,} users after the filters): "
+                                              + p.message) for p in problems])
+
+    manifest = prepare_dataset(cfg.data, layout.data, cfg.run.seed, row_group_size_for=data_row_group_rule(cfg),
+                               before_write=check_catalog)
     splits = manifest["splits"]
     print(
         f"prepared {manifest['source']}: {manifest['num_users']:,} users, {manifest['num_items']:,} items, "

@@ -14,7 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.runtime import select_runtime, use_gpu_for_scaling
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,37 @@ def ensure_ray(cfg: Config) -> None:
     else:
         start_local_ray(log_to_driver=True)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+class ResourceError(ConfigError):
+    """The Ray cluster cannot hold the workers a stage asks for."""
+
+
+def require_resources(cfg: Config, elastic: bool = False) -> None:
+    """Refuse, with the numbers, a worker group the connected cluster cannot place (unless it autoscales).
+
+    Checked against ``ray.cluster_resources()`` (every node) and the largest node (one worker's
+    CPUs must fit on one node); an elastic stage needs only ``scaling.min_workers``.
+    """
+    if cfg.scaling.autoscaling:
+        return
+    sc = cfg.scaling
+    workers = sc.min_workers if elastic and sc.min_workers is not None else sc.num_workers
+    use_gpu = use_gpu_for_scaling(sc.use_gpu)
+    total = ray.cluster_resources()
+    largest_node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    needs = {"CPU": workers * sc.cpus_per_worker, **({"GPU": float(workers)} if use_gpu else {})}
+    short = {k: (v, total.get(k, 0.0)) for k, v in needs.items() if v > total.get(k, 0.0)}
+    what = f"{workers} worker{'s' if workers > 1 else ''}" + (" (scaling.min_workers, elastic)" if workers != sc.num_workers else "")
+    if short:
+        have = ", ".join(f"{k}: needs {need:g}, the cluster has {got:g}" for k, (need, got) in short.items())
+        raise ResourceError(
+            f"the Ray cluster cannot start {what} with scaling.cpus_per_worker={sc.cpus_per_worker:g}"
+            f"{' and 1 GPU each' if use_gpu else ''} ({have}). Lower scaling.num_workers (or set scaling.min_workers "
+            "for an elastic distill), add nodes, or set scaling.autoscaling=true if the cluster grows on demand")
+    if sc.cpus_per_worker > largest_node_cpus:
+        raise ResourceError(f"scaling.cpus_per_worker={sc.cpus_per_worker:g} does not fit on any node (the largest has "
+                            f"{largest_node_cpus:g} CPUs)")
 
 
 def start_local_ray(**init_kwargs: Any) -> None:
@@ -97,7 +128,8 @@ def run_config(cfg: Config, name: str, score_attribute: str | None = None) -> Ru
         name=name,
         storage_path=path,
         storage_filesystem=filesystem,
-        failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+        # Starting the worker group is retried a bounded number of times (Ray's default is forever).
+        failure_config=FailureConfig(max_failures=cfg.scaling.max_failures, controller_failure_limit=cfg.scaling.start_attempts - 1),
         checkpoint_config=checkpoints,
         worker_runtime_env={"env_vars": worker_env(cfg)},
     )

@@ -51,6 +51,7 @@ def format_plan(plan: RunPlan) -> str:
     if waiting:
         lines += ["", "* needs an earlier stage's output first (fine in `pipeline`):"]
         lines += [f"  {s.name}: {s.missing_input}" for s in waiting]
+    lines += [f"warning: [{w.stage}] {w.message}" for w in plan.warnings]
     if plan.problems:
         lines += ["", str(PlanError(plan.problems))]
     else:

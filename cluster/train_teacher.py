@@ -237,7 +237,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     # Ray is imported here, on the driver: the worker part above runs without it (tests, a GPU box without Ray).
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
 
     plan = plan or build_plan(cfg)
     plan.require("train-teacher")
@@ -247,6 +247,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     print(f"train-teacher: {stage.action}; workers {stage.workers}; stage fingerprint {stage.fingerprints['stage']}, "
           f"{cfg.teacher.train.epochs} epochs -> {stage.writes}", flush=True)
     ensure_ray(cfg)
+    require_resources(cfg)
     trainer = TorchTrainer(
         teacher_train_loop,
         train_loop_config={"config": cfg.to_dict()},

@@ -103,14 +103,16 @@ def settings_differ(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[st
 
 
 def prepare_dataset(
-    cfg: DataConfig, out_url: str, seed: int, row_group_size_for: Optional[Callable[[list[int]], int]] = None
+    cfg: DataConfig, out_url: str, seed: int, row_group_size_for: Optional[Callable[[list[int]], int]] = None,
+    before_write: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Read (or generate) interactions, filter, remap, split leave-one-out and write under ``out_url``.
 
     ``seed`` only matters for ``format: synthetic``. Row groups hold ``cfg.row_group_size``
     rows when set, else ``row_group_size_for(rows of each training file)`` (the run plan's
     rule: the streaming reader's deal must fill the batch), else 64. ``cfg.storage_options`` is
-    used for the input and the output alike. Returns the manifest (also written
+    used for the input and the output alike. ``before_write(manifest)`` (the counts, no splits
+    yet) may raise to refuse the data before anything under ``out_url`` changes. Returns the manifest (also written
     to ``out_url/manifest.json``, last). Raises :class:`DataError` if no user is
     left after the filters.
     """
@@ -169,6 +171,9 @@ def prepare_dataset(
     if cfg.format == "synthetic":
         manifest["seed"] = seed
         manifest["synthetic"] = cfg.synthetic.model_dump(mode="json")
+
+    if before_write is not None:
+        before_write(manifest)
 
     # The old manifest goes first: from here until the new one is written the
     # directory is "not a dataset", so a crash never leaves a manifest that

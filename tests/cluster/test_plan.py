@@ -190,3 +190,26 @@ def test_a_damaged_training_shard_is_refused_by_name_before_any_worker(tmp_path,
     err = _refused(capsys, argv, str(shard), expected)
     assert "Traceback" not in err
     assert not (run_dir / "student_baseline").exists()
+
+
+def test_a_student_as_large_as_its_teacher_is_warned_about(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    cfg = build_config({}, [f"run.run_dir={run_dir}", *SMALL])
+    assert build_plan(cfg).warnings == []
+    big = ["student.model.d_model=64", "student.model.num_layers=2", "student.model.num_heads=2", "student.model.ffn_dim=256"]
+    plan = build_plan(build_config({}, [f"run.run_dir={run_dir}", *SMALL, *big]))
+    assert not plan.problems and len(plan.warnings) == 1
+    assert "is at least as large as its teacher" in plan.warnings[0].message
+    assert main(["plan", f"run.run_dir={run_dir}", *SMALL, *big]) == 0
+    assert "warning: [distill] the student" in capsys.readouterr().out
+
+
+def test_a_catalog_too_small_for_the_config_is_refused_before_prepare_writes(tmp_path, capsys):
+    # A CSV whose item column was mapped to the timestamp column: 10 distinct "items".
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,ts\n" + "".join(f"{u},{u * 7 + i},{i % 10}\n" for u in range(1, 40) for i in range(6)))
+    run_dir = tmp_path / "run"
+    _refused(capsys, ["prepare", f"run.run_dir={run_dir}", "data.format=csv", f"data.path={log}", "data.columns.user=user",
+                      "data.columns.item=ts", "data.columns.timestamp=null"],
+             "(39 users after the filters)", "precompute.k=64 is larger than the catalog (6 items)", "eval.ks contains 10")
+    assert not (run_dir / "data" / "manifest.json").exists() and not (run_dir / "data" / "train").exists()

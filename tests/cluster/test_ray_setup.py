@@ -34,3 +34,22 @@ def test_state_api_inside_the_job_reaches_this_clusters_own_dashboard(ray_sessio
     assert address.startswith("http://127.0.0.1:")
     assert state == "ALIVE"
     ray.kill(probe)
+
+
+def test_more_workers_than_the_cluster_holds_are_refused_with_the_numbers(ray_session, tmp_path, capsys):
+    from cluster.cli import main
+    from cluster.ray_setup import ResourceError, require_resources
+    from conftest import small_config
+
+    run_dir = tmp_path / "run"
+    assert main(["prepare", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--baseline", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}", "scaling.num_workers=4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start 4 workers" in err and "CPU: needs 4, the cluster has 2" in err and "Traceback" not in err
+    assert not (run_dir / "baseline").exists() and not (run_dir / "ray").exists()
+    # Elastic: only the lower bound has to fit now; an autoscaling cluster is not judged by its nodes of the moment.
+    require_resources(small_config(run_dir, "scaling.num_workers=4", "scaling.min_workers=2"), elastic=True)
+    require_resources(small_config(run_dir, "scaling.num_workers=4", "scaling.autoscaling=true"))
+    with pytest.raises(ResourceError, match="cannot start 1 worker with scaling.cpus_per_worker=2.5 .CPU: needs 2.5"):
+        require_resources(small_config(run_dir, "scaling.num_workers=1", "scaling.cpus_per_worker=2.5"))

@@ -95,10 +95,16 @@ def test_zero3_hosting_partitions_parameters_and_matches_unsharded_scores(ray_se
     assert np.max(np.abs(sharded[:, real] - reference[:, real])) < 1e-4
 
 
-def test_two_worker_training_beats_popularity_and_exports(ray_session, tmp_path):
-    cfg = small_config(tmp_path / "run", "teacher.train.epochs=4")
+@pytest.fixture(scope="module")
+def four_epoch_teacher(ray_session, tmp_path_factory):
+    """Four epochs on 2 workers (ZeRO-3), never interrupted: the reference the resume tests compare with."""
+    cfg = small_config(tmp_path_factory.mktemp("teacher4") / "run", "teacher.train.epochs=4")
     prepare.run(cfg)
-    meta = train_teacher.run(cfg)
+    return cfg, train_teacher.run(cfg)
+
+
+def test_two_worker_training_beats_popularity_and_exports(four_epoch_teacher, tmp_path):
+    cfg, meta = four_epoch_teacher
     layout = RunLayout(cfg.run.run_dir)
     valid = read_split(layout.data, "valid")
     popularity = evaluate_split(popularity_scorer(train_item_counts(layout.data, 60)), valid, 60, [10])
@@ -116,11 +122,13 @@ def test_two_worker_training_beats_popularity_and_exports(ray_session, tmp_path)
     # Finished, under this configuration: the pipeline would skip it, and only for these settings.
     assert history["complete"] and history["stage_fingerprint"] == stage_fingerprint(cfg, "teacher")
     assert training_complete(layout.teacher, cfg, "teacher")
-    assert not training_complete(layout.teacher, small_config(tmp_path / "run", "teacher.train.epochs=4", "teacher.train.lr=0.5"), "teacher")
+    assert not training_complete(layout.teacher, small_config(cfg.run.run_dir, "teacher.train.epochs=4", "teacher.train.lr=0.5"), "teacher")
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
-    cfg = small_config(tmp_path / "run", "teacher.train.epochs=5", "scaling.max_failures=2")
+def test_killed_worker_resumes_from_checkpoint_bit_identical(four_epoch_teacher, tmp_path):
+    """SIGKILL of a ZeRO-3 worker after the first checkpoint: the group restarts from it and ends exactly
+    where the run that was never interrupted ended (every epoch's validation and the exported weights)."""
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=4", "scaling.max_failures=2")
     prepare.run(cfg)
     storage = f"{cfg.run.run_dir}/ray/teacher"
     killed: list[int] = []
@@ -135,8 +143,41 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
         killer.join()
     assert killed, "no train worker was killed"
     history = read_history(cfg)
-    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3, 4]
     assert history["restarts"] and history["restarts"][0]["at_epoch"] >= 1
+    reference_cfg, reference = four_epoch_teacher
+    assert [h["val_ndcg@10"] for h in history["history"]] == [h["val_ndcg@10"] for h in read_history(reference_cfg)["history"]]
+    meta = json.loads(Path(RunLayout(cfg.run.run_dir).teacher, "export.json").read_text())
+    assert meta["fingerprint"] == reference["fingerprint"], "the resumed teacher's weights differ from the uninterrupted one's"
+
+
+def test_a_planted_pickle_in_the_newest_checkpoint_is_never_opened(ray_session, tmp_path):
+    """DeepSpeed unpickles its checkpoint files (torch.load, weights_only=False): a replaced file must be
+    refused by its seal before DeepSpeed opens it, and the resume falls back to the previous checkpoint."""
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", "scaling.num_workers=1")
+    prepare.run(cfg)
+    train_teacher.run(cfg)
+    newest = sorted(Path(cfg.run.run_dir, "ray", "teacher").glob("checkpoint_*"))[-1]
+    states = list(newest.rglob("*_model_states.pt"))
+    assert states
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(str(marker)), states[0])  # creates `marker` when unpickled
+    more = small_config(tmp_path / "run", "teacher.train.epochs=3", "scaling.num_workers=1")
+    train_teacher.run(more)
+    assert not marker.exists(), "the planted pickle was unpickled"
+    history = read_history(more)
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
+    assert history["restarts"][0]["at_epoch"] == 1  # the intact checkpoint before the planted one
+
+
+class _Planted:
+    """Unpickling calls open(path, "w"): harmless, and visible."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
