@@ -157,9 +157,10 @@ def test_a_planted_pickle_in_the_newest_checkpoint_is_never_opened(ray_session, 
     cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", "scaling.num_workers=1")
     prepare.run(cfg)
     train_teacher.run(cfg)
-    newest = sorted(Path(cfg.run.run_dir, "ray", "teacher").glob("checkpoint_*"))[-1]
-    states = list(newest.rglob("*_model_states.pt"))
-    assert states
+    checkpoints = sorted(p for p in Path(cfg.run.run_dir, "ray", "teacher").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2, checkpoints
+    states = list(checkpoints[-1].rglob("*_model_states.pt"))
+    assert states, [str(p) for p in checkpoints[-1].rglob("*")]
     marker = tmp_path / "code-ran"
     torch.save(_Planted(str(marker)), states[0])  # creates `marker` when unpickled
     more = small_config(tmp_path / "run", "teacher.train.epochs=3", "scaling.num_workers=1")
