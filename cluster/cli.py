@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"recdistill {args.stage}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"recdistill {args.stage}: interrupted. What each stage committed is kept (atomic files, registered "
-              "checkpoints); run the same command again to resume.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"recdistill {args.stage}: {exc or 'interrupted'}. Every file a stage committed is whole (atomic writes); "
+              "run the same command again to resume.", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:

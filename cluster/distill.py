@@ -30,7 +30,7 @@ from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
-from cluster.plan import RunPlan, build_plan
+from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import select_runtime
 from cluster.student_batches import batch_from_dataset, batch_from_store, training_blocks
 from data_pipeline import fsio
@@ -223,7 +223,7 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     # Ray is imported here, on the driver: the worker part above runs without it.
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, fit, require_resources, run_config, scaling_config, torch_config
 
     baseline = baseline or cfg.distill.alpha >= 1.0
     name = "distill --baseline" if baseline else "distill"
@@ -250,11 +250,13 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="baseline" if baseline else "student"),
     )
-    trainer.fit()
     out = layout.baseline if baseline else layout.student
+    teacher_fp = None if baseline else plan.store["teacher_fingerprint"]
+    role = "baseline" if baseline else "student"
+    fit(trainer, lambda: training_complete(out, cfg, role, teacher_fp), cfg, role)
     meta = read_export_meta(out, cfg.data.storage_options)
     print(
-        f"{'baseline' if baseline else 'student'}: {meta['params']:,} parameters, best validation NDCG@10 "
+        f"{role}: {meta['params']:,} parameters, best validation NDCG@10 "
         f"{meta['valid']['ndcg@10']:.4f} (epoch {meta['epoch']}), exported to {out}"
     )
     return meta

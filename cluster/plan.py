@@ -375,6 +375,13 @@ class _Planner:
         elif not baseline and self.store is None:
             stage.missing_input = self.store_problem or (
                 f"no soft-label store for this run's teacher at {paths.soft_labels}: run `recdistill precompute` first")
+        if self.dataset and action == "done":  # a student of an earlier dataset in this run_dir is not this run's
+            export = _try(lambda: read_export_meta(folder, self.storage), ExportError) or {}
+            trained_on = export.get("dataset_fingerprint")
+            if trained_on and trained_on != self.dataset["fingerprint"]:
+                self.problem(name, f"{folder} holds a student trained on dataset {trained_on[:12]}…, this run's is "
+                                   f"{self.dataset['fingerprint'][:12]}…: delete {folder} and "
+                                   f"{fsio.join(cfg.run.run_dir, 'ray', 'baseline' if baseline else 'student')} to train it again")
         if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
             self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
 

@@ -34,6 +34,7 @@ from cluster.config import Config, build_config
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
 from cluster.teacher_hosting import ShardedTeacher
+from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.exports import check_export_fits_dataset, verify_export
@@ -313,7 +314,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     # Ray is imported here, on the driver: the worker part above runs without it.
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, fit, require_resources, run_config, scaling_config, torch_config
 
     plan = plan or build_plan(cfg)
     plan.require("precompute")
@@ -334,7 +335,8 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="precompute"),
     )
-    trainer.fit()
+    committed = lambda: fsio.exists(fsio.join(layout.soft_labels, store.MANIFEST), cfg.data.storage_options)  # noqa: E731
+    fit(trainer, committed, cfg, "precompute")
     manifest = store.load_store_manifest(layout.soft_labels, cfg.data.storage_options)
     print(store.format_manifest(manifest))
     return manifest

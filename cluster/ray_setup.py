@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import pyarrow.fs
@@ -15,6 +15,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig
 
 from cluster.config import Config, ConfigError
+from data_pipeline import fsio
 from cluster.runtime import select_runtime, use_gpu_for_scaling
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,43 @@ def require_resources(cfg: Config, elastic: bool = False) -> None:
     if sc.cpus_per_worker > largest_node_cpus:
         raise ResourceError(f"scaling.cpus_per_worker={sc.cpus_per_worker:g} does not fit on any node (the largest has "
                             f"{largest_node_cpus:g} CPUs)")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended a stage; the message says what it committed."""
+
+
+def fit(trainer: Any, finished: Callable[[], bool], cfg: Config, name: str) -> Any:
+    """``trainer.fit()``, with Ctrl-C ending it as :class:`Interrupted`.
+
+    Ray Train's own SIGINT handler aborts the run and then lets ``fit`` return (or exits 0):
+    a stage would go on as if it had finished. ``finished()`` says from the stage's own
+    records whether it did; if not, the run was aborted, and the message names the last
+    checkpoint Ray registered under ``run_dir/ray/<name>``, which the next run resumes from.
+    """
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        raise Interrupted(_committed(cfg, name)) from None
+    if not finished():
+        raise Interrupted(_committed(cfg, name))
+    return result
+
+
+def _committed(cfg: Config, name: str) -> str:
+    if name == "precompute":
+        return "interrupted; every committed soft-label shard is kept, and the next run computes only the others"
+    folder = f"{cfg.run.run_dir.rstrip('/')}/ray/{name}"
+    try:
+        snapshot = fsio.read_json(f"{folder}/checkpoint_manager_snapshot.json", cfg.data.storage_options)
+        metrics = [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        metrics = []
+    if not metrics:
+        return f"interrupted before the first checkpoint of {name}: the next run starts it afresh"
+    last = max(metrics, key=lambda m: (m.get("epoch", 0), m.get("step", 0)))
+    where = f"epoch {last.get('epoch')}" + (f", step {last['step']}" if last.get("step") else "")
+    return f"interrupted; the last checkpoint kept is at {where} under {folder}: run the same command again to resume from it"
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

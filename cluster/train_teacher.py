@@ -31,7 +31,7 @@ from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
-from cluster.plan import RunPlan, build_plan
+from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import deepspeed_config, select_runtime
 from data_pipeline import fsio
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
@@ -237,7 +237,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     # Ray is imported here, on the driver: the worker part above runs without it (tests, a GPU box without Ray).
     from ray.train.torch import TorchTrainer
 
-    from cluster.ray_setup import ensure_ray, require_resources, run_config, scaling_config, torch_config
+    from cluster.ray_setup import ensure_ray, fit, require_resources, run_config, scaling_config, torch_config
 
     plan = plan or build_plan(cfg)
     plan.require("train-teacher")
@@ -255,7 +255,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
         torch_config=torch_config(cfg),
         run_config=run_config(cfg, name="teacher", score_attribute="val_ndcg@10"),
     )
-    trainer.fit()
+    fit(trainer, lambda: training_complete(layout.teacher, cfg, "teacher"), cfg, "teacher")
     meta = read_export_meta(layout.teacher, cfg.data.storage_options)
     print(
         f"teacher: {meta['params']:,} parameters, best validation NDCG@10 {meta['valid']['ndcg@10']:.4f} "

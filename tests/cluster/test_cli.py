@@ -67,3 +67,64 @@ def test_evaluate_before_prepare_is_a_clear_error(tmp_path, capsys):
 def test_k_beyond_catalog_is_refused_after_prepare(tmp_path, capsys):
     assert main(["prepare", f"run.run_dir={tmp_path}", *SMALL, "precompute.k=500"]) == 2
     assert "precompute.k=500" in capsys.readouterr().err
+
+
+def test_environment_faults_are_one_line_and_bugs_keep_their_traceback():
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from cluster.cli import environment_error
+
+    assert "storage credentials were refused or not found" in environment_error(NoCredentialsError())
+    wrapped = OSError("listing failed")
+    wrapped.__cause__ = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    assert "cannot reach the storage endpoint" in environment_error(wrapped) and "127.0.0.1:9" in environment_error(wrapped)
+    full = OSError(errno.ENOSPC, "No space left on device (writing /run/soft_labels/part-00003.parquet)")
+    assert "out of disk space" in environment_error(full) and "part-00003.parquet" in environment_error(full)
+    assert environment_error(KeyError("x")) is None and environment_error(ZeroDivisionError()) is None
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    with pytest.raises(Exception, match="run `recdistill prepare` first"):
+        main(["evaluate", "--debug", f"run.run_dir={tmp_path / 'run'}"])
+    assert main(["evaluate", f"run.run_dir={tmp_path / 'run'}"]) == 2
+
+
+def test_inspect_takes_its_arguments_in_any_order(tmp_path, capsys):
+    store = str(tmp_path / "nothing-here")
+    for argv in (["inspect", store, "--config", "configs/tiny.yaml", "run.seed=3"],
+                 ["inspect", "--config", "configs/tiny.yaml", store, "run.seed=3"],
+                 ["inspect", store, "run.seed=3", "--config", "configs/tiny.yaml"]):
+        assert main(argv) == 2
+        assert f"{store} holds no soft labels" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_ctrl_c_ends_a_training_stage_promptly_with_one_line(tmp_path):
+    """SIGINT while the workers train: Ray Train aborts the run, and the stage says what it kept (exit 130)."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    assert main(["prepare", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"]) == 0
+    cmd = [sys.executable, "-m", "cluster.cli", "distill", "--baseline", "--config", "configs/tiny.yaml",
+           f"run.run_dir={run_dir}", "student.train.epochs=100", "scaling.num_workers=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[2])
+    lines = []
+    for line in proc.stdout:  # until the first epoch's checkpoint is registered
+        lines.append(line)
+        if "baseline epoch 2:" in line:
+            break
+    else:
+        pytest.fail("".join(lines[-30:]))
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-3000:]
+    assert time.monotonic() - started < 60
+    assert "recdistill distill: interrupted; the last checkpoint kept is at epoch" in rest
+    assert f"{run_dir}/ray/baseline: run the same command again to resume" in rest
+    history = json.loads((run_dir / "baseline" / "history.json").read_text())
+    assert not history.get("complete")

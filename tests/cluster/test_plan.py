@@ -213,3 +213,16 @@ def test_a_catalog_too_small_for_the_config_is_refused_before_prepare_writes(tmp
                       "data.columns.item=ts", "data.columns.timestamp=null"],
              "(39 users after the filters)", "precompute.k=64 is larger than the catalog (6 items)", "eval.ks contains 10")
     assert not (run_dir / "data" / "manifest.json").exists() and not (run_dir / "data" / "train").exists()
+
+
+def test_a_finished_student_of_another_dataset_is_not_done(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    cfg = build_config({}, [f"run.run_dir={run_dir}", *SMALL])
+    dataset = load_manifest(str(run_dir / "data"))
+    model = SequentialRecommender(cfg.student.model, dataset["num_items"])
+    save_model(str(run_dir / "baseline"), model.state_dict(), cfg.student.model, dataset["num_items"],
+               {"role": "baseline", "params": 1, "dataset_fingerprint": "0" * 64})
+    (run_dir / "baseline" / "history.json").write_text(json.dumps(
+        {"history": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "baseline")}))
+    _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL], "[distill --baseline]",
+             "holds a student trained on dataset 000000000000", "to train it again")
