@@ -22,36 +22,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
 from cluster.common import teacher_url
-from cluster.config import Config, ConfigError, stage_fingerprint
+from cluster.config import Config, stage_fingerprint
+from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, size_warnings
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
-from data_pipeline.dataset import DataError, dataset_settings, load_manifest, read_split, settings_differ
+from data_pipeline.dataset import DataError, load_manifest, read_split
 from data_pipeline.exports import ExportError, read_export_meta
 from data_pipeline.layout import RunLayout
-from distill.config import ModelConfig
-from distill.sizing import count_parameters
 
 STAGES = ("prepare", "train-teacher", "precompute", "distill", "distill --baseline", "evaluate")
 #: The data's row groups when nothing else decides them (a dataset prepared before plans existed).
 LEGACY_ROW_GROUP = 64
-
-
-class PlanError(ConfigError):
-    """A plan that cannot work; the message lists every problem, stage by stage."""
-
-    def __init__(self, problems: list["Problem"]):
-        self.problems = problems
-        by_message: dict[str, list[str]] = {}  # one line per problem, naming every stage it stops
-        for p in problems:
-            by_message.setdefault(p.message, []).append(p.stage)
-        lines = [f"[{', '.join(stages)}] {message}" for message, stages in by_message.items()]
-        super().__init__("the run cannot work as configured:\n  " + "\n  ".join(lines))
-
-
-@dataclass(frozen=True)
-class Problem:
-    stage: str
-    message: str
 
 
 @dataclass
@@ -167,21 +148,10 @@ class _Planner:
         self.stages["evaluate"] = StagePlan(
             "evaluate", "run", {"dataset": self.paths.data, "models": "every export present"}, self.paths.metrics, "driver",
             missing_input=None if self.dataset else f"no prepared dataset at {self.paths.data}: run `recdistill prepare` first")
-        self._check_sizes()
+        if self.dataset:
+            self.warnings += size_warnings(self.cfg, self.dataset["num_items"], self.teacher)
         return RunPlan(self.cfg.run.run_dir, self.dataset, self.num_sequences, self.teacher_url, self.teacher,
                        self.store, self.layout, self.stages, self.problems, self.warnings)
-
-    def _check_sizes(self) -> None:
-        """A student at least as large as its teacher saves no serving cost: worth a word before training it."""
-        if not self.dataset:
-            return
-        n = self.dataset["num_items"]
-        teacher = (self.teacher or {}).get("params") or count_parameters(
-            ModelConfig.model_validate(self.teacher["model"]) if self.teacher else self.cfg.teacher.model, n)
-        student = count_parameters(self.cfg.student.model, n)
-        if student >= teacher:
-            self.warnings.append(Problem("distill", f"the student ({student:,} parameters) is at least as large as its teacher "
-                                                    f"({teacher:,}): distilling saves no serving cost. Shrink student.model"))
 
     # ---- checks that need nothing but the config
 
@@ -205,8 +175,8 @@ class _Planner:
         self.stages["prepare"] = stage
         if self.dataset:
             stage.fingerprints["dataset"] = self.dataset["fingerprint"]
-            self._check_dataset_settings()
-            self._check_catalog()
+            self.problems += dataset_problems(cfg, self.dataset, self.storage)
+            self.problems += catalog_problems(cfg, self.dataset["num_items"])
             self._data_layout()
             return
         self.layout.data_row_group_size = cfg.data.row_group_size
@@ -216,21 +186,6 @@ class _Planner:
                 self.problem("prepare", f"data.path is not set (data.format is {cfg.data.format}): give the input log's URL")
             elif not _exists(cfg.data.path, self.storage):
                 self.problem("prepare", f"data.path {cfg.data.path} does not exist: check the path (and data.storage_options)")
-
-    def _check_dataset_settings(self) -> None:
-        """A dataset prepared from another input (path, format, columns, filters) is not this run's:
-        every stage after it would silently train and report on the old data."""
-        wanted = dataset_settings(self.cfg.data, self.cfg.run.seed)
-        recorded = self.dataset.get("settings") or _legacy_settings(self.dataset, wanted)
-        differs = settings_differ(recorded, wanted)
-        if differs:
-            what = "; ".join(f"data.{key}: prepared from {theirs!r}, config says {ours!r}" for key, (theirs, ours) in differs.items())
-            self.problem("prepare", f"{self.paths.data} was prepared with other data settings ({what}), and every stage "
-                                    f"after it learnt from that data. Use another run.run_dir, or delete {self.cfg.run.run_dir} "
-                                    "to start this run afresh")
-
-    def _check_catalog(self) -> None:
-        self.problems += catalog_problems(self.cfg, self.dataset["num_items"])
 
     def _data_layout(self) -> None:
         """The baseline streams the training split as prepare wrote it: check its deal."""
@@ -411,18 +366,6 @@ class _Planner:
         return int(pc.sum(pc.greater_equal(pc.list_value_length(lengths), 2)).as_py() or 0)
 
 
-def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
-    """What cannot work with a catalog of ``num_items`` items (checked by prepare before it writes anything)."""
-    problems = []
-    if cfg.precompute.k > num_items:
-        problems.append(Problem("precompute", f"precompute.k={cfg.precompute.k} is larger than the catalog ({num_items} items)"))
-    for k in cfg.eval.ks:
-        if k > num_items:  # validation (train-teacher, distill) and the test report use them
-            for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
-                problems.append(Problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)"))
-    return problems
-
-
 def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[str] = None) -> tuple[str, Optional[str]]:
     """A training stage's progress from its ``history.json``: ("run" | "resume" | "done", the recorded stage
     fingerprint when it is another configuration's, else None). Histories from before fingerprints count as ours."""
@@ -446,21 +389,6 @@ def _fill_message(what: str, groups: list[int], fill: block_layout.Fill, cfg: Co
             f"distill.num_virtual_shards={cfg.distill.num_virtual_shards} give global batches of {fill.mean_batch:.1f} rows "
             f"on average, {100 * fill.ratio:.0f}% of the {fill.best_batch:.1f} possible with student.train.batch_size="
             f"{cfg.student.train.batch_size} (at least {100 * block_layout.MIN_FILL:.0f}% needed). Fix: {fix}")
-
-
-def _legacy_settings(manifest: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """What a manifest written before settings were recorded says: its source, format and filters
-    (the settings it does not record are taken to match)."""
-    recorded = dict(wanted)
-    recorded["format"] = manifest.get("format", wanted["format"])
-    if "path" in wanted and manifest.get("source") not in (None, "synthetic"):
-        recorded["path"] = manifest["source"]
-    for key in ("min_user_interactions", "min_item_interactions", "min_rating"):
-        if key in wanted and key in manifest.get("filters", {}):
-            recorded[key] = manifest["filters"][key]
-    if wanted["format"] == "synthetic" and "synthetic" in manifest:
-        recorded.update(synthetic=manifest["synthetic"], seed=manifest.get("seed"))
-    return recorded
 
 
 def _try(read, *errors):

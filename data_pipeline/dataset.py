@@ -366,6 +366,26 @@ def load_manifest(data_url: str, storage_options: Optional[dict[str, Any]] = Non
     return manifest
 
 
+def damaged_files(data_url: str, manifest: dict[str, Any], storage_options: Optional[dict[str, Any]] = None) -> list[str]:
+    """One line per example shard that is missing or not the size the manifest records (one listing per split)."""
+    problems = []
+    for split, entry in manifest["splits"].items():
+        sizes = entry.get("bytes")
+        fs, folder = fsio.get_fs(fsio.join(data_url, split), storage_options)
+        try:
+            present = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size") for info in fs.ls(folder, detail=True)}
+        except FileNotFoundError:
+            present = {}
+        for i, relative in enumerate(entry["files"]):
+            name = relative.rsplit("/", 1)[-1]
+            url = fsio.join(data_url, relative)
+            if name not in present:
+                problems.append(f"{url} is missing")
+            elif sizes is not None and present[name] != sizes[i]:
+                problems.append(f"{url} has {present[name]} bytes, the manifest says {sizes[i]} (truncated or replaced?)")
+    return problems
+
+
 def read_split(
     data_url: str,
     split: str,

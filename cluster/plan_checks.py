@@ -1,0 +1,94 @@
+"""The plan's checks of what a run reads (the dataset against the config, the catalog, model sizes)
+and its problem types; :mod:`cluster.plan` composes them into the run plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from cluster.config import Config, ConfigError
+from data_pipeline.dataset import damaged_files, dataset_settings, settings_differ
+from data_pipeline.layout import RunLayout
+from distill.config import ModelConfig
+from distill.sizing import count_parameters
+
+
+class PlanError(ConfigError):
+    """A plan that cannot work; the message lists every problem, stage by stage."""
+
+    def __init__(self, problems: list["Problem"]):
+        self.problems = problems
+        by_message: dict[str, list[str]] = {}  # one line per problem, naming every stage it stops
+        for p in problems:
+            by_message.setdefault(p.message, []).append(p.stage)
+        lines = [f"[{', '.join(stages)}] {message}" for message, stages in by_message.items()]
+        super().__init__("the run cannot work as configured:\n  " + "\n  ".join(lines))
+
+
+@dataclass(frozen=True)
+class Problem:
+    stage: str
+    message: str
+
+
+def dataset_problems(cfg: Config, dataset: dict[str, Any], storage: dict[str, Any]) -> list[Problem]:
+    """The prepared dataset against the config and its own manifest.
+
+    Made from other data settings (path, format, columns, filters): not this run's, since every
+    stage after it would silently train and report on the old data. A file missing or of
+    another size than recorded: damaged, refused for every stage that reads it.
+    """
+    problems, data_url = [], RunLayout(cfg.run.run_dir).data
+    wanted = dataset_settings(cfg.data, cfg.run.seed)
+    differs = settings_differ(dataset.get("settings") or _legacy_settings(dataset, wanted), wanted)
+    if differs:
+        what = "; ".join(f"data.{key}: prepared from {theirs!r}, config says {ours!r}" for key, (theirs, ours) in differs.items())
+        problems.append(Problem("prepare", f"{data_url} was prepared with other data settings ({what}), and every stage "
+                                           f"after it learnt from that data. Use another run.run_dir, or delete "
+                                           f"{cfg.run.run_dir} to start this run afresh"))
+    damaged = damaged_files(data_url, dataset, storage)
+    if damaged:
+        shown = "; ".join(damaged[:5]) + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        for stage in ("train-teacher", "precompute", "distill --baseline", "evaluate"):
+            problems.append(Problem(stage, f"the prepared dataset is damaged: {shown}. Delete {data_url} and run prepare "
+                                           "again (the stages after it are kept only if the new data is identical)"))
+    return problems
+
+
+
+def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
+    """What cannot work with a catalog of ``num_items`` items (checked by prepare before it writes anything)."""
+    problems = []
+    if cfg.precompute.k > num_items:
+        problems.append(Problem("precompute", f"precompute.k={cfg.precompute.k} is larger than the catalog ({num_items} items)"))
+    for k in cfg.eval.ks:
+        if k > num_items:  # validation (train-teacher, distill) and the test report use them
+            for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
+                problems.append(Problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)"))
+    return problems
+
+
+def size_warnings(cfg: Config, num_items: int, teacher: Optional[dict[str, Any]]) -> list[Problem]:
+    """A student at least as large as its teacher saves no serving cost: worth a word before training it."""
+    teacher_params = (teacher or {}).get("params") or count_parameters(
+        ModelConfig.model_validate(teacher["model"]) if teacher else cfg.teacher.model, num_items)
+    student = count_parameters(cfg.student.model, num_items)
+    if student < teacher_params:
+        return []
+    return [Problem("distill", f"the student ({student:,} parameters) is at least as large as its teacher "
+                               f"({teacher_params:,}): distilling saves no serving cost. Shrink student.model")]
+
+
+def _legacy_settings(manifest: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest written before settings were recorded says: its source, format and filters
+    (the settings it does not record are taken to match)."""
+    recorded = dict(wanted)
+    recorded["format"] = manifest.get("format", wanted["format"])
+    if "path" in wanted and manifest.get("source") not in (None, "synthetic"):
+        recorded["path"] = manifest["source"]
+    for key in ("min_user_interactions", "min_item_interactions", "min_rating"):
+        if key in wanted and key in manifest.get("filters", {}):
+            recorded[key] = manifest["filters"][key]
+    if wanted["format"] == "synthetic" and "synthetic" in manifest:
+        recorded.update(synthetic=manifest["synthetic"], seed=manifest.get("seed"))
+    return recorded
