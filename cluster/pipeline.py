@@ -33,11 +33,23 @@ STEPS: dict[str, Callable[[Config, RunPlan], object]] = {
 }
 
 
+def _check_resources(cfg: Config, plan: RunPlan) -> None:
+    """Workers the Ray cluster cannot hold are refused before stage 1, not after prepare and a teacher."""
+    to_run = {name for name, stage in plan.stages.items() if stage.action in ("run", "resume")}
+    if not to_run & {"train-teacher", "precompute", "distill", "distill --baseline"}:
+        return
+    from cluster.ray_setup import ensure_ray, require_resources  # Ray only when a stage needs it
+
+    ensure_ray(cfg)
+    require_resources(cfg, elastic=not to_run & {"train-teacher", "precompute"})
+
+
 def run(cfg: Config) -> dict[str, float]:
     layout = RunLayout(cfg.run.run_dir)
     timings: dict[str, float] = {}
     plan = build_plan(cfg)
     plan.check()  # anything that would fail at stage N fails here, before stage 1
+    _check_resources(cfg, plan)
     warned = set()
     for name, step in STEPS.items():
         for warning in plan.warnings:  # once each (the plan is rebuilt after every stage)

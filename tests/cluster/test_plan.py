@@ -20,11 +20,13 @@ SMALL = ["data.synthetic.num_users=300", "data.synthetic.num_items=80", "data.sy
 
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
-    """Every stage starts Ray through ensure_ray: here, reaching it means a refusal came too late."""
-    def refuse(cfg):
+    """Connecting to Ray is a no-op here; reaching a worker group's start means a refusal came too late."""
+    def refuse(*args, **kwargs):
         raise AssertionError("a Ray worker group was about to start")
 
-    monkeypatch.setattr(ray_setup, "ensure_ray", refuse)
+    monkeypatch.setattr(ray_setup, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(ray_setup, "require_resources", lambda cfg, elastic=False: None)
+    monkeypatch.setattr(ray_setup, "fit", refuse)
 
 
 def _prepared(tmp_path, *overrides):

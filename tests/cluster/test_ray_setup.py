@@ -42,6 +42,9 @@ def test_more_workers_than_the_cluster_holds_are_refused_with_the_numbers(ray_se
     from conftest import small_config
 
     run_dir = tmp_path / "run"
+    # A pipeline is refused before its first stage (prepare runs on the driver, but would be wasted).
+    assert main(["pipeline", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}", "scaling.num_workers=4"]) == 2
+    assert "CPU: needs 4, the cluster has 2" in capsys.readouterr().err and not (run_dir / "data").exists()
     assert main(["prepare", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"]) == 0
     capsys.readouterr()
     assert main(["distill", "--baseline", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}", "scaling.num_workers=4"]) == 2
