@@ -136,6 +136,11 @@ def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_templa
     teacher_fp = read_export_meta(layout.teacher)["fingerprint"]
     assert history(cfg)["stage_fingerprint"] == stage_fingerprint(cfg, "student", teacher_fp)
     assert training_complete(layout.student, cfg, "student", teacher_fp)
+    # Exact: the same two epochs never interrupted end with the same weights (DDP on 2 workers, dropout on).
+    straight = copy_run(store_template, tmp_path / "straight", "distill.init_from_teacher=true", "distill.log_consumed=false")
+    distill.run(straight)
+    assert [h["val_ndcg@10"] for h in history(straight)["history"]] == [h["val_ndcg@10"] for h in history(cfg)["history"]]
+    assert read_export_meta(RunLayout(straight.run.run_dir).student)["fingerprint"] == read_export_meta(layout.student)["fingerprint"]
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
