@@ -46,3 +46,36 @@ def count_parameters_meta(cfg: ModelConfig, num_items: int) -> int:
     with torch.device("meta"):
         model = SequentialRecommender(cfg, num_items)
     return sum(p.numel() for p in model.parameters())
+
+
+def fit_to_budget(template: ModelConfig, num_items: int, budget: int) -> ModelConfig:
+    """The widest model like ``template`` with at most ``budget`` parameters.
+
+    Keeps the template's depth, heads, sequence length, dropout and its FFN-to-width ratio,
+    and chooses ``d_model`` (a multiple of ``num_heads``, as attention needs). A template
+    with a banded item table keeps its band sizes, each band's width scaled with ``d_model``.
+    Raises ``ValueError`` when even the narrowest such model exceeds the budget.
+    """
+    ratio = template.ffn_dim / template.d_model
+    heads = template.num_heads
+
+    def at(width: int) -> ModelConfig:
+        bands = None
+        if template.item_dims:
+            scale = width / template.d_model
+            bands = [{"items": b.items, "dim": max(1, min(width, round(b.dim * scale)))} for b in template.item_dims]
+        return ModelConfig.model_validate(
+            {**template.model_dump(), "d_model": width, "ffn_dim": max(1, round(ratio * width)), "item_dims": bands})
+
+    best = None
+    width = heads
+    while True:  # parameters grow with the width: stop at the first that is too large
+        candidate = at(width)
+        if count_parameters(candidate, num_items) > budget:
+            break
+        best, width = candidate, width + heads
+    if best is None:
+        narrowest = count_parameters(at(heads), num_items)
+        raise ValueError(f"no model like the template fits {budget:,} parameters over {num_items:,} items: the narrowest "
+                         f"(d_model={heads}) has {narrowest:,}. Raise the budget, or use fewer layers or a banded item table")
+    return best
