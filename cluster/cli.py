@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "precompute": ("cluster.precompute", "Run the teacher once over the training positions; write soft labels to run_dir/soft_labels."),
     "distill": ("cluster.distill", "Train the student from the soft-label store (or --baseline: without the teacher)."),
     "evaluate": ("cluster.evaluate", "Full-ranking HR@K/NDCG@K of every model present; write run_dir/report/metrics.json."),
+    "sweep": ("cluster.sweep", "Train a family of students (sizes x seeds, each with its twin) from one store; write the frontier."),
     "pipeline": ("cluster.pipeline", "Run every stage in order, skipping the ones already done."),
     "plan": ("cluster.show_plan", "Print the run plan (inputs, storage layout, what each stage will do, problems); starts nothing."),
     "inspect": ("cluster.inspect", "Print a soft-label store's manifest and verify every shard's checksum and row count."),

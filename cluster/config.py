@@ -78,6 +78,27 @@ class DeepSpeedConfig(Section):
     bf16: Literal["auto", "true", "false"] = "auto"
 
 
+class SweepConfig(Section):
+    """``recdistill sweep``: a family of students trained from one soft-label store."""
+
+    fractions: list[float] = Field(default_factory=lambda: [0.2, 0.1, 0.02],
+                                   description="Student sizes as fractions of the teacher's parameters, each in (0, 1).")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    twins: bool = Field(True, description="Also train each student's twin without the teacher (alpha=1).")
+    concurrent: int = Field(2, gt=0, description="Members trained at the same time (each its own Ray Train run).")
+    workers_per_member: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "SweepConfig":
+        bad = [f for f in self.fractions if not 0 < f < 1]
+        if bad or not self.fractions:
+            raise ValueError(f"fractions must be a non-empty list of sizes between 0 and 1 (of the teacher's parameters); "
+                             f"got {bad or self.fractions}: a student at least as large as its teacher saves nothing")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        return self
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -88,14 +109,7 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
-
-    def check_catalog(self, num_items: int) -> None:
-        """Checks that depend on the dataset (known only after prepare)."""
-        if self.precompute.k > num_items:
-            raise ConfigError(f"precompute.k={self.precompute.k} is larger than the catalog ({num_items} items)")
-        for k in self.eval.ks:
-            if k > num_items:
-                raise ConfigError(f"eval.ks contains {k}, larger than the catalog ({num_items} items)")
+    sweep: SweepConfig = SweepConfig()
 
     def with_absolute_paths(self) -> "Config":
         """Local relative paths made absolute, so Ray workers (whose working directory differs) find them."""

@@ -57,7 +57,8 @@ def student_train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
-    """One worker's share of a student's training; ``loop_config = {"config", "baseline", "soft_manifest", "teacher_url"}``."""
+    """One worker's share of a student's training;
+    ``loop_config = {"config", "baseline", "soft_manifest", "teacher_url"[, "out_url"]}``."""
     import torch.distributed as dist
 
     cfg: Config = build_config(loop_config["config"])
@@ -69,7 +70,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     layout = RunLayout(cfg.run.run_dir)
     storage = cfg.data.storage_options
     mcfg, tcfg, dcfg = cfg.student.model, cfg.student.train, cfg.distill
-    out_url = layout.baseline if baseline else layout.student
+    # A sweep member writes its own folder; `distill` the run's student (or baseline) folder.
+    out_url = loop_config.get("out_url") or (layout.baseline if baseline else layout.student)
 
     dataset = load_manifest(layout.data, storage)
     num_items = dataset["num_items"]

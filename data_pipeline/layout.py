@@ -35,6 +35,10 @@ class RunLayout:
         return join_url(self.run_dir, "baseline")
 
     @property
+    def sweep(self) -> str:
+        return join_url(self.run_dir, "sweep")
+
+    @property
     def report(self) -> str:
         return join_url(self.run_dir, "report")
 

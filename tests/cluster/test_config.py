@@ -97,10 +97,16 @@ def test_min_workers_bound():
 
 
 def test_k_larger_than_catalog_is_an_error():
+    from cluster.plan_checks import catalog_problems
+
     cfg = build_config({"precompute": {"k": 500}})
-    with pytest.raises(ConfigError, match="precompute.k=500"):
-        cfg.check_catalog(100)
-    cfg.check_catalog(500)
+    assert [p.message for p in catalog_problems(cfg, 100)] == ["precompute.k=500 is larger than the catalog (100 items)"]
+    assert catalog_problems(cfg, 500) == []
+
+
+def test_sweep_sizes_must_be_smaller_than_the_teacher():
+    with pytest.raises(ConfigError, match="sweep.*fractions must be a non-empty list of sizes between 0 and 1.*got \\[1.5\\]"):
+        build_config({"sweep": {"fractions": [0.1, 1.5]}})
 
 
 def test_overrides_are_typed_and_nested():

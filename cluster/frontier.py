@@ -1,0 +1,133 @@
+"""The frontier of a sweep: test quality against size and serving latency, distilled and twin side by side.
+
+Every member's best export (selected on validation by its own training) is scored on the
+test split, per user, so that each distilled student and its twin (same size, same seed)
+are compared on the same users: the gain carries a paired-bootstrap 95% interval. Also
+the share of the teacher's NDCG@10 each keeps, the latency of a batch of 256 requests, and
+how many epochs the distilled student needed to reach its twin's best validation NDCG@10.
+Writes ``run_dir/sweep/frontier.json``, ``frontier.md`` and ``frontier.png``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cluster.config import Config
+from cluster.models import load_model
+from data_pipeline import fsio
+from data_pipeline.dataset import read_split
+from data_pipeline.exports import check_export_fits_dataset
+from data_pipeline.layout import RunLayout
+from distill.evaluate import latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg
+from distill.metrics import paired_bootstrap_gain
+
+K = 10
+
+
+def _score(url: str, storage: dict, dataset: dict, test, requests: torch.Tensor) -> dict[str, Any]:
+    model, meta = load_model(url, storage)
+    check_export_fits_dataset(meta, dataset, url)
+    scorer = model_scorer(model, meta["model"]["max_len"])
+    per_user = per_user_ndcg(scorer, test, dataset["num_items"], k=K)
+    latency = latency_per_batch(scorer, requests)
+    return {"per_user": per_user, f"ndcg@{K}": float(per_user.mean()), "params": sum(p.numel() for p in model.parameters()),
+            "latency_ms_per_request": latency["p50_ms"] / len(requests), "fingerprint": meta["fingerprint"]}
+
+
+def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
+    """The first epoch whose validation NDCG@10 reaches ``target`` (None: never)."""
+    for record in history:
+        if record[f"val_ndcg@{K}"] >= target:
+            return int(record["epoch"])
+    return None
+
+
+def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
+    """Score every (member, folder) and the teacher; write the frontier files; return the frontier."""
+    storage, layout = cfg.data.storage_options, RunLayout(cfg.run.run_dir)
+    dataset = plan.dataset
+    test = read_split(layout.data, "test", storage, dataset)
+    requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history")))
+    teacher = _score(plan.teacher_url, storage, dataset, test, requests)
+    scored = {m.name: _score(folder, storage, dataset, test, requests) for m, folder in members}
+    histories = {m.name: fsio.read_json(fsio.join(folder, "history.json"), storage)["history"] for m, folder in members}
+
+    rows = []
+    for m, _ in members:
+        if m.baseline:
+            continue
+        kd = scored[m.name]
+        row = {"member": m.name, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
+               "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
+               "kd_latency_ms_per_request": kd["latency_ms_per_request"],
+               "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
+        twin_name = m.name.removesuffix("-kd") + "-twin"
+        if twin_name in scored:
+            twin = scored[twin_name]
+            best_twin = max(h[f"val_ndcg@{K}"] for h in histories[twin_name])
+            row.update({f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
+                        "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
+                        "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin),
+                        "twin_best_val_epoch": 1 + int(np.argmax([h[f"val_ndcg@{K}"] for h in histories[twin_name]]))})
+        rows.append(row)
+    result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
+              "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,
+              "members": {name: {k: v for k, v in s.items() if k != "per_user"} for name, s in scored.items()}}
+    fsio.write_json_atomic(fsio.join(layout.sweep, "frontier.json"), result, storage)
+    fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.md"), format_table(result).encode(), storage)
+    fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.png"), _plot(result), storage)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    t = result["teacher"]
+    lines = [f"frontier ({result['metric']}, {result['users']:,} test users); teacher {t['params']:,} parameters, "
+             f"NDCG@{K} {t[f'ndcg@{K}']:.4f}", "",
+             "| member | share of teacher | params | distilled | twin | gain over twin (95% CI) | keeps of teacher | "
+             "ms/request (distilled) | epochs to twin's best val |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        gain = r.get("gain_over_twin")
+        gain_text = f"{100 * gain['gain']:+.1f}% ({100 * gain['ci95_low']:+.1f}%, {100 * gain['ci95_high']:+.1f}%)" if gain else "-"
+        twin = f"{r[f'twin_ndcg@{K}']:.4f}" if f"twin_ndcg@{K}" in r else "-"
+        reach = "-"
+        if "twin_best_val_epoch" in r:  # epochs the distilled student took to reach the twin's best (twin's own epoch)
+            reached = r["kd_epochs_to_twin_best_val"]
+            reach = f"{'never' if reached is None else reached} (twin: {r['twin_best_val_epoch']})"
+        lines.append(f"| {r['member']} | {100 * r['teacher_share']:.1f}% | {r['params']:,} | {r[f'kd_ndcg@{K}']:.4f} | {twin} | "
+                     f"{gain_text} | {100 * r['kd_keeps_of_teacher']:.0f}% | {r['kd_latency_ms_per_request']:.4f} | {reach} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = result["rows"]
+    for ax, x_kd, x_twin, label in (
+        (axes[0], [r["params"] for r in rows], [r["params"] for r in rows], "parameters (log)"),
+        (axes[1], [r["kd_latency_ms_per_request"] for r in rows], [r.get("twin_latency_ms_per_request") for r in rows],
+         "ms per request (batch of 256, log)"),
+    ):
+        ax.scatter(x_kd, [r[f"kd_ndcg@{K}"] for r in rows], label="distilled", color="tab:blue")
+        twins = [(x, r[f"twin_ndcg@{K}"]) for x, r in zip(x_twin, rows) if f"twin_ndcg@{K}" in r]
+        if twins:
+            ax.scatter(*zip(*twins), label="twin (no teacher)", color="tab:orange", marker="s")
+        ax.axhline(result["teacher"][f"ndcg@{K}"], color="tab:green", linestyle="--", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test NDCG@{K}")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Sweep frontier: distilled students and their twins")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

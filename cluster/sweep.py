@@ -1,0 +1,137 @@
+"""``recdistill sweep``: a family of students from one soft-label store, and the frontier they draw.
+
+The store is computed once; students are cheap. The members are every size in
+``sweep.fractions`` (of the teacher's parameters: the widest model like ``student.model``
+that fits, :func:`distill.sizing.fit_to_budget`) times every seed in ``sweep.seeds``, each
+distilled and (``sweep.twins``) its twin trained without the teacher. Each member is the
+student recipe (:mod:`cluster.distill`'s worker loop) as its own Ray Train run, writing
+``run_dir/sweep/<member>/``; ``sweep.concurrent`` of them run at once, several
+``TorchTrainer`` s under this one driver, each with its own workers.
+
+A member is finished when its ``history.json`` says complete under its own stage
+fingerprint; a rerun (after a crash or a kill of this driver) trains only the others, each
+resuming its own checkpoints. Then :mod:`cluster.frontier` scores them all on the test split.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Optional
+
+from cluster import frontier
+from cluster.common import save_resolved_config
+from cluster.config import Config, ConfigError
+from cluster.plan import RunPlan, build_plan, training_complete
+from data_pipeline import fsio
+from data_pipeline.layout import RunLayout
+from distill.config import ModelConfig
+from distill.sizing import count_parameters, fit_to_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # e.g. "1in10-s0-kd"
+    fraction: float  # of the teacher's parameters
+    seed: int
+    baseline: bool  # the twin: the same student without the teacher
+    model: ModelConfig
+    params: int
+
+
+def size_label(fraction: float) -> str:
+    """0.1 -> "1in10"; a fraction that is not 1/n keeps its digits (0.3 -> "0.3")."""
+    inverse = Fraction(fraction).limit_denominator(1000)
+    return f"1in{inverse.denominator}" if inverse.numerator == 1 else f"{fraction:g}"
+
+
+def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
+    """Every member of the sweep, sized against the teacher; a size no model fits is a ConfigError."""
+    num_items = plan.dataset["num_items"]
+    teacher = plan.teacher.get("params") or count_parameters(ModelConfig.model_validate(plan.teacher["model"]), num_items)
+    members = []
+    for fraction in cfg.sweep.fractions:
+        try:
+            model = fit_to_budget(cfg.student.model, num_items, int(fraction * teacher))
+        except ValueError as exc:
+            raise ConfigError(f"sweep.fractions: {fraction:g} of the teacher's {teacher:,} parameters: {exc}") from None
+        params = count_parameters(model, num_items)
+        for seed in cfg.sweep.seeds:
+            for baseline in ((False, True) if cfg.sweep.twins else (False,)):
+                name = f"{size_label(fraction)}-s{seed}-{'twin' if baseline else 'kd'}"
+                members.append(Member(name, fraction, seed, baseline, model, params))
+    return members
+
+
+def member_config(cfg: Config, member: Member) -> Config:
+    """The run's config as this member trains it: its model, its seed, its workers."""
+    tree = cfg.to_dict()
+    tree["student"]["model"] = member.model.model_dump(mode="json")
+    tree["run"]["seed"] = member.seed
+    tree["scaling"].update(num_workers=cfg.sweep.workers_per_member, min_workers=None)
+    return Config.model_validate(tree)
+
+
+def member_folder(cfg: Config, member: Member) -> str:
+    return fsio.join(RunLayout(cfg.run.run_dir).sweep, member.name)
+
+
+def finished(cfg: Config, plan: RunPlan, member: Member) -> bool:
+    teacher_fp = None if member.baseline else plan.store["teacher_fingerprint"]
+    return training_complete(member_folder(cfg, member), member_config(cfg, member),
+                             "baseline" if member.baseline else "student", teacher_fp)
+
+
+def _train(cfg: Config, plan: RunPlan, member: Member) -> None:
+    from ray.train.torch import TorchTrainer
+
+    from cluster.distill import student_train_loop
+    from cluster.ray_setup import fit, run_config, scaling_config, torch_config
+
+    mcfg = member_config(cfg, member)
+    trainer = TorchTrainer(
+        student_train_loop,
+        train_loop_config={"config": mcfg.to_dict(), "baseline": member.baseline, "teacher_url": plan.teacher_url,
+                           "soft_manifest": None if member.baseline else plan.store, "out_url": member_folder(cfg, member)},
+        scaling_config=scaling_config(mcfg),
+        torch_config=torch_config(mcfg),
+        run_config=run_config(mcfg, name=f"sweep-{member.name}"),
+    )
+    fit(trainer, lambda: finished(cfg, plan, member), mcfg, f"sweep-{member.name}")
+    print(f"sweep: {member.name} finished", flush=True)
+
+
+def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
+    from cluster.ray_setup import Interrupted, ensure_ray, require_resources
+
+    plan = plan or build_plan(cfg)
+    plan.require("distill")  # the store, its teacher and the dataset
+    members = plan_members(cfg, plan)
+    save_resolved_config(cfg)
+    todo = [m for m in members if not finished(cfg, plan, m)]
+    print(f"sweep: {len(members)} members ({len(members) - len(todo)} already finished), {cfg.sweep.concurrent} at a time, "
+          f"{cfg.sweep.workers_per_member} worker(s) each -> {RunLayout(cfg.run.run_dir).sweep}")
+    for m in members:
+        state = "to train" if m in todo else "finished"
+        print(f"  {m.name:<18} {m.params:>12,} parameters  d_model {m.model.d_model:<5} {state}")
+    if todo:
+        ensure_ray(cfg)
+        require_resources(member_config(cfg, todo[0]))
+        pool = ThreadPoolExecutor(max_workers=cfg.sweep.concurrent, thread_name_prefix="sweep-member")
+        futures = [pool.submit(_train, cfg, plan, m) for m in todo]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # the first failure, if any, ends the sweep (finished members are kept)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise Interrupted("interrupted; every finished member is kept, and a rerun trains only the others") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    result = frontier.write(cfg, plan, [(m, member_folder(cfg, m)) for m in members])
+    print(frontier.format_table(result))
+    return result

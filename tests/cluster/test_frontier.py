@@ -1,0 +1,22 @@
+"""The frontier's pure parts: epochs to reach the twin, and the table (no Ray, no models)."""
+
+from cluster.frontier import _epochs_to_reach, format_table
+
+
+def test_epochs_to_reach_the_twins_best_validation():
+    history = [{"epoch": 1, "val_ndcg@10": 0.1}, {"epoch": 2, "val_ndcg@10": 0.25}, {"epoch": 3, "val_ndcg@10": 0.3}]
+    assert _epochs_to_reach(history, 0.25) == 2
+    assert _epochs_to_reach(history, 0.05) == 1
+    assert _epochs_to_reach(history, 0.31) is None
+
+
+def test_the_table_shows_the_gain_with_its_interval_and_never_reached():
+    result = {"metric": "NDCG@10", "users": 400, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": [
+        {"member": "1in10-s0-kd", "teacher_share": 0.1, "params": 2_000, "kd_ndcg@10": 0.36, "twin_ndcg@10": 0.30,
+         "gain_over_twin": {"gain": 0.2, "ci95_low": 0.05, "ci95_high": 0.35}, "kd_keeps_of_teacher": 0.9,
+         "kd_latency_ms_per_request": 0.01, "kd_epochs_to_twin_best_val": None, "twin_best_val_epoch": 4},
+        {"member": "1in5-s0-kd", "teacher_share": 0.2, "params": 4_000, "kd_ndcg@10": 0.38, "kd_keeps_of_teacher": 0.95,
+         "kd_latency_ms_per_request": 0.02}]}
+    table = format_table(result)
+    assert "| 1in10-s0-kd | 10.0% | 2,000 | 0.3600 | 0.3000 | +20.0% (+5.0%, +35.0%) | 90% | 0.0100 | never (twin: 4) |" in table
+    assert "| 1in5-s0-kd | 20.0% | 4,000 | 0.3800 | - | - | 95% | 0.0200 | - |" in table

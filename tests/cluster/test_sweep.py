@@ -1,0 +1,95 @@
+"""``recdistill sweep``: sizes x seeds, each distilled and its twin, from one store; resumable; the frontier."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.config import ConfigError
+from cluster.plan import build_plan
+from cluster.sweep import plan_members, size_label
+from conftest import ROOT, SMALL_RUN, small_config
+from data_pipeline.layout import RunLayout
+from test_distill import STUDENT, make_store
+
+pytestmark = pytest.mark.integration
+
+SWEEP = ["sweep.fractions=[0.3,0.1,0.03]", "sweep.concurrent=2", "student.train.epochs=2", "distill.log_consumed=false",
+         "distill.checkpoint_every_steps=1000"]
+
+
+def test_size_labels():
+    assert [size_label(f) for f in (0.2, 0.1, 0.01, 0.3)] == ["1in5", "1in10", "1in100", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def sweep_store(ray_session, tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("sweep") / "run")
+
+
+def test_members_are_sized_against_the_teacher_and_an_impossible_size_is_refused(sweep_store):
+    cfg = small_config(sweep_store.run.run_dir, *STUDENT, *SWEEP)
+    plan = build_plan(cfg)
+    members = plan_members(cfg, plan)
+    assert [m.name for m in members] == ["0.3-s0-kd", "0.3-s0-twin", "1in10-s0-kd", "1in10-s0-twin",
+                                         "1in33-s0-kd", "1in33-s0-twin"]
+    teacher = plan.teacher["params"]
+    for m in members:
+        assert m.params <= m.fraction * teacher
+    assert members[0].model == members[1].model and members[0].params > members[2].params > members[4].params
+    with pytest.raises(ConfigError, match="sweep.fractions: 0.0001 of the teacher's"):
+        plan_members(small_config(sweep_store.run.run_dir, *STUDENT, "sweep.fractions=[0.0001]"), plan)
+
+
+def _sweep_cmd(run_dir: Path) -> list[str]:
+    overrides = [f"run.run_dir={run_dir}", *SMALL_RUN, *STUDENT, *SWEEP]
+    return [sys.executable, "-m", "cluster.cli", "sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), *overrides]
+
+
+def _complete(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for history in sorted((run_dir / "sweep").glob("*/history.json")):
+        if json.loads(history.read_text()).get("complete"):
+            out[history.parent.name] = history.read_text()
+    return out
+
+
+def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_frontier(sweep_store, tmp_path):
+    run_dir = Path(sweep_store.run.run_dir)
+    driver = subprocess.Popen(_sweep_cmd(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 600
+    while len(_complete(run_dir)) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    family = psutil.Process(driver.pid).children(recursive=True)
+    driver.kill()  # SIGKILL: the driver gets no chance to clean up
+    for proc in family:  # the local Ray it started (its own processes)
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    driver.wait()
+    before = _complete(run_dir)
+    assert 2 <= len(before) < 6, f"{len(before)} members finished before the kill"
+
+    rerun = subprocess.run(_sweep_cmd(run_dir), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({len(before)} already finished)" in rerun.stdout
+    after = _complete(run_dir)
+    assert len(after) == 6
+    assert {name: after[name] for name in before} == before  # the finished ones were not trained again
+
+    sweep_dir = RunLayout(str(run_dir)).sweep
+    frontier = json.loads(Path(sweep_dir, "frontier.json").read_text())
+    assert [r["member"] for r in frontier["rows"]] == ["0.3-s0-kd", "1in10-s0-kd", "1in33-s0-kd"]
+    for row in frontier["rows"]:
+        gain = row["gain_over_twin"]
+        assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == frontier["users"]
+        assert 0 < row["kd_keeps_of_teacher"] and row["params"] <= row["fraction"] * frontier["teacher"]["params"]
+    assert Path(sweep_dir, "frontier.png").stat().st_size > 1000
+    assert "| 1in10-s0-kd |" in Path(sweep_dir, "frontier.md").read_text()
