@@ -16,11 +16,13 @@ from cluster.plan import build_plan
 from cluster.sweep import plan_members, size_label
 from conftest import ROOT, SMALL_RUN, small_config
 from data_pipeline.layout import RunLayout
+from distill.config import ModelConfig
+from distill.sizing import count_parameters
 from test_distill import STUDENT, make_store
 
 pytestmark = pytest.mark.integration
 
-SWEEP = ["sweep.fractions=[0.3,0.1,0.03]", "sweep.concurrent=2", "student.train.epochs=2", "distill.log_consumed=false",
+SWEEP = ["sweep.fractions=[0.3,0.1,0.02]", "sweep.concurrent=2", "student.train.epochs=2", "distill.log_consumed=false",
          "distill.checkpoint_every_steps=1000"]
 
 
@@ -38,8 +40,8 @@ def test_members_are_sized_against_the_teacher_and_an_impossible_size_is_refused
     plan = build_plan(cfg)
     members = plan_members(cfg, plan)
     assert [m.name for m in members] == ["0.3-s0-kd", "0.3-s0-twin", "1in10-s0-kd", "1in10-s0-twin",
-                                         "1in33-s0-kd", "1in33-s0-twin"]
-    teacher = plan.teacher["params"]
+                                         "1in50-s0-kd", "1in50-s0-twin"]
+    teacher = count_parameters(ModelConfig.model_validate(plan.teacher["model"]), plan.dataset["num_items"])
     for m in members:
         assert m.params <= m.fraction * teacher
     assert members[0].model == members[1].model and members[0].params > members[2].params > members[4].params
@@ -86,7 +88,7 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
 
     sweep_dir = RunLayout(str(run_dir)).sweep
     frontier = json.loads(Path(sweep_dir, "frontier.json").read_text())
-    assert [r["member"] for r in frontier["rows"]] == ["0.3-s0-kd", "1in10-s0-kd", "1in33-s0-kd"]
+    assert [r["member"] for r in frontier["rows"]] == ["0.3-s0-kd", "1in10-s0-kd", "1in50-s0-kd"]
     for row in frontier["rows"]:
         gain = row["gain_over_twin"]
         assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == frontier["users"]
