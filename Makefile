@@ -9,7 +9,7 @@ CONFIG     ?= configs/tiny.yaml
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.recdistill-installed
 
-.PHONY: setup run test test-unit test-integration bench clean
+.PHONY: setup run test test-all test-slow test-unit test-integration bench clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,16 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/recdistill pipeline --config $(CONFIG)
 
-## The whole test suite (unit + integration).
+## The test suite (unit + integration) within its 20-minute budget: all but the `slow` scenarios.
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow" --durations=10
+
+## Everything, the slow multi-run scenarios included (~35 min on 2 cores).
+test-all: setup
+	$(BIN)/pytest -q --durations=15
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 test-unit: setup
 	$(BIN)/pytest -q -m "not integration"

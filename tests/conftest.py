@@ -151,3 +151,23 @@ def kill_train_worker_when(condition, killed: list, stop) -> None:
                 except psutil.Error:
                     continue
         time.sleep(0.05)
+
+
+# Scenarios of a minute or more whose behaviour a faster test also covers in part: `make test` leaves
+# them out to stay within the 20-minute budget; `make test-all` (and `make test-slow`) run them.
+SLOW = {
+    "tests/cluster/test_job_submit.py::test_ray_job_submit_runs_the_pipeline",  # ~5 min: a Ray head + `ray job submit`
+    "tests/cluster/test_distill.py::test_elastic_shrink_and_grow_on_a_multi_node_cluster",  # ~3 min
+    "tests/cluster/test_sweep.py::test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_frontier",
+    "tests/cluster/test_other_shapes.py::test_another_shape_through_the_ml1m_config[synthetic-200x5000]",
+    "tests/cluster/test_other_shapes.py::test_another_shape_through_the_ml1m_config[ml100k]",
+    "tests/cluster/test_precompute.py::test_killed_precompute_reruns_to_the_identical_store[s3]",  # [local] stays
+    "tests/cluster/test_distill.py::test_checkpoint_resumes_mid_epoch_at_another_worker_count[2-1]",  # [1-2] stays
+    "tests/cluster/test_teacher.py::test_checkpoint_resumes_at_another_worker_count[2-1]",  # [1-2] stays
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
