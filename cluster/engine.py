@@ -151,13 +151,17 @@ class InProcessContext:
     def device(self, use_gpu: bool) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
-    def restore_checkpoint(self) -> Optional[RestoredCheckpoint]:
+    def _checkpoint_names(self) -> list[str]:
+        """The checkpoints reported so far, oldest first (names are zero-padded counters)."""
         if not os.path.isdir(self.checkpoint_root):
-            return None
-        names = sorted((n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_")), reverse=True)
+            return []
+        return sorted(n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_"))
+
+    def restore_checkpoint(self) -> Optional[RestoredCheckpoint]:
+        names = self._checkpoint_names()
         if not names:
             return None
-        paths = [os.path.join(self.checkpoint_root, n) for n in names]
+        paths = [os.path.join(self.checkpoint_root, n) for n in reversed(names)]
         return restore_first_intact([(p, lambda local, p=p: shutil.copytree(p, local, dirs_exist_ok=True)) for p in paths],
                                     self.rank)
 
@@ -166,8 +170,7 @@ class InProcessContext:
         if checkpoint_dir:
             checkpoint_integrity.seal(checkpoint_dir, self.rank)
         if checkpoint_dir and self.rank == 0:
-            names = [n for n in os.listdir(self.checkpoint_root) if n.startswith("checkpoint_")] if os.path.isdir(self.checkpoint_root) else []
-            target = os.path.join(self.checkpoint_root, f"checkpoint_{len(names):06d}")
+            target = os.path.join(self.checkpoint_root, f"checkpoint_{len(self._checkpoint_names()):06d}")
             shutil.copytree(checkpoint_dir, target)
             entry["checkpoint"] = target
         self.reports.append(entry)

@@ -88,9 +88,9 @@ def fit(trainer: Any, finished: Callable[[], bool], cfg: Config, name: str) -> A
 def _committed(cfg: Config, name: str) -> str:
     if name == "precompute":
         return "interrupted; every committed soft-label shard is kept, and the next run computes only the others"
-    folder = f"{cfg.run.run_dir.rstrip('/')}/ray/{name}"
+    folder = fsio.join(cfg.run.run_dir, "ray", name)
     try:
-        snapshot = fsio.read_json(f"{folder}/checkpoint_manager_snapshot.json", cfg.data.storage_options)
+        snapshot = fsio.read_json(fsio.join(folder, "checkpoint_manager_snapshot.json"), cfg.data.storage_options)
         metrics = [r["metrics"] for r in snapshot.get("checkpoint_results", [])]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         metrics = []

@@ -26,7 +26,7 @@ def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str,
     """One line: how much of the teacher's NDCG@k the student keeps, at what size, against the baseline.
     ``unavailable``: model -> why it was not scored ("not trained yet" or "damaged: ...")."""
     unavailable = unavailable or {}
-    damaged = [LABELS[name] for name, why in unavailable.items() if why.startswith("damaged") and name in LABELS]
+    damaged = [LABELS[name] for name in damaged_names(unavailable) if name in LABELS]
     teacher, student, baseline = models.get("teacher"), models.get("student_kd"), models.get("student_baseline")
     if damaged and not (teacher and student):
         return f"the {' and the '.join(damaged)} export is damaged (weights do not match their fingerprint): no verdict"
@@ -46,6 +46,7 @@ def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str,
 
 
 def damaged_names(unavailable: dict[str, str]) -> list[str]:
+    """The models evaluate found present but damaged (not merely not trained yet)."""
     return [name for name, why in unavailable.items() if why.startswith("damaged")]
 
 

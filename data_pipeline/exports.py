@@ -43,6 +43,15 @@ def _fingerprint(weights: bytes, model_cfg: dict[str, Any], num_items: int) -> s
     return h.hexdigest()
 
 
+def _missing_weights(url: str) -> ExportError:
+    return ExportError(f"export {url} is damaged: it has {META} but no {WEIGHTS}")
+
+
+def _fingerprint_mismatch(url: str, meta: dict[str, Any]) -> ExportError:
+    return ExportError(f"export {url} is damaged: {WEIGHTS} does not match the fingerprint recorded in {META} "
+                       f"({meta['fingerprint'][:12]}…)")
+
+
 def check_export_fits_dataset(meta: dict[str, Any], dataset_manifest: dict[str, Any], url: str) -> None:
     """Refuse an export that scores another catalog or was trained on another dataset (it would rank the wrong items).
 
@@ -68,11 +77,10 @@ def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) ->
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     except FileNotFoundError:
-        raise ExportError(f"export {url} is damaged: it has {META} but no {WEIGHTS}") from None
+        raise _missing_weights(url) from None
     h.update(json.dumps({"model": meta["model"], "num_items": meta["num_items"]}, sort_keys=True).encode())
     if h.hexdigest() != meta["fingerprint"]:
-        raise ExportError(f"export {url} is damaged: {WEIGHTS} does not match the fingerprint recorded in {META} "
-                          f"({meta['fingerprint'][:12]}…)")
+        raise _fingerprint_mismatch(url, meta)
     return meta
 
 
@@ -123,10 +131,9 @@ def load_export(
     try:
         weights = fs.cat_file(path)
     except FileNotFoundError:
-        raise ExportError(f"export {url} is damaged: it has {META} but no {WEIGHTS}") from None
+        raise _missing_weights(url) from None
     if verify and _fingerprint(weights, meta["model"], meta["num_items"]) != meta["fingerprint"]:
-        raise ExportError(f"export {url} is damaged: {WEIGHTS} does not match the fingerprint recorded in {META} "
-                          f"({meta['fingerprint'][:12]}…)")
+        raise _fingerprint_mismatch(url, meta)
     return load_safetensors(weights), meta
 
 
