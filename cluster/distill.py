@@ -32,18 +32,18 @@ from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import select_runtime
-from cluster.student_batches import batch_from_dataset, batch_from_store, training_blocks
+from cluster.student_batches import batch_from_dataset, batch_from_store, student_source, training_blocks
 from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.exports import read_export_meta, read_export_tensor
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, prefetch_iter
-from distill.losses import distillation_loss
+from distill.losses import distillation_terms
 from distill.model import PAD_ID, SequentialRecommender
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
-from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio, seed_step
+from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio, mixed_loss, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
         init_item_table_from_teacher(model, read_export_tensor(loop_config["teacher_url"], "item_emb.weight", storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
-    stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(cfg, "student", soft_manifest["teacher_fingerprint"])
+    stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(
+        cfg, "student", student_source(soft_manifest["teacher_fingerprint"], cfg, soft_manifest))
     state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
              "stage_fingerprint": stage_fp}
     if restored is not None:
@@ -150,19 +151,15 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             targets = batch.targets[batch.inputs != PAD_ID].to(device)
             soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None
             alpha = 1.0 if baseline else dcfg.alpha
-            loss_sum, count, _ = distillation_loss(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, **kd_options)
-            global_count = torch.as_tensor(float(count), device=device)
-            if world > 1:
-                dist.all_reduce(global_count)
-            # Sum over the global batch / its size; DDP averages gradients over ranks, hence * world.
-            loss = loss_sum * world / global_count.clamp(min=1.0)
+            terms = distillation_terms(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, batch.augmented, **kd_options)
+            loss, local_loss = mixed_loss(terms, alpha, world, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             set_lr(epoch, step)
             optimizer.step()
-            losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
+            losses.append(local_loss)
             if dcfg.log_consumed:
                 _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
             state["step"] = step + 1
@@ -253,7 +250,7 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
         run_config=run_config(cfg, name="baseline" if baseline else "student"),
     )
     out = layout.baseline if baseline else layout.student
-    teacher_fp = None if baseline else plan.store["teacher_fingerprint"]
+    teacher_fp = None if baseline else student_source(plan.store["teacher_fingerprint"], cfg, plan.store)
     role = "baseline" if baseline else "student"
     fit(trainer, lambda: training_complete(out, cfg, role, teacher_fp), cfg, role)
     meta = read_export_meta(out, cfg.data.storage_options)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 
 from cluster.common import teacher_url
 from cluster.config import Config, stage_fingerprint
+from cluster.student_batches import augmentation_in_use, student_source
 from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, size_warnings
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
@@ -260,6 +261,9 @@ class _Planner:
         pcfg, spec = self.cfg.precompute, self.store.get("spec", {})
         wanted = {"k": pcfg.k, "value_dtype": pcfg.dtype, "num_sampled": pcfg.num_sampled}
         differs = {key: (spec.get(key), value) for key, value in wanted.items() if spec.get(key) != value}
+        written = (self.store.get("augmentation") or {}).get("settings")
+        if written != pcfg.augment.settings():
+            differs["augmentation"] = (written, pcfg.augment.settings())
         if differs:
             what = ", ".join(f"{key} {theirs} (config: {ours})" for key, (theirs, ours) in differs.items())
             raise soft_labels.SoftLabelError(f"soft labels at {self.paths.soft_labels} hold other labels: {what}; run precompute again")
@@ -297,6 +301,9 @@ class _Planner:
             return
         rows_per_shard = explicit_rows or block_layout.choose_store_rows_per_shard(n)
         shard_rows = block_layout.shard_sizes(n, rows_per_shard)
+        augmented = round(cfg.precompute.augment.ratio * n)  # augmented rows come in shards of their own
+        if augmented and augmentation_in_use(cfg, None) is not None:
+            shard_rows = shard_rows + block_layout.shard_sizes(augmented, rows_per_shard)
         group = explicit_group or block_layout.choose_row_group_size(
             shard_rows, cfg.distill.num_virtual_shards, cfg.student.train.batch_size, cfg.run.seed)
         self.layout.store_rows_per_shard, self.layout.store_row_group_size = rows_per_shard, group
@@ -316,7 +323,7 @@ class _Planner:
         folder = paths.baseline if baseline else paths.student
         reads = {"dataset": paths.data} if baseline else {"store": paths.soft_labels, "teacher": self.teacher_url}
         workers = str(cfg.scaling.num_workers) if cfg.scaling.min_workers is None else f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} (elastic)"
-        teacher_fp = None if baseline or not self.teacher else self.teacher["fingerprint"]
+        teacher_fp = None if baseline or not self.teacher else student_source(self.teacher["fingerprint"], cfg, self.store)
         # The distilled student's fingerprint includes its teacher's: checked against the export there now
         # (a pipeline that trains a new teacher checks again when it re-plans after train-teacher).
         knowable = baseline or self.teacher is not None
@@ -337,6 +344,11 @@ class _Planner:
                 self.problem(name, f"{folder} holds a student trained on dataset {trained_on[:12]}…, this run's is "
                                    f"{self.dataset['fingerprint'][:12]}…: delete {folder} and "
                                    f"{fsio.join(cfg.run.run_dir, 'ray', 'baseline' if baseline else 'student')} to train it again")
+        if not baseline and cfg.distill.augmented == "use" and augmentation_in_use(cfg, self.store) is None:
+            where = (f"the soft-label store at {paths.soft_labels} has no augmented rows" if self.store is not None
+                     else "precompute.augment.ratio is 0, so the store will have no augmented rows")
+            self.problem(name, f"distill.augmented=use, but {where}: set precompute.augment.ratio > 0 (and run precompute "
+                               "again), or distill.augmented=auto")
         if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
             self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
 

@@ -2,7 +2,9 @@
 labels every training position once; soft labels go to ``run_dir/soft_labels``.
 
 Work is planned in *shards* of consecutive training sequences (``precompute.rows_per_shard``
-sequences each), so shard boundaries never depend on the worker count. Worker r
+sequences each), so shard boundaries never depend on the worker count. With teacher-labelled
+augmentation (``precompute.augment``) perturbed copies of the sequences follow, in shards of
+their own, labelled at every position and marked as augmented (no hard target). Worker r
 of W takes the not-yet-committed shards ``r::W``. The teacher is hosted under
 ZeRO-3, so all workers run their forwards in lockstep (a worker with nothing
 left runs a one-row dummy forward). A writer thread encodes and uploads each
@@ -35,6 +37,7 @@ from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
 from cluster.teacher_hosting import ShardedTeacher
 from data_pipeline import fsio
+from data_pipeline.augment import augment_sequences
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.exports import check_export_fits_dataset, verify_export
@@ -47,21 +50,58 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardPlan:
-    """The sequences of one shard and where its positions sit in the global example order."""
+    """The rows of one shard and where their positions sit in the global example order."""
 
     index: int
-    seq_indices: np.ndarray  # (R,) into the global sequence list
-    example_start: np.ndarray  # (R,) global id of each sequence's first position
+    seq_indices: np.ndarray  # (R,) into the global row list
+    example_start: np.ndarray  # (R,) global id of each row's first position
 
 
-def plan_shards(sequences: list[np.ndarray], rows_per_shard: int) -> list[ShardPlan]:
-    """Consecutive runs of ``rows_per_shard`` sequences; example ids count positions in sequence order."""
-    positions = np.array([len(s) - 1 for s in sequences], dtype=np.int64)
+@dataclass
+class LabelRows:
+    """What the teacher labels, one row per store row: the training sequences, then any augmented rows.
+
+    A training sequence ``s`` gives inputs ``s[:-1]`` and targets ``s[1:]``; an augmented row
+    ``a`` (teacher-labelled augmentation) gives inputs ``a`` and no targets (zeros): the
+    teacher labels every position of it, the last one included.
+    """
+
+    users: np.ndarray  # (R,)
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+    num_real: int  # rows 0..num_real-1 are training sequences, the rest augmented
+    augmented_rows: bool  # the store has the augmented column (augmentation on, even if it made 0 rows)
+
+    @property
+    def augmented(self) -> Optional[np.ndarray]:
+        return (np.arange(len(self.inputs)) >= self.num_real) if self.augmented_rows else None
+
+
+def label_rows(users: np.ndarray, sequences: list[np.ndarray], augment, num_items: int, seed: int, max_len: int) -> LabelRows:
+    """The training sequences, plus ``augment.ratio`` perturbed copies per sequence when augmentation is on."""
+    inputs, targets = [s[:-1] for s in sequences], [s[1:] for s in sequences]
+    if augment.ratio == 0:
+        return LabelRows(users, inputs, targets, len(sequences), False)
+    sources, rows = augment_sequences(sequences, num_items, round(augment.ratio * len(sequences)), augment.ops,
+                                      augment.rate, seed, max_len)
+    return LabelRows(np.concatenate([users, users[sources]]), inputs + rows,
+                     targets + [np.zeros(len(a), np.int64) for a in rows], len(sequences), True)
+
+
+def plan_shards(positions: np.ndarray, rows_per_shard: int, num_real: Optional[int] = None) -> list[ShardPlan]:
+    """Consecutive runs of ``rows_per_shard`` rows; example ids count positions in row order.
+
+    ``positions`` (R,): positions per row. Rows from ``num_real`` on (augmented) start shards of
+    their own, so a shard is either all training sequences or all augmented rows.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(positions)[:-1]]) if len(positions) else positions
+    num_real = len(positions) if num_real is None else num_real
     plans = []
-    for index, begin in enumerate(range(0, len(sequences), rows_per_shard)):
-        rows = np.arange(begin, min(begin + rows_per_shard, len(sequences)))
-        plans.append(ShardPlan(index, rows, starts[rows]))
+    for first, end in ((0, num_real), (num_real, len(positions))):
+        for begin in range(first, end, rows_per_shard):
+            rows = np.arange(begin, min(begin + rows_per_shard, end))
+            plans.append(ShardPlan(len(plans), rows, starts[rows]))
     return plans
 
 
@@ -126,10 +166,10 @@ class ShardWriter:
         self.thread = threading.Thread(target=self._run, name="soft-label-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> None:
+    def submit(self, shard: _ShardBuffer, rows: LabelRows) -> None:
         if self.error:
             raise self.error
-        self.queue.put((shard, users, sequences))
+        self.queue.put((shard, rows))
 
     def close(self) -> list[dict]:
         self.queue.put(None)
@@ -150,7 +190,7 @@ class ShardWriter:
             except BaseException as exc:  # surfaced on the main thread
                 self.error = exc
 
-    def _write(self, shard: _ShardBuffer, users: np.ndarray, sequences: list[np.ndarray]) -> dict:
+    def _write(self, shard: _ShardBuffer, label: LabelRows) -> dict:
         rows = shard.plan.seq_indices
         outs = [o for _, o in shard.batches]
         cat = lambda name: [a for o in outs for a in getattr(o, name)]  # noqa: E731
@@ -160,23 +200,23 @@ class ShardWriter:
         table = store.encode_rows(
             self.spec,
             seq_index=rows,
-            users=users[rows],
+            users=label.users[rows],
             example_start=shard.plan.example_start,
-            inputs=[sequences[i][:-1] for i in rows],
-            targets=[sequences[i][1:] for i in rows],
+            inputs=[label.inputs[i] for i in rows],
+            targets=[label.targets[i] for i in rows],
             topk_ids=cat("topk_ids"),
             topk_logits=cat("topk_logits"),
             lse=cat("lse"),
             sampled=sampled,
             shard_name=store.shard_name(shard.plan.index),
+            augmented=None if label.augmented is None else label.augmented[rows],
         )
         return store.write_shard(self.store_url, shard.plan.index, table, self.provenance, self.row_group_size, self.storage_options)
 
 
 def run_precompute(
     teacher,
-    users: np.ndarray,
-    sequences: list[np.ndarray],
+    rows: LabelRows,
     plans: list[ShardPlan],
     todo: list[int],
     spec: store.StoreSpec,
@@ -216,19 +256,19 @@ def run_precompute(
             if current is None or current.plan.index != j:
                 current = _ShardBuffer(plans[j])
                 generator = torch.Generator().manual_seed(shard_seed(seed, j))
-            rows = plans[j].seq_indices[begin : begin + batch_size]
-            inputs = left_pad([sequences[i][:-1] for i in rows], max(len(sequences[i]) - 1 for i in rows))
+            batch_rows = plans[j].seq_indices[begin : begin + batch_size]
+            inputs = left_pad([rows.inputs[i] for i in batch_rows], max(len(rows.inputs[i]) for i in batch_rows))
             logits = teacher.logits_all(inputs).cpu()
             if forward_only:
                 continue
             outputs = teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)
             if labels_only:
                 continue
-            current.batches.append((rows, outputs))
+            current.batches.append((batch_rows, outputs))
             if progress is not None:
                 progress(int((inputs != 0).sum()))
             if begin + batch_size >= len(plans[j].seq_indices):
-                writer.submit(current, users, sequences)
+                writer.submit(current, rows)
                 current = None
     finally:
         records = writer.close()
@@ -262,32 +302,36 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     teacher = ShardedTeacher(teacher_url, storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16, device=ctx.device(runtime.use_gpu))
     check_export_fits_dataset(teacher.meta, manifest, teacher_url)
     users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
+    rows = label_rows(users, sequences, pcfg.augment, manifest["num_items"], cfg.run.seed, teacher.model_cfg.max_len)
+    positions = np.fromiter(map(len, rows.inputs), dtype=np.int64, count=len(rows.inputs))
     # The store's layout was decided by the run plan (cluster.plan), from the counts, before any worker started.
     rows_per_shard, row_group_size = loop_config["rows_per_shard"], loop_config["row_group_size"]
-    plans = plan_shards(sequences, rows_per_shard)
-    spec = store.StoreSpec(
-        num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled, max_len=teacher.model_cfg.max_len
-    )
+    plans = plan_shards(positions, rows_per_shard, rows.num_real)
+    spec = store.StoreSpec(num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled,
+                           max_len=teacher.model_cfg.max_len, augmented_rows=rows.augmented_rows)
     # The sampling seed decides stored values, and the layout which rows a shard holds: a reusable
-    # shard must match both.
+    # shard must match both (and the augmentation settings, which decide the augmented rows).
     provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed,
                   "layout": {"rows_per_shard": rows_per_shard, "row_group_size": row_group_size}}
+    if pcfg.augment.settings() is not None:
+        provenance["augmentation"] = pcfg.augment.settings()
     done = {} if benchmark_only else store.committed_shards(layout.soft_labels, provenance, storage)
     todo = [p.index for p in plans if p.index not in done]
     if todo and not benchmark_only:
         if rank == 0:
             store.remove_manifest(layout.soft_labels, storage)  # uncommit before any shard changes
         dist.barrier()
-    total_positions = sum(len(sequences[i]) - 1 for j in todo for i in plans[j].seq_indices)
-    my_positions = sum(len(sequences[i]) - 1 for j in assign_shards(todo, rank, world) for i in plans[j].seq_indices)
+    total_positions = int(sum(positions[plans[j].seq_indices].sum() for j in todo))
+    my_positions = int(sum(positions[plans[j].seq_indices].sum() for j in assign_shards(todo, rank, world)))
     if rank == 0:
-        log.info("precompute: %d shards, %d already committed, %d positions to go on %d workers", len(plans), len(done), total_positions, world)
+        log.info("precompute: %d shards (%d rows, %d of them augmented), %d already committed, %d positions to go on %d workers",
+                 len(plans), len(positions), len(positions) - rows.num_real, len(done), total_positions, world)
 
     started = time.perf_counter()
     # Rank 0 shows its own share; the others run at the same pace (lockstep).
     bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
     run_precompute(
-        teacher, users, sequences, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
+        teacher, rows, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
         rank, world, row_group_size, storage, progress=bar.update,
         forward_only=forward_only, labels_only=labels_only,
     )
@@ -295,11 +339,14 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     dist.barrier()  # every shard is committed before the manifest
     if rank == 0 and not benchmark_only:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
-        positions = sum(len(s) - 1 for s in sequences)
+        augmentation = None
+        if rows.augmented_rows:
+            augmentation = {"settings": pcfg.augment.settings(), "first_seq": rows.num_real,
+                            "rows": len(positions) - rows.num_real, "positions": int(positions[rows.num_real:].sum())}
         store.write_manifest(
-            layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(sequences), positions,
+            layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(positions), int(positions.sum()),
             extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
-            storage_options=storage,
+            storage_options=storage, augmentation=augmentation,
         )
     metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only}
     # Ray Train V2 surfaces metrics of checkpointed reports only, so rank 0 attaches a tiny one.

@@ -7,6 +7,8 @@ are vectorised (no per-row Python): they run on the prefetch thread beside the s
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,13 +30,16 @@ class StudentBatch:
 
     inputs/targets: (B, L) left-padded; ``soft``: per-position teacher labels aligned
     with the real (non-padding) positions of ``inputs`` in row-major order; ``rows``:
-    an identifier per row (for the consumed-rows audit log).
+    an identifier per row (for the consumed-rows audit log); ``augmented``: (P,) bool
+    aligned like ``soft``, True at positions of teacher-labelled augmented rows (KD only),
+    or None when the store has none.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     soft: Optional[dict[str, torch.Tensor]]
     rows: list[int]
+    augmented: Optional[torch.Tensor] = None
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -43,25 +48,50 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy()
 
 
-def _padded(values: np.ndarray, offsets: np.ndarray, max_len: int) -> torch.Tensor:
+def _padded(values: np.ndarray, offsets: np.ndarray, max_len: int, allow_zero: bool = False) -> torch.Tensor:
     # A worker with no rows this step still runs a forward (DDP all-reduces in backward): one padding row.
     width = int(min(np.diff(offsets).max(initial=0), max_len)) or 1
-    return torch.from_numpy(left_pad_flat(values, offsets, width) if len(offsets) > 1 else np.zeros((1, width), np.int64))
+    return torch.from_numpy(left_pad_flat(values, offsets, width, allow_zero) if len(offsets) > 1 else np.zeros((1, width), np.int64))
 
 
 def _row_ids(table: pa.Table, name: str) -> list[int]:
     return table.column(name).to_numpy().tolist() if table.num_rows else []
 
 
+def augmentation_in_use(cfg: Config, store: Optional[dict]) -> Optional[dict]:
+    """The augmentation settings the distilled student trains with, or None.
+
+    The store's (or, before it is written, what ``precompute.augment`` will write), unless
+    ``distill.augmented=skip``. ``distill.augmented=use`` with none is refused by the run plan.
+    """
+    if cfg.distill.augmented == "skip":
+        return None
+    if store is None:
+        return cfg.precompute.augment.settings()
+    return (store.get("augmentation") or {}).get("settings")
+
+
+def student_source(teacher_fingerprint: str, cfg: Config, store: Optional[dict]) -> str:
+    """What a distilled student learns from, for its stage fingerprint: the teacher, and the
+    augmentation settings when it trains on augmented rows (other rows, another student)."""
+    augmentation = augmentation_in_use(cfg, store)
+    if augmentation is None:
+        return teacher_fingerprint
+    return f"{teacher_fingerprint}+augmented:{hashlib.sha256(json.dumps(augmentation, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -> tuple[list[BlockRef], Optional[list[str]]]:
-    """The student's training row groups and the columns to read: the soft-label store's,
-    or (``soft_manifest`` None: the baseline) the dataset's training split."""
+    """The student's training row groups and the columns to read: the soft-label store's
+    (its augmented shards only when :func:`augmentation_in_use`), or (``soft_manifest``
+    None: the baseline) the dataset's training split."""
     layout, storage = RunLayout(cfg.run.run_dir), cfg.data.storage_options
     if soft_manifest is None:
         split = dataset["splits"]["train"]
         files = [fsio.join(layout.data, f) for f in split["files"]]
         return list_blocks(files, storage, split["rows"], split.get("bytes")), ["user", "items"]
     shards = soft_manifest["shards"]
+    if soft_manifest.get("augmentation") and augmentation_in_use(cfg, soft_manifest) is None:
+        shards = [s for s in shards if s["last_seq"] < soft_manifest["augmentation"]["first_seq"]]
     files = [fsio.join(layout.soft_labels, s["file"]) for s in shards]
 
     def same_store(file: str, footer) -> None:  # each shard's own provenance: no shard of another teacher
@@ -85,8 +115,9 @@ def batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> St
         row_of = np.repeat(np.arange(len(lengths)), lengths)
         keep = torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])
         soft = {name: t[keep] for name, t in soft.items()}
-    return StudentBatch(inputs=_padded(*inputs, max_len), targets=_padded(*targets, max_len), soft=soft,
-                        rows=_row_ids(table, "seq_index"))
+    augmented = soft.pop("augmented", None)
+    return StudentBatch(inputs=_padded(*inputs, max_len), targets=_padded(*targets, max_len, augmented is not None),
+                        soft=soft, rows=_row_ids(table, "seq_index"), augmented=augmented)
 
 
 def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:

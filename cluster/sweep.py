@@ -25,6 +25,7 @@ from cluster import frontier
 from cluster.common import save_resolved_config
 from cluster.config import Config, ConfigError
 from cluster.plan import RunPlan, build_plan, training_complete
+from cluster.student_batches import augmentation_in_use, student_source
 from data_pipeline import fsio
 from data_pipeline.layout import RunLayout
 from distill.config import ModelConfig
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Member:
-    name: str  # e.g. "1in10-s0-kd"
+    name: str  # e.g. "1in10-s0-kd"; "-kdaug" when trained on teacher-labelled augmented rows too
     fraction: float  # of the teacher's parameters
     seed: int
     baseline: bool  # the twin: the same student without the teacher
@@ -53,6 +54,7 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
     """Every member of the sweep, sized against the teacher; a size no model fits is a ConfigError."""
     num_items = plan.dataset["num_items"]
     teacher = plan.teacher.get("params") or count_parameters(ModelConfig.model_validate(plan.teacher["model"]), num_items)
+    augmented = augmentation_in_use(cfg, plan.store) is not None  # the distilled members train on augmented rows
     members = []
     for fraction in cfg.sweep.fractions:
         try:
@@ -62,7 +64,8 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
         params = count_parameters(model, num_items)
         for seed in cfg.sweep.seeds:
             for baseline in ((False, True) if cfg.sweep.twins else (False,)):
-                name = f"{size_label(fraction)}-s{seed}-{'twin' if baseline else 'kd'}"
+                kind = "twin" if baseline else "kdaug" if augmented else "kd"
+                name = f"{size_label(fraction)}-s{seed}-{kind}"
                 members.append(Member(name, fraction, seed, baseline, model, params))
     return members
 
@@ -81,7 +84,7 @@ def member_folder(cfg: Config, member: Member) -> str:
 
 
 def finished(cfg: Config, plan: RunPlan, member: Member) -> bool:
-    teacher_fp = None if member.baseline else plan.store["teacher_fingerprint"]
+    teacher_fp = None if member.baseline else student_source(plan.store["teacher_fingerprint"], cfg, plan.store)
     return training_complete(member_folder(cfg, member), member_config(cfg, member),
                              "baseline" if member.baseline else "student", teacher_fp)
 

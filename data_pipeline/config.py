@@ -66,6 +66,35 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+AUGMENT_OPS = ("crop", "mask", "reorder", "substitute")
+
+
+class AugmentConfig(Section):
+    """Teacher-labelled augmentation: perturbed copies of training sequences, labelled by the teacher.
+
+    Each augmented row is one training sequence changed by one of ``ops`` (picked at random):
+    ``crop`` keeps a random contiguous window; ``mask`` drops a share ``rate`` of its items (the
+    model has no mask token); ``reorder`` shuffles a random window of ``rate`` of its length;
+    ``substitute`` replaces a share ``rate`` of its items by items drawn by training popularity.
+    The rows carry the teacher's labels at every position and no hard target.
+    """
+
+    ratio: float = Field(0.0, ge=0, le=16, description="Augmented rows per training sequence (0 = off).")
+    ops: list[Literal["crop", "mask", "reorder", "substitute"]] = Field(
+        default_factory=lambda: list(AUGMENT_OPS), description="Perturbations, each row gets one at random.")
+    rate: float = Field(0.3, gt=0, lt=1, description="Share of a sequence that mask/reorder/substitute change; crop keeps 1 - rate..1.")
+
+    @model_validator(mode="after")
+    def _ops(self) -> "AugmentConfig":
+        if not self.ops:
+            raise ValueError(f"ops must list at least one of {', '.join(AUGMENT_OPS)}")
+        return self
+
+    def settings(self) -> Optional[dict[str, Any]]:
+        """What the store records (and its fingerprint covers); None when off."""
+        return None if self.ratio == 0 else {"ratio": self.ratio, "ops": sorted(set(self.ops)), "rate": self.rate}
+
+
 class PrecomputeConfig(Section):
     k: int = Field(64, gt=0, description="Top-k ids and logits stored per position.")
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
@@ -77,3 +106,4 @@ class PrecomputeConfig(Section):
         None, gt=0, description="Sequences per row group (the streaming reader's block); null = derived by the run plan."
     )
     batch_size: int = Field(32, gt=0, description="Sequences per teacher forward (memory: batch x max_len x catalog floats).")
+    augment: AugmentConfig = AugmentConfig()

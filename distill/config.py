@@ -91,6 +91,9 @@ class DistillConfig(Section):
     prefetch_blocks: int = Field(3, gt=0)
     checkpoint_every_steps: int = Field(50, gt=0, description="Mid-epoch checkpoints (plus one at every epoch end).")
     log_consumed: bool = Field(False, description="Audit log of the rows each step consumed (student/consumed/).")
+    augmented: Literal["auto", "use", "skip"] = Field(
+        "auto", description="The store's teacher-labelled augmented rows: auto = train on them when the store has them; "
+                            "use = require them (refused if the store has none); skip = real rows only.")
     init_from_teacher: bool = Field(
         False, description="Start the distilled student's item table from the teacher's top principal item directions."
     )

@@ -58,6 +58,7 @@ from distill.model import PAD_ID
 __all__ = [
     "KINDS",
     "distillation_loss",
+    "distillation_terms",
     "hard_label_ce",
     "jsd_topk",
     "kl_sampled",
@@ -131,6 +132,58 @@ _KD: dict[str, tuple[tuple[str, ...], Callable[..., tuple[Tensor, Tensor]]]] = {
 assert tuple(_KD) == KINDS
 
 
+def distillation_terms(
+    kind: str,
+    alpha: float,
+    temperature: float,
+    student_logits: Tensor,
+    targets: Tensor,
+    soft: Optional[Mapping[str, Tensor]],
+    augmented: Optional[Tensor] = None,
+    **kd_options,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The hard-label and KD terms apart, each as ``(sum, count)`` over the positions it covers.
+
+    Arguments as :func:`distillation_loss`, plus ``augmented`` (P,) bool or None: positions
+    of teacher-labelled augmented rows. The KD term covers them; the hard-label term never
+    does, whatever their targets hold. Other positions count for both terms when their
+    target is not 0. Returns ``{"hard": (sum, count)}`` when alpha > 0 and ``{"kd": (sum,
+    count)}`` when alpha < 1: the caller normalises each sum by its own global count and
+    mixes ``alpha * hard + (1 - alpha) * kd``.
+    """
+    if kind not in _KD:
+        raise ValueError(f"unknown distillation loss {kind!r}; valid kinds: {', '.join(KINDS)}")
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    T = _check_temperature(temperature)
+    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"expected student_logits (P, C) and targets (P,), got {tuple(student_logits.shape)} and {tuple(targets.shape)}"
+        )
+    has_target = targets != PAD_ID
+    if augmented is not None:
+        if augmented.shape != targets.shape:
+            raise ValueError(f"augmented must be (P,) = {tuple(targets.shape)}, got {tuple(augmented.shape)}")
+        augmented = augmented.to(device=targets.device, dtype=torch.bool)
+    terms: dict[str, tuple[Tensor, Tensor]] = {}
+    if alpha > 0.0:
+        hard_rows = has_target if augmented is None else has_target & ~augmented
+        hard, count = hard_label_ce(student_logits[hard_rows], targets[hard_rows])
+        terms["hard"] = (hard, count)
+    if alpha < 1.0:
+        needed, fn = _KD[kind]
+        missing = [name for name in needed if soft is None or name not in soft]
+        if missing:
+            have = sorted(soft) if soft else []
+            raise ValueError(f"distillation loss {kind!r} needs soft labels {missing}; got {have}")
+        kd_rows = has_target if augmented is None else has_target | augmented
+        rows = {name: t[kd_rows.to(t.device)] for name, t in soft.items() if name in needed or name == "lse"}
+        kd, _ = fn(student_logits[kd_rows], rows, T, kd_options)
+        terms["kd"] = (kd, kd_rows.sum())
+    return terms
+
+
 def distillation_loss(
     kind: str,
     alpha: float,
@@ -163,36 +216,14 @@ def distillation_loss(
         ``(loss_sum, count, parts)``: the mixed sum, the number of positions with a
         target, and the detached unweighted sums of the computed terms,
         ``parts["hard"]`` (if alpha > 0) and ``parts["kd"]`` (if alpha < 1). Normalise
-        all three by the global count.
+        all three by the global count. (Both terms cover the same positions here; with
+        augmented rows they do not: use :func:`distillation_terms`.)
     """
-    if kind not in _KD:
-        raise ValueError(f"unknown distillation loss {kind!r}; valid kinds: {', '.join(KINDS)}")
+    terms = distillation_terms(kind, alpha, temperature, student_logits, targets, soft, **kd_options)
     alpha = float(alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    T = _check_temperature(temperature)
-    if student_logits.dim() != 2 or targets.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"expected student_logits (P, C) and targets (P,), got {tuple(student_logits.shape)} and {tuple(targets.shape)}"
-        )
-    keep = targets != PAD_ID
-    count = keep.sum()
-    s = student_logits[keep]  # select once; the terms below then see only kept rows
-    parts: dict[str, Tensor] = {}
-    terms = []
-    if alpha > 0.0:
-        hard, _ = hard_label_ce(s, targets[keep])
-        parts["hard"] = hard.detach()
-        terms.append(hard if alpha == 1.0 else alpha * hard)
-    if alpha < 1.0:
-        needed, fn = _KD[kind]
-        missing = [name for name in needed if soft is None or name not in soft]
-        if missing:
-            have = sorted(soft) if soft else []
-            raise ValueError(f"distillation loss {kind!r} needs soft labels {missing}; got {have}")
-        rows = {name: t[keep.to(t.device)] for name, t in soft.items() if name in needed or name == "lse"}
-        kd, _ = fn(s, rows, T, kd_options)
-        parts["kd"] = kd.detach()
-        terms.append(kd if alpha == 0.0 else (1.0 - alpha) * kd)
-    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    count = (targets != PAD_ID).sum()
+    parts = {name: value.detach() for name, (value, _) in terms.items()}
+    weights = {"hard": alpha, "kd": 1.0 - alpha}
+    weighted = [value if weights[name] == 1.0 else weights[name] * value for name, (value, _) in terms.items()]
+    loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
     return loss, count, parts

@@ -17,10 +17,11 @@ import torch
 Seqs = Sequence[Sequence[int] | np.ndarray]
 
 
-def left_pad_flat(values: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+def left_pad_flat(values: np.ndarray, offsets: np.ndarray, width: int, allow_zero: bool = False) -> np.ndarray:
     """Left-pad B sequences given flat (Arrow list layout) into (B, width) int64, keeping the last ``width`` items.
 
     Sequence b is ``values[offsets[b]:offsets[b + 1]]`` (``offsets`` has B + 1 entries).
+    Ids must be >= 1 unless ``allow_zero`` (targets of augmented rows: 0 = no hard target).
     One vectorised scatter, no per-row Python: the student's batch decode runs beside the
     training step, where per-row loops would hold the GIL.
 
@@ -37,7 +38,7 @@ def left_pad_flat(values: np.ndarray, offsets: np.ndarray, width: int) -> np.nda
     cols = np.arange(offsets[0], offsets[-1]) - offsets[:-1][rows] + (width - lengths)[rows]
     kept = cols >= 0
     flat = np.asarray(values)[offsets[0] : offsets[-1]][kept].astype(np.int64, copy=False)
-    if len(flat) and flat.min() < 1:
+    if len(flat) and flat.min() < (0 if allow_zero else 1):
         raise ValueError(f"item ids must be >= 1 (0 is padding), found {int(flat.min())}")
     out[rows[kept], cols[kept]] = flat
     return out

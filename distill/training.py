@@ -94,6 +94,28 @@ class NextItemObjective(nn.Module):
         return F.cross_entropy(logits, torch.zeros_like(t), reduction="sum")
 
 
+def mixed_loss(
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, world: int, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """The step's loss from :func:`distill.losses.distillation_terms`: ``alpha * hard + (1 - alpha) * kd``,
+    each term's sum divided by its position count over *all* workers.
+
+    Counting globally keeps the gradient independent of the worker count; the result is
+    multiplied by ``world`` because DDP averages gradients over ranks. The two terms have
+    their own counts: with teacher-labelled augmented rows the KD term covers more
+    positions than the hard one, and a shared count would quietly shrink alpha.
+    Returns ``(loss to backpropagate, this worker's mixed per-position loss for logging)``.
+    """
+    names = list(terms)
+    counts = torch.stack([terms[name][1].to(device=device, dtype=torch.float32) for name in names])
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    weight = {"hard": float(alpha), "kd": 1.0 - float(alpha)}
+    loss = sum(weight[name] * terms[name][0] * world / counts[i].clamp(min=1.0) for i, name in enumerate(names))
+    local = sum(weight[name] * float(terms[name][0].detach()) / max(float(terms[name][1]), 1.0) for name in names)
+    return loss, local
+
+
 def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
     """Seed torch's generators (dropout) from (seed, epoch, step, rank) before a training step.
 

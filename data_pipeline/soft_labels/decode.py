@@ -51,7 +51,8 @@ def decode_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch.Tensor
     ``sampled_ids`` (P, S) int64 0-padded, ``sampled_counts`` (P, S) float32
     0-padded, ``sampled_logits`` (P, S) float32 0-padded, where S is the most
     distinct ids at any position of this table (padding has count 0, so it
-    carries no weight).
+    carries no weight). A store with ``spec.augmented_rows`` adds ``augmented``
+    (P,) bool: the position is in a teacher-labelled augmented row.
     """
     k = spec.k
     lengths = pc.list_value_length(table.column("lse")).to_numpy(zero_copy_only=False) if table.num_rows else []
@@ -82,4 +83,7 @@ def decode_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch.Tensor
             grid = np.zeros((num_positions, width), dtype=dtype)
             grid[position_of, column_of] = flat
             out[name] = torch.from_numpy(grid)
+    if spec.augmented_rows:  # (P,) bool: the position belongs to an augmented row (soft labels, no hard target)
+        rows = table.column("augmented").to_numpy(zero_copy_only=False).astype(bool)
+        out["augmented"] = torch.from_numpy(np.repeat(rows, np.asarray(lengths, dtype=np.int64)))
     return out

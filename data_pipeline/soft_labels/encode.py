@@ -132,6 +132,7 @@ def encode_rows(
     lse: Sequence[np.ndarray],
     sampled: Optional[Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[np.ndarray]]]],
     shard_name: str,
+    augmented: Optional[np.ndarray] = None,
 ) -> pa.Table:
     """Validate and encode R sequences into a table of :func:`soft_label_schema`.
 
@@ -144,7 +145,9 @@ def encode_rows(
     what lets the manifest check coverage from first/last seq alone).
     ``sampled`` is required iff ``spec.num_sampled > 0``: per row a tuple
     ``(ids, counts, logits)`` of n_i per-position arrays (d_t,) each, as
-    returned by :func:`sample_soft_labels` sliced to the row.
+    returned by :func:`sample_soft_labels` sliced to the row. ``augmented``
+    (R,) bool is required iff ``spec.augmented_rows``: an augmented row's
+    targets must all be 0 (it has no hard target), every other row's are ids.
 
     ``shard_name`` only labels error messages. Raises :class:`SoftLabelError`
     naming the shard and the example id (``example_start + t``) of the first
@@ -170,6 +173,13 @@ def encode_rows(
             f"{shard_name}: sampled soft labels {'given' if sampled is not None else 'missing'} "
             f"but the spec has num_sampled={spec.num_sampled}"
         )
+    if (augmented is not None) != spec.augmented_rows:
+        raise SoftLabelError(f"{shard_name}: augmented flags {'given' if augmented is not None else 'missing'} "
+                             f"but the spec has augmented_rows={spec.augmented_rows}")
+    if augmented is not None:
+        augmented = np.asarray(augmented, dtype=bool).reshape(-1)
+        if len(augmented) != num_rows:
+            raise SoftLabelError(f"{shard_name}: augmented has {len(augmented)} rows but seq_index has {num_rows}")
     if num_rows > 1 and np.any(np.diff(seq_index) != 1):
         r = int(np.flatnonzero(np.diff(seq_index) != 1)[0])
         raise SoftLabelError(
@@ -210,7 +220,16 @@ def encode_rows(
     _check_finite(flat_logits, "topk_logits", loc)
     _check_finite(flat_lse, "lse", loc)
     _check_ids(flat_inputs, "inputs", spec.num_items, loc)
-    _check_ids(flat_targets, "targets", spec.num_items, loc)
+    if augmented is None:
+        _check_ids(flat_targets, "targets", spec.num_items, loc)
+    else:  # augmented rows carry no hard target (0); the real rows' targets are ids
+        on_augmented = np.repeat(augmented, n)
+        first = _first_bad_position(on_augmented & (flat_targets != 0))
+        if first is not None:
+            raise SoftLabelError(f"{shard_name}: targets of {loc.position(first)} are not 0, but its row is augmented "
+                                 "(augmented rows have no hard target)")
+        flat_targets_real = np.where(on_augmented, 1, flat_targets)
+        _check_ids(flat_targets_real, "targets", spec.num_items, loc)
     _check_ids(flat_ids, "topk_ids", spec.num_items, loc)
     first = _first_bad_position(np.diff(flat_logits, axis=1) > 0)
     if first is not None:
@@ -240,6 +259,8 @@ def encode_rows(
     }
     if sampled is not None:
         columns.update(_encode_sampled(spec, sampled, n, offsets, loc, id_np))
+    if augmented is not None:
+        columns["augmented"] = pa.array(augmented, pa.bool_())
     return pa.Table.from_pydict(columns, schema=soft_label_schema(spec))
 
 

@@ -43,6 +43,8 @@ class StoreSpec:
     position. ``value_dtype``: "fp16" | "bf16" | "fp32" for the top-k logits.
     ``num_sampled``: draws per position for sampled soft labels (0 = none).
     ``max_len``: the teacher's maximum sequence length (positions per row <= max_len).
+    ``augmented_rows``: the store may hold teacher-labelled augmented rows (an ``augmented``
+    column; those rows have soft labels and no hard target: their targets are 0).
     """
 
     num_items: int
@@ -50,6 +52,7 @@ class StoreSpec:
     value_dtype: str
     num_sampled: int
     max_len: int
+    augmented_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -70,7 +73,11 @@ class StoreSpec:
         return "uint16" if self.num_items <= np.iinfo(np.uint16).max else "int32"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # augmented_rows only when set: a plain store's spec (and provenance) reads as before the option.
+        d = asdict(self)
+        if not self.augmented_rows:
+            d.pop("augmented_rows")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoreSpec":
@@ -78,12 +85,13 @@ class StoreSpec:
         missing = [n for n in names if n not in d]
         if missing:
             raise SoftLabelError(f"store spec lacks {', '.join(missing)}: {d!r}")
-        return cls(**{n: d[n] for n in names})
+        return cls(**{n: d[n] for n in names}, augmented_rows=bool(d.get("augmented_rows", False)))
 
     @classmethod
     def from_config(cls, precompute: Any, num_items: int, max_len: int) -> "StoreSpec":
         """From a :class:`distill.config.PrecomputeConfig` plus the catalog size and the teacher's max_len."""
-        return cls(num_items, precompute.k, precompute.dtype, precompute.num_sampled, max_len)
+        return cls(num_items, precompute.k, precompute.dtype, precompute.num_sampled, max_len,
+                   augmented_rows=precompute.augment.ratio > 0)
 
 
 def _id_arrow_type(spec: StoreSpec) -> pa.DataType:
@@ -112,6 +120,7 @@ def soft_label_schema(spec: StoreSpec) -> pa.Schema:
     sampled_ids    list<list<ID>>        (sampled only) (n, distinct_t) distinct drawn ids
     sampled_counts list<list<uint16>>    (sampled only) (n, distinct_t) draws of each id
     sampled_logits list<list<float32>>   (sampled only) (n, distinct_t) raw logits of those ids
+    augmented      bool                  (augmented_rows only) a teacher-labelled perturbed row: targets 0
     ============== ==================================== =========================================
 
     ID is uint16 or int32 (``spec.id_dtype``); VAL is float16, float32, or uint16
@@ -134,6 +143,8 @@ def soft_label_schema(spec: StoreSpec) -> pa.Schema:
             ("sampled_counts", pa.list_(pa.list_(pa.uint16()))),
             ("sampled_logits", pa.list_(pa.list_(pa.float32()))),
         ]
+    if spec.augmented_rows:
+        fields.append(("augmented", pa.bool_()))
     return pa.schema(fields)
 
 

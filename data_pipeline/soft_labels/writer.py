@@ -247,14 +247,18 @@ def write_manifest(
     num_positions: int,
     extra: dict[str, Any],
     storage_options: Optional[dict[str, Any]] = None,
+    augmentation: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Check the shard records and write ``manifest.json``, the store's commit point (call it last).
 
     The records must all carry ``provenance`` (whose spec is ``spec``), cover
     seq_index 0..num_sequences-1 exactly once (no hole, no overlap), and add up
     to ``num_positions`` positions; otherwise SoftLabelError and no manifest.
-    ``extra`` (timings, hardware...) is stored under the key "extra". Returns
-    the manifest.
+    ``extra`` (timings, hardware...) is stored under the key "extra". A store
+    with augmented rows (``spec.augmented_rows``) describes them in ``augmentation``:
+    ``{"settings", "first_seq" (the first augmented row; all later rows are too),
+    "rows", "positions"}``. Returns the manifest, whose ``store_fingerprint`` hashes
+    the provenance (teacher, dataset, spec, seed, layout, augmentation settings).
     """
     where = fsio.join(store_url, MANIFEST)
     if _check_provenance(provenance, where) != spec:
@@ -302,6 +306,15 @@ def write_manifest(
     if positions != num_positions:
         raise SoftLabelError(f"{where}: shards hold {positions} positions, expected num_positions={num_positions}")
 
+    if spec.augmented_rows != (augmentation is not None):
+        raise SoftLabelError(f"{where}: spec augmented_rows={spec.augmented_rows} but augmentation "
+                             f"{'described' if augmentation is not None else 'not described'}")
+    if augmentation is not None:
+        first = augmentation["first_seq"]
+        mixed = [r["file"] for r in ordered if r["first_seq"] < first <= r["last_seq"]]
+        if mixed:
+            raise SoftLabelError(f"{where}: {mixed[0]} holds both training and augmented rows (first augmented row {first})")
+
     total_bytes = sum(r["bytes"] for r in records)
     manifest = {
         "kind": KIND,
@@ -317,6 +330,8 @@ def write_manifest(
         "max_len": spec.max_len,
         "spec": spec.to_dict(),
         "provenance": ours,
+        "store_fingerprint": hashlib.sha256(json.dumps(ours, sort_keys=True).encode()).hexdigest()[:16],
+        "augmentation": augmentation,
         "compression": f"{COMPRESSION}({COMPRESSION_LEVEL}), byte_stream_split floats",
         "num_sequences": num_sequences,
         "num_positions": num_positions,

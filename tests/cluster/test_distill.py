@@ -163,6 +163,55 @@ def test_checkpoint_resumes_mid_epoch_at_another_worker_count(store_template, tm
     assert 0 < recorded[0] < lr and recorded[1] == 0.0  # decayed to 0 at the last planned step
 
 
+def test_augmented_rows_are_labelled_by_the_teacher_and_each_is_used_once_per_epoch(store_template, tmp_path):
+    from cluster.student_batches import student_source, training_blocks
+
+    # Asking for augmented rows of a store that has none is refused before training.
+    plain = copy_run(store_template, tmp_path / "plain", "distill.augmented=use")
+    with pytest.raises(PlanError, match="distill.augmented=use, but the soft-label store at .* has no augmented rows"):
+        distill.run(plain)
+    assert not (Path(plain.run.run_dir) / "student").exists()
+
+    cfg = make_store(tmp_path / "run", "precompute.augment.ratio=0.5", "distill.augmented=use", "student.train.epochs=1")
+    layout = RunLayout(cfg.run.run_dir)
+    manifest = store.load_store_manifest(layout.soft_labels)
+    augmentation, real = manifest["augmentation"], manifest["augmentation"]["first_seq"]
+    assert augmentation["settings"] == {"ratio": 0.5, "ops": ["crop", "mask", "reorder", "substitute"], "rate": 0.3}
+    assert real == store.load_store_manifest(RunLayout(plain.run.run_dir).soft_labels)["num_sequences"]
+    assert augmentation["rows"] == round(0.5 * real) and manifest["num_sequences"] == real + augmentation["rows"]
+    assert manifest["provenance"]["augmentation"] == augmentation["settings"]
+    teacher, _ = load_model(layout.teacher)
+    spec = store.manifest_spec(manifest)
+    checked = 0
+    for shard in manifest["shards"]:
+        table = store.read_shard(layout.soft_labels, manifest, shard["index"], verify_checksum=True)
+        flags = table.column("augmented").to_pylist()
+        assert flags == [shard["first_seq"] >= real] * table.num_rows  # a shard is all real or all augmented
+        if not flags[0]:
+            continue
+        decoded = store.decode_positions(table, spec)
+        assert all(t == 0 for row in table.column("targets").to_pylist() for t in row)  # no hard target
+        for row, seq in enumerate(table.column("inputs").to_pylist()[:5]):  # every position labelled, the last too
+            with torch.no_grad():
+                top = teacher.scores(teacher(torch.tensor([seq])))[0, :, 1:].topk(spec.k, dim=-1).indices + 1
+            a, b = decoded["row_offsets"][row : row + 2].tolist()
+            assert b - a == len(seq) and torch.equal(decoded["topk_ids"][a:b], top)
+            checked += 1
+    assert checked > 0
+
+    # distill.augmented=skip reads the real rows only; use (and auto) all of them.
+    dataset = load_manifest(layout.data)
+    skip = small_config(cfg.run.run_dir, *STUDENT, "precompute.augment.ratio=0.5", "distill.augmented=skip")
+    assert sum(b.num_rows for b in training_blocks(skip, dataset, manifest)[0]) == real
+    distill.run(cfg)
+    assert_exactly_once(Path(cfg.run.run_dir) / "student" / "consumed", set(range(manifest["num_sequences"])), epochs=1)
+    # The student's fingerprint covers the augmentation it trained with.
+    teacher_fp = read_export_meta(layout.teacher)["fingerprint"]
+    recorded = history(cfg)["stage_fingerprint"]
+    assert recorded == stage_fingerprint(cfg, "student", student_source(teacher_fp, cfg, manifest))
+    assert recorded != stage_fingerprint(cfg, "student", teacher_fp)
+
+
 def test_baseline_trains_without_soft_labels(store_template, tmp_path):
     # With a mixed-dimension item table: the workers must order it by training popularity.
     cfg = copy_run(store_template, tmp_path, "distill.log_consumed=false",

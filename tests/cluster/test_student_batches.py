@@ -93,3 +93,24 @@ def test_position_logits_bf16_autocast_returns_fp32_logits_close_to_the_fp32_for
     torch.testing.assert_close(mixed, fp32, rtol=0.05, atol=0.05)  # ... to bf16 precision
     mixed.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_batch_from_store_marks_the_positions_of_augmented_rows():
+    spec = sl.StoreSpec(num_items=30, k=3, value_dtype="fp16", num_sampled=0, max_len=6, augmented_rows=True)
+    rng = np.random.default_rng(0)
+    n = np.array([5, 3, 6])
+    augmented = np.array([False, True, False])
+    P = int(n.sum())
+    split = lambda a: np.split(a, np.cumsum(n)[:-1])  # noqa: E731
+    targets = [t * (not a) for t, a in zip(split(rng.integers(1, 31, P)), augmented)]
+    logits = -np.sort(-rng.normal(0, 3, (P, 3)), axis=1).astype(np.float32)
+    table = sl.encode_rows(spec, seq_index=np.arange(3), users=np.arange(3) + 1, example_start=np.cumsum(n) - n,
+                           inputs=split(rng.integers(1, 31, P)), targets=targets, topk_ids=split(rng.integers(1, 31, (P, 3))),
+                           topk_logits=split(logits), lse=split(logits[:, 0] + 1), sampled=None, shard_name="part-00000.parquet",
+                           augmented=augmented)
+    batch = batch_from_store(table, spec, max_len=4)  # windows of the last 4 positions: 4 + 3 + 4
+    assert batch.augmented.tolist() == [False] * 4 + [True] * 3 + [False] * 4
+    assert "augmented" not in batch.soft
+    # The augmented row's real positions have target 0: no hard target reaches the loss from it.
+    real_targets = batch.targets[batch.inputs != 0]
+    assert (real_targets[batch.augmented] == 0).all() and (real_targets[~batch.augmented] != 0).all()

@@ -30,6 +30,31 @@ def test_spec_picks_the_id_type_and_round_trips():
         small_spec(value_dtype="fp8")
 
 
+def test_augmented_rows_round_trip_and_carry_no_hard_target():
+    plain = small_spec()
+    spec = StoreSpec(**{**plain.to_dict(), "augmented_rows": True})
+    # A plain store's spec reads as before the option existed (its provenance, its shards, stay valid).
+    assert "augmented_rows" not in plain.to_dict() and StoreSpec.from_dict(plain.to_dict()) == plain
+    assert StoreSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert "augmented" in sl.soft_label_schema(spec).names and "augmented" not in sl.soft_label_schema(plain).names
+    batch = make_batch(spec, 4, lengths=[3, 2, 4, 1])
+    augmented = np.array([False, False, True, True])
+    batch["targets"] = [t if not a else np.zeros_like(t) for t, a in zip(batch["targets"], augmented)]
+    table = encode({**batch, "augmented": augmented})
+    assert table.column("augmented").to_pylist() == [False, False, True, True]
+    decoded = sl.decode_positions(table, spec)
+    assert decoded["augmented"].tolist() == [False] * 5 + [True] * 5
+    with pytest.raises(SoftLabelError, match=r"targets of example \d+ \(seq_index 2, position 0\) are not 0, but its row is augmented"):
+        bad = [t if i != 2 else np.ones_like(t) for i, t in enumerate(batch["targets"])]
+        encode({**batch, "targets": bad, "augmented": augmented})
+    with pytest.raises(SoftLabelError, match="targets of .* holds id 0"):  # a real row still needs real targets
+        encode({**batch, "augmented": np.array([False, False, False, True])})
+    with pytest.raises(SoftLabelError, match="augmented flags missing but the spec has augmented_rows=True"):
+        encode(batch)
+    with pytest.raises(SoftLabelError, match="augmented flags given but the spec has augmented_rows=False"):
+        encode({**batch, "spec": plain, "augmented": augmented})
+
+
 @pytest.mark.parametrize(
     "dtype, num_items, id_type, value_type",
     [

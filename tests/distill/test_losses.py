@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distill.losses import (
     KINDS,
     distillation_loss,
+    distillation_terms,
     hard_label_ce,
     jsd_topk,
     kl_sampled,
@@ -250,6 +251,34 @@ def test_ranking_options_pass_through():
     keep = targets != 0
     ref, _ = ranking_distillation(student[keep], soft["topk_ids"][keep], K=3, lambda_=5.0)
     torch.testing.assert_close(a, ref)
+
+
+def test_augmented_positions_never_reach_the_hard_label_term():
+    """Teacher-labelled augmented positions: KD only. Their targets are given real ids here on purpose
+    (the store writes 0): the hard term must ignore them anyway, and its gradient there must be 0."""
+    student, targets, soft = _batch(P=10)
+    augmented = torch.zeros(10, dtype=torch.bool)
+    augmented[[0, 1, 6, 7]] = True  # 0 holds target 0 (as the store writes); 1, 6, 7 hold ids
+    assert (targets[[1, 6, 7]] != 0).all()
+    real = ~augmented & (targets != 0)
+    kd_rows = augmented | (targets != 0)
+    for kind in KINDS:
+        terms = distillation_terms(kind, 0.5, 2.0, student, targets, soft, augmented)
+        hard, hard_count = hard_label_ce(student[real], targets[real])
+        torch.testing.assert_close(terms["hard"][0], hard)
+        assert int(terms["hard"][1]) == int(real.sum()) == 5  # position 3: no target, not augmented
+        kd_ref, _, _ = distillation_loss(kind, 0.0, 2.0, student[kd_rows], torch.ones(int(kd_rows.sum()), dtype=torch.long),
+                                      {n: t[kd_rows] for n, t in soft.items()})
+        torch.testing.assert_close(terms["kd"][0], kd_ref)
+        assert int(terms["kd"][1]) == int(kd_rows.sum()) == 9
+        grad, = torch.autograd.grad(terms["hard"][0], student)
+        assert (grad[augmented] == 0).all() and (grad[real].abs().sum(1) > 0).all(), kind
+    # Without augmented positions, the terms are distillation_loss's, position for position.
+    terms = distillation_terms("kl_topk_tail", 0.3, 1.0, student, targets, soft)
+    mixed, _, _ = distillation_loss("kl_topk_tail", 0.3, 1.0, student, targets, soft)
+    torch.testing.assert_close(0.3 * terms["hard"][0] + 0.7 * terms["kd"][0], mixed)
+    with pytest.raises(ValueError, match="augmented must be"):
+        distillation_terms("kl_topk", 0.5, 1.0, student, targets, soft, augmented[:3])
 
 
 def test_unknown_kind_and_missing_soft_labels():

@@ -145,3 +145,16 @@ def test_lr_ratio_matches_deepspeed_schedulers(schedule, warmup):
 def test_lr_ratio_rejects_unknown_schedules():
     with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
         lr_ratio(0, 10, 0, "linear")
+
+
+def test_mixed_loss_normalises_each_term_by_its_own_count():
+    from distill.training import mixed_loss
+
+    hard, kd = torch.tensor(6.0, requires_grad=True), torch.tensor(10.0, requires_grad=True)
+    terms = {"hard": (hard, torch.tensor(3)), "kd": (kd, torch.tensor(5))}  # augmented rows: more KD positions
+    loss, local = mixed_loss(terms, 0.25, 1, torch.device("cpu"))
+    assert float(loss) == pytest.approx(0.25 * 6 / 3 + 0.75 * 10 / 5) and local == pytest.approx(float(loss))
+    loss.backward()
+    assert float(hard.grad) == pytest.approx(0.25 / 3) and float(kd.grad) == pytest.approx(0.75 / 5)
+    baseline, _ = mixed_loss({"hard": (torch.tensor(6.0), torch.tensor(0))}, 1.0, 1, torch.device("cpu"))
+    assert float(baseline) == 6.0  # no position anywhere: the sum (0 in practice) over 1, never a division by 0
