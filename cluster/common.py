@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
 import yaml
 
 from data_pipeline import fsio
@@ -27,3 +31,18 @@ def model_exports(cfg: Config) -> dict[str, str]:
     """Report name -> export folder of every trained model a run evaluates and reports on."""
     layout = RunLayout(cfg.run.run_dir)
     return {"teacher": teacher_url(cfg), "student_kd": layout.student, "student_baseline": layout.baseline}
+
+
+def code_version() -> dict[str, str]:
+    """The code that produced a result: the git commit of this checkout when there is one (a
+    ``ray job submit`` working dir may have none), and the installed package version."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    try:
+        version = metadata.version("recdistill")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"commit": commit or "unknown", "version": version}

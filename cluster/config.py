@@ -87,6 +87,8 @@ class SweepConfig(Section):
     twins: bool = Field(True, description="Also train each student's twin without the teacher (alpha=1).")
     concurrent: int = Field(2, gt=0, description="Members trained at the same time (each its own Ray Train run).")
     workers_per_member: int = Field(1, gt=0)
+    with_augmented: bool = Field(False, description="Also distil each member on the store's teacher-labelled augmented rows "
+                                                    "(a third member per size and seed, '-kdaug'); the '-kd' members then skip them.")
 
     @model_validator(mode="after")
     def _sizes(self) -> "SweepConfig":

@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 import torch
 
-from cluster.common import model_exports, save_resolved_config
+from cluster.common import code_version, model_exports, save_resolved_config
 from cluster.plan import RunPlan, build_plan
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from cluster.config import Config
-from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
+from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
+from distill.metrics import paired_bootstrap_gain
 from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
 from cluster.models import load_model
 
@@ -47,6 +48,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
     unavailable: dict[str, str] = {}
+    scorers = {}
     for name, folder in model_exports(cfg).items():
         try:
             model, meta = load_model(folder, storage)
@@ -63,6 +65,12 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         params = sum(p.numel() for p in model.parameters())
         scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"], latency=latency_per_batch(scorer, requests))
         results[name] = scores
+        scorers[name] = scorer
+    gains = {}
+    if "student_kd" in scorers and "student_baseline" in scorers:
+        # The same test users for both: a paired bootstrap of the distilled student's gain over its twin.
+        per_user = {n: per_user_ndcg(scorers[n], test, num_items, 10, cfg.eval.batch_size, device) for n in ("student_kd", "student_baseline")}
+        gains["student_kd_over_baseline"] = {"metric": "ndcg@10", **paired_bootstrap_gain(per_user["student_kd"], per_user["student_baseline"])}
 
     report = {
         "split": "test",
@@ -71,7 +79,9 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         "dataset_fingerprint": manifest["fingerprint"],
         "device": str(device),
         "models": results,
+        "gains": gains,
         "unavailable": unavailable,
+        "code": code_version(),
     }
     fsio.write_json_atomic(layout.metrics, report, storage)
     ks = cfg.eval.ks
@@ -81,6 +91,8 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
               + f"{r['params']:>12,}{r['latency']['p50_ms']:>12.2f}")
     for name, why in unavailable.items():
         print(f"{name:<18}{why}")
+    for name, g in gains.items():
+        print(f"{name}: NDCG@10 {100 * g['gain']:+.1f}% (95% CI {100 * g['ci95_low']:+.1f}% .. {100 * g['ci95_high']:+.1f}%)")
     print(f"metrics written to {layout.metrics}")
     damaged = {name: why for name, why in unavailable.items() if why.startswith("damaged")}
     if damaged:

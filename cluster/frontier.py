@@ -61,11 +61,11 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
         if m.baseline:
             continue
         kd = scored[m.name]
-        row = {"member": m.name, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
+        row = {"member": m.name, "augmented": m.augmented, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
                "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
-        twin_name = m.name.removesuffix("-kd") + "-twin"
+        twin_name = m.twin_name
         if twin_name in scored:
             twin = scored[twin_name]
             best_twin = max(h[f"val_ndcg@{K}"] for h in histories[twin_name])
@@ -109,18 +109,24 @@ def _plot(result: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cluster.report import COLOURS
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rows = result["rows"]
+    plain, augmented = [r for r in rows if not r.get("augmented")], [r for r in rows if r.get("augmented")]
     for ax, x_kd, x_twin, label in (
         (axes[0], [r["params"] for r in rows], [r["params"] for r in rows], "parameters (log)"),
         (axes[1], [r["kd_latency_ms_per_request"] for r in rows], [r.get("twin_latency_ms_per_request") for r in rows],
          "ms per request (batch of 256, log)"),
     ):
-        ax.scatter(x_kd, [r[f"kd_ndcg@{K}"] for r in rows], label="distilled", color="tab:blue")
-        twins = [(x, r[f"twin_ndcg@{K}"]) for x, r in zip(x_twin, rows) if f"twin_ndcg@{K}" in r]
+        for group, text, marker in ((plain, "distilled", "o"), (augmented, "distilled + augmented rows", "^")):
+            if group:
+                ax.scatter([x for x, r in zip(x_kd, rows) if r in group], [r[f"kd_ndcg@{K}"] for r in group], label=text,
+                           color=COLOURS["student_kd"], marker=marker, facecolors="none" if marker == "^" else None)
+        twins = {(x, r[f"twin_ndcg@{K}"]) for x, r in zip(x_twin, rows) if f"twin_ndcg@{K}" in r}
         if twins:
-            ax.scatter(*zip(*twins), label="twin (no teacher)", color="tab:orange", marker="s")
-        ax.axhline(result["teacher"][f"ndcg@{K}"], color="tab:green", linestyle="--", label="teacher")
+            ax.scatter(*zip(*sorted(twins)), label="twin (no teacher)", color=COLOURS["student_baseline"], marker="s")
+        ax.axhline(result["teacher"][f"ndcg@{K}"], color=COLOURS["teacher"], linestyle="--", label="teacher")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(f"test NDCG@{K}")

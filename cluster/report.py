@@ -1,7 +1,9 @@
-"""The run report: ``run_dir/report/report.md`` with a table, three PNG plots and a verdict.
+"""The run report: ``run_dir/report/report.md`` with a verdict, the run's context, a table,
+PNG plots and, when ``recdistill sweep`` has run, its frontier.
 
-Reads what the stages left behind (metrics.json, each model's history.json, the
-pipeline's stage timings); writes through fsspec like every other stage.
+Reads what the stages left behind (metrics.json, the dataset and store manifests, each
+model's history.json, the pipeline's stage timings, the sweep's frontier); writes through
+fsspec like every other stage. Each model keeps one colour in every plot.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from data_pipeline.layout import RunLayout  # noqa: E402
 from cluster.config import Config  # noqa: E402
 
 LABELS = {"teacher": "teacher", "student_kd": "distilled student", "student_baseline": "baseline student", "popularity": "popularity"}
+# One colour per model in every plot (the sweep's frontier uses the same three).
+COLOURS = {"teacher": "tab:green", "student_kd": "tab:blue", "student_baseline": "tab:orange", "popularity": "tab:gray"}
 
 
-def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str, str]] = None) -> str:
+def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str, str]] = None,
+            gain: Optional[dict[str, float]] = None) -> str:
     """One line: how much of the teacher's NDCG@k the student keeps, at what size, against the baseline.
-    ``unavailable``: model -> why it was not scored ("not trained yet" or "damaged: ...")."""
+    ``unavailable``: model -> why it was not scored ("not trained yet" or "damaged: ..."); ``gain``:
+    the paired-bootstrap gain over the baseline (its interval is quoted when given)."""
     unavailable = unavailable or {}
     damaged = [LABELS[name] for name in damaged_names(unavailable) if name in LABELS]
     teacher, student, baseline = models.get("teacher"), models.get("student_kd"), models.get("student_baseline")
@@ -40,6 +46,8 @@ def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str,
     )
     if baseline:
         line += f", {100 * (student[key] / baseline[key] - 1):+.1f}% over baseline"
+        if gain:
+            line += f" (95% CI {100 * gain['ci95_low']:+.1f}% .. {100 * gain['ci95_high']:+.1f}%)"
     elif "student_baseline" in damaged_names(unavailable):
         line += "; the baseline student's export is damaged, so no comparison with it"
     return line
@@ -68,7 +76,7 @@ def _quality_vs_size(models: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, r in models.items():
         params = max(r["params"], 1)
-        ax.scatter(params, r["ndcg@10"], s=60)
+        ax.scatter(params, r["ndcg@10"], s=60, color=COLOURS.get(name))
         ax.annotate(LABELS.get(name, name), (params, r["ndcg@10"]), textcoords="offset points", xytext=(6, 4))
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log; popularity plotted at 1)")
@@ -81,7 +89,8 @@ def _quality_vs_size(models: dict[str, Any]):
 def _validation_curves(histories: dict[str, list]):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [h["val_ndcg@10"] for h in history], marker="o", label=LABELS[name])
+        ax.plot([h["epoch"] for h in history], [h["val_ndcg@10"] for h in history], marker="o", label=LABELS[name],
+                color=COLOURS[name])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.set_title("Validation NDCG@10 per epoch")
@@ -93,8 +102,9 @@ def _validation_curves(histories: dict[str, list]):
 def _stage_times(timings: dict[str, float]):
     fig, ax = plt.subplots(figsize=(5.5, 3))
     names = list(timings)
-    ax.barh(names, [timings[n] for n in names])
-    ax.invert_yaxis()
+    bars = ax.barh(names, [timings[n] for n in names])
+    ax.bar_label(bars, labels=[f"{timings[n]:.0f} s" for n in names], padding=3)
+    ax.invert_yaxis()  # pipeline order, top to bottom
     ax.set_xlabel("seconds")
     ax.set_title("Stage wall times (this pipeline run)")
     return fig
@@ -124,7 +134,8 @@ def run(cfg: Config) -> str:
         plots.append("stage_times.png")
 
     unavailable = metrics.get("unavailable", {})
-    line = verdict(models, unavailable=unavailable)
+    gain = (metrics.get("gains") or {}).get("student_kd_over_baseline")
+    line = verdict(models, unavailable=unavailable, gain=gain)
     rows = [
         "| model | HR@10 | NDCG@10 | HR@20 | NDCG@20 | parameters | bytes | latency p50 / p99 (ms per 256 requests) |",
         "|---|---|---|---|---|---|---|---|",
@@ -135,11 +146,14 @@ def run(cfg: Config) -> str:
             f"| {LABELS.get(name, name)} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r.get('hr@20', float('nan')):.4f} | "
             f"{r.get('ndcg@20', float('nan')):.4f} | {r['params']:,} | {r['bytes']:,} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} |"
         )
+    frontier_lines = _frontier_section(layout, storage, plots)
     text = "\n".join(
         [
             f"# recdistill report: `{cfg.run.run_dir}`",
             "",
             f"**{line}.**",
+            "",
+            *_context(cfg, layout, storage, metrics, histories),
             "",
             f"Test split; {metrics.get('protocol', '')}. Latency measured on `{metrics.get('device', 'cpu')}`.",
             "",
@@ -147,9 +161,66 @@ def run(cfg: Config) -> str:
             "",
             *[f"- {LABELS.get(name, name)}: not scored, {why}" for name, why in unavailable.items()],
             "",
+            *_stage_table(timings),
             *[f"![{p}]({p})" for p in plots],
             "",
+            *frontier_lines,
         ]
     )
     fsio.atomic_write_bytes(fsio.join(layout.report, "report.md"), text.encode(), storage)
     return line
+
+
+def _context(cfg: Config, layout: RunLayout, storage, metrics: dict, histories: dict[str, list]) -> list[str]:
+    """What a reader needs to judge the numbers: the data, the models, the training, the labels, the code."""
+    from data_pipeline import soft_labels
+    from data_pipeline.dataset import load_manifest
+
+    lines = ["## This run", ""]
+    try:
+        d = load_manifest(layout.data, storage)
+        lines.append(f"- **dataset**: `{cfg.data.format}` from `{d.get('source', cfg.data.path)}`: {d['num_users']:,} users, "
+                     f"{d['num_items']:,} items, {d['num_interactions']:,} interactions (fingerprint `{d['fingerprint'][:12]}`)")
+    except Exception:  # noqa: BLE001 - the context is best effort; the table above does not depend on it
+        lines.append(f"- **dataset**: `{cfg.data.path}` (no manifest readable)")
+    sizes = ", ".join(f"{LABELS[n]} {metrics['models'][n]['params']:,}" for n in ("teacher", "student_kd", "student_baseline")
+                      if n in metrics["models"])
+    lines.append(f"- **parameters**: {sizes or 'no model scored'}")
+    epochs = ", ".join(f"{LABELS[n]} {len(h)} (best {1 + max(range(len(h)), key=lambda i: h[i]['val_ndcg@10'])})"
+                       for n, h in histories.items() if h)
+    if epochs:
+        lines.append(f"- **epochs run** (best on validation): {epochs}")
+    dcfg = cfg.distill
+    lines.append(f"- **distillation**: loss `{dcfg.loss}`, alpha {dcfg.alpha} (weight of the hard label), temperature "
+                 f"{dcfg.temperature}; student lr {cfg.student.train.lr}, batch {cfg.student.train.batch_size}, "
+                 f"{cfg.student.train.lr_schedule} schedule")
+    try:
+        store = soft_labels.load_store_manifest(layout.soft_labels, storage)
+        aug = store.get("augmentation")
+        lines.append(f"- **soft labels**: top-{store['k']} `{store['value_dtype']}` + log-normaliser, "
+                     f"{store['bytes_per_position']:.0f} bytes per position, {store['num_positions']:,} positions"
+                     + (f" ({aug['rows']:,} augmented rows, {aug['settings']})" if aug else ""))
+    except Exception:  # noqa: BLE001
+        lines.append("- **soft labels**: no committed store")
+    code = metrics.get("code", {})
+    lines.append(f"- **code**: commit `{code.get('commit', 'unknown')}`, recdistill {code.get('version', 'unknown')}; "
+                 "configuration: [config.yaml](../config.yaml)")
+    return lines
+
+
+def _stage_table(timings: dict[str, float]) -> list[str]:
+    if not timings:
+        return []
+    rows = ["| stage (pipeline order) | wall time |", "|---|---|"]
+    rows += [f"| {name} | {seconds:,.1f} s |" for name, seconds in timings.items()]
+    return [*rows, f"| total | {sum(timings.values()):,.1f} s |", ""]
+
+
+def _frontier_section(layout: RunLayout, storage, plots: list[str]) -> list[str]:
+    """The sweep's frontier (``recdistill sweep``), when one has been written."""
+    from cluster.frontier import format_table
+
+    result = _read_json(fsio.join(layout.sweep, "frontier.json"), storage)
+    if result is None:
+        return []
+    return ["## Sweep frontier", "", format_table(result), "![frontier](../sweep/frontier.png)", ""]

@@ -42,6 +42,11 @@ class Member:
     baseline: bool  # the twin: the same student without the teacher
     model: ModelConfig
     params: int
+    augmented: bool = False  # distilled on the store's augmented rows too
+
+    @property
+    def twin_name(self) -> str:
+        return f"{size_label(self.fraction)}-s{self.seed}-twin"
 
 
 def size_label(fraction: float) -> str:
@@ -54,7 +59,17 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
     """Every member of the sweep, sized against the teacher; a size no model fits is a ConfigError."""
     num_items = plan.dataset["num_items"]
     teacher = plan.teacher.get("params") or count_parameters(ModelConfig.model_validate(plan.teacher["model"]), num_items)
-    augmented = augmentation_in_use(cfg, plan.store) is not None  # the distilled members train on augmented rows
+    if cfg.sweep.with_augmented and not (plan.store or {}).get("augmentation"):
+        raise ConfigError(f"sweep.with_augmented: the soft-label store at {RunLayout(cfg.run.run_dir).soft_labels} has no "
+                          "augmented rows; set precompute.augment.ratio > 0 and run precompute again")
+    # Without with_augmented, the distilled members train as distill.augmented says (and are "-kdaug" when that
+    # includes augmented rows); with it, each size and seed gets both.
+    if cfg.sweep.with_augmented:
+        kinds = [(False, False), (False, True)]
+    else:
+        kinds = [(False, augmentation_in_use(cfg, plan.store) is not None)]
+    if cfg.sweep.twins:
+        kinds.append((True, False))
     members = []
     for fraction in cfg.sweep.fractions:
         try:
@@ -63,10 +78,9 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
             raise ConfigError(f"sweep.fractions: {fraction:g} of the teacher's {teacher:,} parameters: {exc}") from None
         params = count_parameters(model, num_items)
         for seed in cfg.sweep.seeds:
-            for baseline in ((False, True) if cfg.sweep.twins else (False,)):
+            for baseline, augmented in kinds:
                 kind = "twin" if baseline else "kdaug" if augmented else "kd"
-                name = f"{size_label(fraction)}-s{seed}-{kind}"
-                members.append(Member(name, fraction, seed, baseline, model, params))
+                members.append(Member(f"{size_label(fraction)}-s{seed}-{kind}", fraction, seed, baseline, model, params, augmented))
     return members
 
 
@@ -76,6 +90,8 @@ def member_config(cfg: Config, member: Member) -> Config:
     tree["student"]["model"] = member.model.model_dump(mode="json")
     tree["run"]["seed"] = member.seed
     tree["scaling"].update(num_workers=cfg.sweep.workers_per_member, min_workers=None)
+    if not member.baseline:
+        tree["distill"]["augmented"] = "use" if member.augmented else "skip"
     return Config.model_validate(tree)
 
 
@@ -84,8 +100,9 @@ def member_folder(cfg: Config, member: Member) -> str:
 
 
 def finished(cfg: Config, plan: RunPlan, member: Member) -> bool:
-    teacher_fp = None if member.baseline else student_source(plan.store["teacher_fingerprint"], cfg, plan.store)
-    return training_complete(member_folder(cfg, member), member_config(cfg, member),
+    mcfg = member_config(cfg, member)
+    teacher_fp = None if member.baseline else student_source(plan.store["teacher_fingerprint"], mcfg, plan.store)
+    return training_complete(member_folder(cfg, member), mcfg,
                              "baseline" if member.baseline else "student", teacher_fp)
 
 

@@ -39,6 +39,36 @@ def test_a_teacher_given_by_teacher_checkpoint_is_evaluated_and_reported(tmp_pat
     assert line.startswith("student keeps") and "of teacher NDCG@10" in line
 
 
+def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_times_and_the_frontier(tmp_path):
+    import json
+
+    cfg = small_config(tmp_path / "run")
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
+    n, fp = dataset["num_items"], dataset["fingerprint"]
+    _export(layout.teacher, cfg.teacher.model, n, fp, seed=0)
+    _export(layout.student, cfg.student.model, n, fp, seed=1)
+    _export(layout.baseline, cfg.student.model, n, fp, seed=2)
+    metrics = evaluate.run(cfg)
+    gain = metrics["gains"]["student_kd_over_baseline"]
+    assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == sum(dataset["splits"]["test"]["rows"])
+    assert metrics["code"]["commit"] != ""
+    (tmp_path / "run" / "report").mkdir(exist_ok=True)
+    (tmp_path / "run" / "report" / "timings.json").write_text(json.dumps({"prepare": 1.5, "train-teacher": 30.25}))
+    frontier = {"metric": "NDCG@10", "users": 9, "teacher": {"params": 100, "ndcg@10": 0.4}, "rows": [
+        {"member": "1in10-s0-kd", "teacher_share": 0.1, "params": 10, "kd_ndcg@10": 0.3, "kd_keeps_of_teacher": 0.75,
+         "kd_latency_ms_per_request": 0.01}]}
+    (tmp_path / "run" / "sweep").mkdir()
+    (tmp_path / "run" / "sweep" / "frontier.json").write_text(json.dumps(frontier))
+    line = report.run(cfg)
+    assert f"over baseline (95% CI {100 * gain['ci95_low']:+.1f}% .. {100 * gain['ci95_high']:+.1f}%)" in line
+    text = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert f"{dataset['num_users']:,} users, {n:,} items, {dataset['num_interactions']:,} interactions" in text
+    assert "loss `kl_topk_tail`, alpha 0.2" in text and "[config.yaml](../config.yaml)" in text
+    assert "| prepare | 1.5 s |\n| train-teacher | 30.2 s |\n| total | 31.8 s |" in text  # in pipeline order
+    assert "## Sweep frontier" in text and "| 1in10-s0-kd | 10.0% |" in text
+
+
 def test_a_model_trained_on_another_dataset_is_refused_by_name(tmp_path):
     cfg = small_config(tmp_path / "run")
     layout = RunLayout(cfg.run.run_dir)

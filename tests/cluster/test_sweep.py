@@ -49,6 +49,27 @@ def test_members_are_sized_against_the_teacher_and_an_impossible_size_is_refused
         plan_members(small_config(sweep_store.run.run_dir, *STUDENT, "sweep.fractions=[0.0001]"), plan)
 
 
+def test_with_augmented_adds_a_member_per_size_and_seed_and_needs_augmented_rows(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.sweep import member_config
+
+    teacher = {"model": {"d_model": 64, "num_layers": 2, "num_heads": 2, "ffn_dim": 256}, "params": None}
+    store = {"teacher_fingerprint": "t" * 16, "augmentation": {"settings": {"ratio": 1.0, "ops": ["crop"], "rate": 0.3}}}
+    plan = SimpleNamespace(dataset={"num_items": 60}, teacher=teacher, store=store)
+    cfg = small_config(tmp_path / "run", *STUDENT, "sweep.fractions=[0.1]", "sweep.seeds=[0,1]", "sweep.with_augmented=true")
+    members = plan_members(cfg, plan)
+    assert [m.name for m in members] == ["1in10-s0-kd", "1in10-s0-kdaug", "1in10-s0-twin",
+                                         "1in10-s1-kd", "1in10-s1-kdaug", "1in10-s1-twin"]
+    assert [member_config(cfg, m).distill.augmented for m in members[:2]] == ["skip", "use"]
+    assert {m.twin_name for m in members} == {"1in10-s0-twin", "1in10-s1-twin"}
+    # Without with_augmented the distilled members follow distill.augmented (auto: the store has them).
+    auto = plan_members(small_config(tmp_path / "run", *STUDENT, "sweep.fractions=[0.1]"), plan)
+    assert [m.name for m in auto] == ["1in10-s0-kdaug", "1in10-s0-twin"]
+    with pytest.raises(ConfigError, match="sweep.with_augmented: the soft-label store at .* has no augmented rows"):
+        plan_members(cfg, SimpleNamespace(dataset={"num_items": 60}, teacher=teacher, store={"teacher_fingerprint": "t"}))
+
+
 def _sweep_cmd(run_dir: Path) -> list[str]:
     overrides = [f"run.run_dir={run_dir}", *SMALL_RUN, *STUDENT, *SWEEP]
     return [sys.executable, "-m", "cluster.cli", "sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), *overrides]
