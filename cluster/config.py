@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -89,6 +90,25 @@ class SweepConfig(Section):
     workers_per_member: int = Field(1, gt=0)
     with_augmented: bool = Field(False, description="Also distil each member on the store's teacher-labelled augmented rows "
                                                     "(a third member per size and seed, '-kdaug'); the '-kd' members then skip them.")
+    variants: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Levers measured on the frontier: name -> dotted overrides under distill.* or student.train.* "
+                    "(e.g. {dkd: [distill.loss=dkd], a05: [distill.alpha=0.5]}). Each size and seed gets one more "
+                    "distilled member per variant ('-kd-<name>'), compared with the same twin.")
+
+    @model_validator(mode="after")
+    def _variants(self) -> "SweepConfig":
+        for name, overrides in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"variant name {name!r}: use lowercase letters, digits and _ (it names a folder)")
+            if not overrides:
+                raise ValueError(f"variant {name!r} lists no overrides")
+            for text in overrides:
+                key = text.split("=", 1)[0].strip()
+                if "=" not in text or not key.startswith(("distill.", "student.train.")):
+                    raise ValueError(f"variant {name!r}: {text!r} must be a dotted override of a distill.* or student.train.* "
+                                     "key (the store, the sizes and the twins are shared by every member)")
+        return self
 
     @model_validator(mode="after")
     def _sizes(self) -> "SweepConfig":

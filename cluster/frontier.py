@@ -61,7 +61,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
         if m.baseline:
             continue
         kd = scored[m.name]
-        row = {"member": m.name, "augmented": m.augmented, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
+        row = {"member": m.name, "augmented": m.augmented, "variant": m.variant, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
                "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
@@ -113,16 +113,18 @@ def _plot(result: dict[str, Any]) -> bytes:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rows = result["rows"]
-    plain, augmented = [r for r in rows if not r.get("augmented")], [r for r in rows if r.get("augmented")]
+    groups: dict[str, list[int]] = {}  # one marker per kind of distilled member, all in the distilled colour
+    for i, r in enumerate(rows):
+        label = "distilled" + (" + augmented rows" if r.get("augmented") else "") + (f" [{r['variant']}]" if r.get("variant") else "")
+        groups.setdefault(label, []).append(i)
     for ax, x_kd, x_twin, label in (
         (axes[0], [r["params"] for r in rows], [r["params"] for r in rows], "parameters (log)"),
         (axes[1], [r["kd_latency_ms_per_request"] for r in rows], [r.get("twin_latency_ms_per_request") for r in rows],
          "ms per request (batch of 256, log)"),
     ):
-        for group, text, marker in ((plain, "distilled", "o"), (augmented, "distilled + augmented rows", "^")):
-            if group:
-                ax.scatter([x for x, r in zip(x_kd, rows) if r in group], [r[f"kd_ndcg@{K}"] for r in group], label=text,
-                           color=COLOURS["student_kd"], marker=marker, facecolors="none" if marker == "^" else None)
+        for (text, members), marker in zip(groups.items(), "o^vD<>pP*hX"):
+            ax.scatter([x_kd[i] for i in members], [rows[i][f"kd_ndcg@{K}"] for i in members], label=text,
+                       color=COLOURS["student_kd"], marker=marker, alpha=0.85)
         twins = {(x, r[f"twin_ndcg@{K}"]) for x, r in zip(x_twin, rows) if f"twin_ndcg@{K}" in r}
         if twins:
             ax.scatter(*zip(*sorted(twins)), label="twin (no teacher)", color=COLOURS["student_baseline"], marker="s")

@@ -5,7 +5,10 @@ The store is computed once; students are cheap. The members are every size in
 that fits, :func:`distill.sizing.fit_to_budget`) times every seed in ``sweep.seeds``, each
 distilled and (``sweep.twins``) its twin trained without the teacher. Each member is the
 student recipe (:mod:`cluster.distill`'s worker loop) as its own Ray Train run, writing
-``run_dir/sweep/<member>/``; ``sweep.concurrent`` of them run at once, several
+``run_dir/sweep/<member>/``. Levers (``sweep.variants``: named overrides of ``distill.*`` /
+``student.train.*``) add one distilled member per size, seed and variant, all compared with
+the same twin; ``sweep.with_augmented`` adds members trained on the store's augmented rows.
+``sweep.concurrent`` of them run at once, several
 ``TorchTrainer`` s under this one driver, each with its own workers.
 
 A member is finished when its ``history.json`` says complete under its own stage
@@ -23,7 +26,7 @@ from typing import Any, Optional
 
 from cluster import frontier
 from cluster.common import save_resolved_config
-from cluster.config import Config, ConfigError
+from cluster.config import Config, ConfigError, build_config
 from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.student_batches import augmentation_in_use, student_source
 from data_pipeline import fsio
@@ -43,6 +46,7 @@ class Member:
     model: ModelConfig
     params: int
     augmented: bool = False  # distilled on the store's augmented rows too
+    variant: str = ""  # a name in sweep.variants: its overrides apply to this (distilled) member
 
     @property
     def twin_name(self) -> str:
@@ -80,7 +84,11 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
         for seed in cfg.sweep.seeds:
             for baseline, augmented in kinds:
                 kind = "twin" if baseline else "kdaug" if augmented else "kd"
-                members.append(Member(f"{size_label(fraction)}-s{seed}-{kind}", fraction, seed, baseline, model, params, augmented))
+                for variant in ([""] if baseline else ["", *cfg.sweep.variants]):
+                    name = f"{size_label(fraction)}-s{seed}-{kind}" + (f"-{variant}" if variant else "")
+                    members.append(Member(name, fraction, seed, baseline, model, params, augmented, variant))
+    for member in members:  # every variant's overrides are valid before anything trains
+        member_config(cfg, member)
     return members
 
 
@@ -92,7 +100,10 @@ def member_config(cfg: Config, member: Member) -> Config:
     tree["scaling"].update(num_workers=cfg.sweep.workers_per_member, min_workers=None)
     if not member.baseline:
         tree["distill"]["augmented"] = "use" if member.augmented else "skip"
-    return Config.model_validate(tree)
+    try:
+        return build_config(tree, cfg.sweep.variants.get(member.variant, []))
+    except ConfigError as exc:
+        raise ConfigError(f"sweep.variants.{member.variant}: {exc}") from None
 
 
 def member_folder(cfg: Config, member: Member) -> str:

@@ -1,6 +1,6 @@
 """The frontier's pure parts: epochs to reach the twin, and the table (no Ray, no models)."""
 
-from cluster.frontier import _epochs_to_reach, format_table
+from cluster.frontier import _epochs_to_reach, _plot, format_table
 
 
 def test_epochs_to_reach_the_twins_best_validation():
@@ -20,3 +20,12 @@ def test_the_table_shows_the_gain_with_its_interval_and_never_reached():
     table = format_table(result)
     assert "| 1in10-s0-kd | 10.0% | 2,000 | 0.3600 | 0.3000 | +20.0% (+5.0%, +35.0%) | 90% | 0.0100 | never (twin: 4) |" in table
     assert "| 1in5-s0-kd | 20.0% | 4,000 | 0.3800 | - | - | 95% | 0.0200 | - |" in table
+
+
+def test_the_plot_draws_every_kind_of_member():
+    row = {"teacher_share": 0.1, "params": 2_000, "kd_ndcg@10": 0.36, "twin_ndcg@10": 0.30, "kd_keeps_of_teacher": 0.9,
+           "kd_latency_ms_per_request": 0.01, "twin_latency_ms_per_request": 0.01}
+    rows = [{**row, "member": "1in10-s0-kd"}, {**row, "member": "1in10-s0-kdaug", "augmented": True, "kd_ndcg@10": 0.37},
+            {**row, "member": "1in10-s0-kd-a05", "variant": "a05", "kd_ndcg@10": 0.35}]
+    png = _plot({"metric": "NDCG@10", "users": 9, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": rows})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

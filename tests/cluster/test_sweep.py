@@ -66,6 +66,18 @@ def test_with_augmented_adds_a_member_per_size_and_seed_and_needs_augmented_rows
     # Without with_augmented the distilled members follow distill.augmented (auto: the store has them).
     auto = plan_members(small_config(tmp_path / "run", *STUDENT, "sweep.fractions=[0.1]"), plan)
     assert [m.name for m in auto] == ["1in10-s0-kdaug", "1in10-s0-twin"]
+    # Levers: one more distilled member per size, seed and variant, each with its own overrides, the same twin.
+    levers = small_config(tmp_path / "run", *STUDENT, "sweep.fractions=[0.1]",
+                          "sweep.variants={a05: [distill.alpha=0.5], t2: [distill.temperature=2, student.train.lr=0.01]}")
+    members = plan_members(levers, plan)
+    assert [m.name for m in members] == ["1in10-s0-kdaug", "1in10-s0-kdaug-a05", "1in10-s0-kdaug-t2", "1in10-s0-twin"]
+    configs = [member_config(levers, m) for m in members]
+    assert [c.distill.alpha for c in configs[:3]] == [0.2, 0.5, 0.2] and configs[2].student.train.lr == 0.01
+    assert len({m.twin_name for m in members}) == 1
+    with pytest.raises(ConfigError, match="(?s)sweep.variants.bad: .*distill.temperature"):
+        plan_members(small_config(tmp_path / "run", *STUDENT, "sweep.variants={bad: [distill.temperature=-1]}"), plan)
+    with pytest.raises(ConfigError, match="must be a dotted override of a distill.\\* or student.train.\\* key"):
+        small_config(tmp_path / "run", "sweep.variants={k: [precompute.k=5]}")
     with pytest.raises(ConfigError, match="sweep.with_augmented: the soft-label store at .* has no augmented rows"):
         plan_members(cfg, SimpleNamespace(dataset={"num_items": 60}, teacher=teacher, store={"teacher_fingerprint": "t"}))
 
