@@ -117,7 +117,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
     attempt_id = _broadcast_object(attempt, dist) if world > 1 else attempt
     params = count_parameters(mcfg, num_items)
-    kd_options = {"K": dcfg.ranking_top} if dcfg.loss == "ranking" else {}
+    kd_options = {"ranking": {"K": dcfg.ranking_top},
+                  "dkd": {"target_weight": dcfg.dkd_target_weight, "nontarget_weight": dcfg.dkd_nontarget_weight}}.get(dcfg.loss, {})
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:

@@ -80,12 +80,14 @@ class TrainConfig(Section):
 
 
 class DistillConfig(Section):
-    loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking"] = "kl_topk_tail"
+    loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd"] = "kl_topk_tail"
     # T=1 by default: the only temperature at which the top-k + tail bucket is exact (the store keeps
     # the T=1 normaliser); at T=2 the equal-tail approximation inflates the tail on a large catalog.
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.2, ge=0, le=1, description="Weight of the hard-label loss; 1 = no teacher.")
     ranking_top: int = Field(10, gt=0, description="Teacher top-K used as weighted positives by loss=ranking.")
+    dkd_target_weight: float = Field(1.0, ge=0, description="loss=dkd: weight of the target term (TCKD).")
+    dkd_nontarget_weight: float = Field(8.0, ge=0, description="loss=dkd: weight of the non-target term (NCKD).")
     # The streaming order: J virtual shards, fixed for a run, independent of the worker count (J >= workers).
     num_virtual_shards: int = Field(16, gt=0)
     prefetch_blocks: int = Field(3, gt=0)

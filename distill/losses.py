@@ -51,6 +51,7 @@ from typing import Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from distill.losses_dkd import dkd_topk_tail
 from distill.losses_alt import jsd_topk, kl_sampled, ranking_distillation, reverse_kl_topk
 from distill.losses_topk import _check_temperature, kl_topk, kl_topk_tail, teacher_bucket_log_probs
 from distill.model import PAD_ID
@@ -59,6 +60,7 @@ __all__ = [
     "KINDS",
     "distillation_loss",
     "distillation_terms",
+    "dkd_topk_tail",
     "hard_label_ce",
     "jsd_topk",
     "kl_sampled",
@@ -72,7 +74,7 @@ __all__ = [
 Tensor = torch.Tensor
 
 #: The KD terms :func:`distillation_loss` knows; the same names as ``DistillConfig.loss``.
-KINDS = ("kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking")
+KINDS = ("kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd")
 
 
 # --------------------------------------------------------------------------------------
@@ -128,6 +130,10 @@ _KD: dict[str, tuple[tuple[str, ...], Callable[..., tuple[Tensor, Tensor]]]] = {
             s, d["topk_ids"], **{"K": min(10, d["topk_ids"].shape[1]), **o}
         ),
     ),
+    "dkd": (
+        ("topk_ids", "topk_logits", "lse", "targets"),
+        lambda s, d, T, o: dkd_topk_tail(s, d["topk_ids"], d["topk_logits"], d["lse"], d["targets"], T, **o),
+    ),
 }
 assert tuple(_KD) == KINDS
 
@@ -173,11 +179,13 @@ def distillation_terms(
         terms["hard"] = (hard, count)
     if alpha < 1.0:
         needed, fn = _KD[kind]
-        missing = [name for name in needed if soft is None or name not in soft]
+        missing = [name for name in needed if name != "targets" and (soft is None or name not in soft)]
         if missing:
             have = sorted(soft) if soft else []
             raise ValueError(f"distillation loss {kind!r} needs soft labels {missing}; got {have}")
         kd_rows = has_target if augmented is None else has_target | augmented
+        if "targets" in needed:  # dkd: the true next item, none (0) on augmented positions
+            soft = {**soft, "targets": targets if augmented is None else targets.masked_fill(augmented, PAD_ID)}
         rows = {name: t[kd_rows.to(t.device)] for name, t in soft.items() if name in needed or name == "lse"}
         kd, _ = fn(student_logits[kd_rows], rows, T, kd_options)
         terms["kd"] = (kd, kd_rows.sum())
@@ -199,7 +207,8 @@ def distillation_loss(
         kind: one of :data:`KINDS` (= ``DistillConfig.loss``): "kl_topk" (:func:`kl_topk`),
             "kl_topk_tail" (:func:`kl_topk_tail`), "kl_sampled" (:func:`kl_sampled`),
             "reverse_kl" (:func:`reverse_kl_topk`), "jsd" (:func:`jsd_topk`), "ranking"
-            (:func:`ranking_distillation`, K = min(10, k) unless given).
+            (:func:`ranking_distillation`, K = min(10, k) unless given), "dkd"
+            (:func:`dkd_topk_tail`, decoupled target / non-target terms).
         alpha: weight of the hard-label term in [0, 1]. ``alpha == 1`` never reads
             ``soft`` (it may be None or empty: the no-teacher baseline); ``alpha == 0``
             skips the hard-label term.

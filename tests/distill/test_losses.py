@@ -14,6 +14,7 @@ from distill.losses import (
     KINDS,
     distillation_loss,
     distillation_terms,
+    dkd_topk_tail,
     hard_label_ce,
     jsd_topk,
     kl_sampled,
@@ -230,6 +231,7 @@ def test_alpha_zero_is_kd_and_mixing_is_linear():
         "reverse_kl": reverse_kl_topk(s, sub["topk_ids"], sub["topk_logits"], T)[0],
         "jsd": jsd_topk(s, sub["topk_ids"], sub["topk_logits"], sub["lse"], T)[0],
         "ranking": ranking_distillation(s, sub["topk_ids"], K=6)[0],
+        "dkd": dkd_topk_tail(s, sub["topk_ids"], sub["topk_logits"], sub["lse"], targets[keep], T)[0],
     }
     hard, _ = hard_label_ce(student, targets)
     for kind in KINDS:
@@ -267,8 +269,12 @@ def test_augmented_positions_never_reach_the_hard_label_term():
         hard, hard_count = hard_label_ce(student[real], targets[real])
         torch.testing.assert_close(terms["hard"][0], hard)
         assert int(terms["hard"][1]) == int(real.sum()) == 5  # position 3: no target, not augmented
-        kd_ref, _, _ = distillation_loss(kind, 0.0, 2.0, student[kd_rows], torch.ones(int(kd_rows.sum()), dtype=torch.long),
-                                      {n: t[kd_rows] for n, t in soft.items()})
+        if kind == "dkd":  # the true next item matters to DKD: none on augmented positions
+            kd_ref, _ = dkd_topk_tail(student[kd_rows], soft["topk_ids"][kd_rows], soft["topk_logits"][kd_rows],
+                                      soft["lse"][kd_rows], targets.masked_fill(augmented, 0)[kd_rows], 2.0)
+        else:
+            kd_ref, _, _ = distillation_loss(kind, 0.0, 2.0, student[kd_rows], torch.ones(int(kd_rows.sum()), dtype=torch.long),
+                                          {n: t[kd_rows] for n, t in soft.items()})
         torch.testing.assert_close(terms["kd"][0], kd_ref)
         assert int(terms["kd"][1]) == int(kd_rows.sum()) == 9
         grad, = torch.autograd.grad(terms["hard"][0], student)
