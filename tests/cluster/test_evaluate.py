@@ -20,6 +20,17 @@ def _export(folder: str, model_cfg, num_items: int, dataset_fingerprint: str, se
     return save_model(folder, model.state_dict(), model_cfg, num_items, {"dataset_fingerprint": dataset_fingerprint})
 
 
+def _run_with_models(tmp_path, *names: str):
+    """A prepared small run with random exports of ``names`` (teacher, student, baseline): (cfg, layout, dataset)."""
+    cfg = small_config(tmp_path / "run")
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
+    n, fp = dataset["num_items"], dataset["fingerprint"]
+    for seed, name in enumerate(names):
+        _export(getattr(layout, name), cfg.teacher.model if name == "teacher" else cfg.student.model, n, fp, seed=seed)
+    return cfg, layout, dataset
+
+
 def test_a_teacher_given_by_teacher_checkpoint_is_evaluated_and_reported(tmp_path):
     # A teacher trained once, elsewhere, and reused by this run (teacher.checkpoint): the
     # report must score it, not only a teacher in this run's own folder.
@@ -42,13 +53,8 @@ def test_a_teacher_given_by_teacher_checkpoint_is_evaluated_and_reported(tmp_pat
 def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_times_and_the_frontier(tmp_path):
     import json
 
-    cfg = small_config(tmp_path / "run")
-    layout = RunLayout(cfg.run.run_dir)
-    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
-    n, fp = dataset["num_items"], dataset["fingerprint"]
-    _export(layout.teacher, cfg.teacher.model, n, fp, seed=0)
-    _export(layout.student, cfg.student.model, n, fp, seed=1)
-    _export(layout.baseline, cfg.student.model, n, fp, seed=2)
+    cfg, layout, dataset = _run_with_models(tmp_path, "teacher", "student", "baseline")
+    n = dataset["num_items"]
     metrics = evaluate.run(cfg)
     gain = metrics["gains"]["student_kd_over_baseline"]
     assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == sum(dataset["splits"]["test"]["rows"])
@@ -86,12 +92,7 @@ def _flip_a_bit(path) -> None:
 
 
 def test_a_damaged_export_is_named_not_dropped_and_the_report_says_so(tmp_path, capsys):
-    cfg = small_config(tmp_path / "run")
-    layout = RunLayout(cfg.run.run_dir)
-    dataset = prepare_dataset(cfg.data, layout.data, seed=0)
-    n, fp = dataset["num_items"], dataset["fingerprint"]
-    _export(layout.teacher, cfg.teacher.model, n, fp, seed=0)
-    _export(layout.student, cfg.student.model, n, fp, seed=1)
+    cfg, layout, dataset = _run_with_models(tmp_path, "teacher", "student")
     _flip_a_bit(tmp_path / "run" / "student" / "model.safetensors")
 
     with pytest.raises(evaluate.DamagedExports, match=f"export {layout.student} is damaged") as err:
