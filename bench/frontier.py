@@ -1,0 +1,113 @@
+"""The distillation frontier as a benchmark: run (or resume) ``recdistill sweep`` and check the goal.
+
+    python -m bench.frontier --config configs/ml1m.yaml --name ml1m \
+        sweep.fractions=[0.2,0.1,0.05,0.02,0.01] sweep.seeds=[0,1]
+
+The sweep resumes member by member, so a run cut short by the session is continued by the
+same command. Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
+member, distilled and twin, the paired-bootstrap gain), a per-size summary over seeds, the
+issue's goal checked (at <= 1/10 of the teacher: +5% over the twin with the 95% interval
+above 0 and >= 90% of the teacher kept; at every size the distilled student level with its
+twin or better), and the costs: the store's precompute time and each member's training
+time beside one student's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+GOAL_GAIN, GOAL_KEEPS, GOAL_FRACTION = 0.05, 0.90, 0.1
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kind of distilled member (plain, augmented, each variant) and size: means over seeds, and the goal."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        kind = ("kdaug" if r.get("augmented") else "kd") + (f"-{r['variant']}" if r.get("variant") else "")
+        groups[(kind, r["fraction"])].append(r)
+    sizes = []
+    for (kind, fraction), members in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        with_twin = [m for m in members if "gain_over_twin" in m]
+        entry = {"kind": kind, "fraction": fraction, "seeds": len(members), "params": members[0]["params"],
+                 "kd_ndcg@10": sum(m["kd_ndcg@10"] for m in members) / len(members),
+                 "keeps_of_teacher": sum(m["kd_keeps_of_teacher"] for m in members) / len(members)}
+        if with_twin:
+            entry.update({"twin_ndcg@10": sum(m["twin_ndcg@10"] for m in with_twin) / len(with_twin),
+                          "gains": [m["gain_over_twin"] for m in with_twin],
+                          "all_ci_above_0": all(m["gain_over_twin"]["ci95_low"] > 0 for m in with_twin)})
+            entry["mean_gain"] = entry["kd_ndcg@10"] / entry["twin_ndcg@10"] - 1 if len(with_twin) == len(members) else None
+        sizes.append(entry)
+
+    def meets(entry: dict) -> bool:
+        gains = entry.get("gains") or []
+        return bool(gains) and all(g["gain"] >= GOAL_GAIN and g["ci95_low"] > 0 for g in gains) and entry["keeps_of_teacher"] >= GOAL_KEEPS
+
+    goal = {}
+    for kind in sorted({e["kind"] for e in sizes}):
+        mine = [e for e in sizes if e["kind"] == kind]
+        small = [e for e in mine if e["fraction"] <= GOAL_FRACTION + 1e-9]
+        level = [e for e in mine if e.get("twin_ndcg@10") is not None]
+        goal[kind] = {"small_student_meets_gain_and_keep": [e["fraction"] for e in small if meets(e)],
+                      "level_with_twin_at_every_size": bool(level) and all(e["kd_ndcg@10"] >= e["twin_ndcg@10"] for e in level)}
+    return {"sizes": sizes, "goal": goal,
+            "goal_definition": f"at <= {GOAL_FRACTION:g} of the teacher: every seed's gain over its twin >= {GOAL_GAIN:.0%} "
+                               f"with the 95% CI above 0, and >= {GOAL_KEEPS:.0%} of the teacher's NDCG@10 kept (mean over "
+                               "seeds); at every size the mean distilled NDCG@10 >= the mean twin's"}
+
+
+def costs(cfg, members: list, store: dict) -> dict[str, Any]:
+    """Training seconds of each member (summed over its epochs, from its history) and the store's precompute time."""
+    from cluster.sweep import member_folder
+    from data_pipeline import fsio
+
+    out = {}
+    for m in members:
+        history = fsio.read_json(fsio.join(member_folder(cfg, m), "history.json"), cfg.data.storage_options)["history"]
+        out[m.name] = {"epochs": len(history), "train_seconds": sum(h["train_seconds"] for h in history)}
+    extra = store.get("extra", {})
+    return {"members": out, "precompute_seconds_last_run": extra.get("seconds_this_run"),
+            "precompute_workers": extra.get("workers"), "store_positions": store["num_positions"],
+            "augmentation": store.get("augmentation")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from cluster import sweep
+    from cluster.common import code_version
+    from cluster.config import load_config
+    from cluster.plan import build_plan
+
+    cfg = load_config(args.config, args.overrides).with_absolute_paths()
+    started = time.perf_counter()
+    frontier = sweep.run(cfg)
+    wall = time.perf_counter() - started
+    plan = build_plan(cfg)
+    members = sweep.plan_members(cfg, plan)
+    result = {"benchmark": "frontier", "config": args.config, "overrides": args.overrides, **code_version(),
+              "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"]),
+              "costs": costs(cfg, members, plan.store)}
+    out = Path("bench/results") / f"frontier_{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'kind':<14}{'size':>8}{'params':>10}{'distilled':>11}{'twin':>9}{'gain':>9}{'keeps':>8}  seeds")
+    for e in result["summary"]["sizes"]:
+        gain = f"{e['mean_gain']:+.1%}" if e.get("mean_gain") is not None else "-"
+        twin = f"{e['twin_ndcg@10']:.4f}" if "twin_ndcg@10" in e else "-"
+        print(f"{e['kind']:<14}{e['fraction']:>8g}{e['params']:>10,}{e['kd_ndcg@10']:>11.4f}{twin:>9}{gain:>9}"
+              f"{e['keeps_of_teacher']:>8.0%}  {e['seeds']}")
+    print(json.dumps(result["summary"]["goal"], indent=1))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bench.frontier: the per-size summary over seeds and the issue's goal, from frontier rows."""
+
+from __future__ import annotations
+
+from bench.frontier import summarise
+
+
+def row(fraction, seed, kd, twin, low, keeps, **kind):
+    return {"member": f"{fraction}-s{seed}", "fraction": fraction, "seed": seed, "params": int(10_000 * fraction),
+            "kd_ndcg@10": kd, "twin_ndcg@10": twin, "kd_keeps_of_teacher": keeps,
+            "gain_over_twin": {"gain": kd / twin - 1, "ci95_low": low, "ci95_high": kd / twin - 1 + 0.02}, **kind}
+
+
+def test_the_goal_needs_every_seed_above_five_percent_with_the_interval_above_zero():
+    rows = [row(0.2, 0, 0.30, 0.29, -0.01, 0.95), row(0.1, 0, 0.28, 0.26, 0.03, 0.92), row(0.1, 1, 0.282, 0.262, 0.02, 0.93),
+            row(0.05, 0, 0.24, 0.25, -0.08, 0.80)]
+    summary = summarise(rows)
+    sizes = {e["fraction"]: e for e in summary["sizes"]}
+    assert sizes[0.1]["seeds"] == 2 and abs(sizes[0.1]["kd_ndcg@10"] - 0.281) < 1e-9
+    assert abs(sizes[0.1]["mean_gain"] - (0.281 / 0.261 - 1)) < 1e-9
+    assert summary["goal"]["kd"] == {"small_student_meets_gain_and_keep": [0.1], "level_with_twin_at_every_size": False}
+    # One seed under 5% and the size no longer meets the goal.
+    rows[2] = row(0.1, 1, 0.27, 0.262, 0.001, 0.93)
+    assert summarise(rows)["goal"]["kd"]["small_student_meets_gain_and_keep"] == []
+
+
+def test_kinds_are_summarised_apart():
+    rows = [row(0.1, 0, 0.28, 0.26, 0.03, 0.92), row(0.1, 0, 0.29, 0.26, 0.04, 0.95, augmented=True),
+            row(0.1, 0, 0.25, 0.26, -0.1, 0.85, variant="dkd")]
+    kinds = {e["kind"]: e for e in summarise(rows)["sizes"]}
+    assert set(kinds) == {"kd", "kdaug", "kd-dkd"}
+    goal = summarise(rows)["goal"]
+    assert goal["kdaug"]["small_student_meets_gain_and_keep"] == [0.1] and goal["kd-dkd"]["level_with_twin_at_every_size"] is False
