@@ -43,6 +43,9 @@ class TeacherConfig(Section):
     model: ModelConfig = ModelConfig(d_model=64, num_layers=2, num_heads=2, ffn_dim=256)
     train: TrainConfig = TrainConfig()
     checkpoint: Optional[str] = Field(None, description="An exported teacher to use instead of training one.")
+    ensemble: list[str] = Field(default_factory=list, description=(
+        "More exported teachers (other seeds or architectures, trained on this dataset): precompute labels with the "
+        "mixture of their distributions and this run's teacher's, and evaluate scores the ensemble too."))
 
 
 class StudentConfig(Section):
@@ -142,8 +145,10 @@ class Config(Section):
         data = self.data.model_copy(update={"path": absolute(self.data.path)})
         run = self.run.model_copy(update={"run_dir": absolute(self.run.run_dir)})
         updates: dict[str, Any] = {"data": data, "run": run}
+        teacher: dict[str, Any] = {"ensemble": [absolute(url) for url in self.teacher.ensemble]}
         if self.teacher.checkpoint:
-            updates["teacher"] = self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint)})
+            teacher["checkpoint"] = absolute(self.teacher.checkpoint)
+        updates["teacher"] = self.teacher.model_copy(update=teacher)
         return self.model_copy(update=updates)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
 from distill.metrics import paired_bootstrap_gain
 from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
-from cluster.models import load_model
+from cluster.models import load_model, load_scorer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,14 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"], latency=latency_per_batch(scorer, requests))
         results[name] = scores
         scorers[name] = scorer
+    if cfg.teacher.ensemble and "teacher" in scorers:
+        # The teacher that labelled the store: the mixture of the run's teacher and teacher.ensemble's members
+        # (a damaged member is an error: the ensemble cannot be scored without it).
+        ensemble, params, _ = load_scorer([model_exports(cfg)["teacher"], *cfg.teacher.ensemble], manifest, storage, device)
+        scores = evaluate_split(ensemble, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        scores.update(params=params, bytes=params * 4, members=1 + len(cfg.teacher.ensemble),
+                      latency=latency_per_batch(ensemble, requests))
+        results["teacher_ensemble"] = scores
     gains = {}
     if "student_kd" in scorers and "student_baseline" in scorers:
         # The same test users for both: a paired bootstrap of the distilled student's gain over its twin.

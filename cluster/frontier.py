@@ -17,25 +17,23 @@ import numpy as np
 import torch
 
 from cluster.config import Config
-from cluster.models import load_model
+from cluster.models import load_scorer
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split
-from data_pipeline.exports import check_export_fits_dataset
 from data_pipeline.layout import RunLayout
-from distill.evaluate import latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg
+from distill.evaluate import latency_per_batch, left_pad_list_array, per_user_ndcg
 from distill.metrics import paired_bootstrap_gain
 
 K = 10
 
 
-def _score(url: str, storage: dict, dataset: dict, test, requests: torch.Tensor) -> dict[str, Any]:
-    model, meta = load_model(url, storage)
-    check_export_fits_dataset(meta, dataset, url)
-    scorer = model_scorer(model, meta["model"]["max_len"])
+def _score(urls: list[str], storage: dict, dataset: dict, test, requests: torch.Tensor) -> dict[str, Any]:
+    """One model, or (several urls) the mixture of a teacher ensemble."""
+    scorer, params, fingerprints = load_scorer(urls, dataset, storage)
     per_user = per_user_ndcg(scorer, test, dataset["num_items"], k=K)
     latency = latency_per_batch(scorer, requests)
-    return {"per_user": per_user, f"ndcg@{K}": float(per_user.mean()), "params": sum(p.numel() for p in model.parameters()),
-            "latency_ms_per_request": latency["p50_ms"] / len(requests), "fingerprint": meta["fingerprint"]}
+    return {"per_user": per_user, f"ndcg@{K}": float(per_user.mean()), "params": params,
+            "latency_ms_per_request": latency["p50_ms"] / len(requests), "fingerprint": "+".join(fingerprints)}
 
 
 def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
@@ -52,8 +50,9 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
     dataset = plan.dataset
     test = read_split(layout.data, "test", storage, dataset)
     requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history")))
-    teacher = _score(plan.teacher_url, storage, dataset, test, requests)
-    scored = {m.name: _score(folder, storage, dataset, test, requests) for m, folder in members}
+    # The teacher the students learnt from: with teacher.ensemble, the mixture that labelled the store.
+    teacher = _score([plan.teacher_url, *cfg.teacher.ensemble], storage, dataset, test, requests)
+    scored = {m.name: _score([folder], storage, dataset, test, requests) for m, folder in members}
     histories = {m.name: fsio.read_json(fsio.join(folder, "history.json"), storage)["history"] for m, folder in members}
 
     rows = []

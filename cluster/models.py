@@ -38,3 +38,27 @@ def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -
     tied_ok = {"output.weight"} if model.cfg.tied_embeddings else set()
     if unexpected or set(missing) - tied_ok:
         raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def load_scorer(urls: list[str], dataset: dict[str, Any], storage_options=None, device: torch.device | str = "cpu"):
+    """A next-item scorer over exported models: one model's scores, or the mixture of several (an ensemble,
+    :func:`distill.ensemble.ensemble_log_probs`). Each export is checked against its fingerprint and the
+    dataset. Returns ``(scorer, total parameters, fingerprints)``."""
+    from data_pipeline.exports import check_export_fits_dataset
+    from distill.ensemble import ensemble_log_probs
+    from distill.evaluate import model_scorer
+
+    scorers, params, fingerprints = [], 0, []
+    for url in urls:
+        model, meta = load_model(url, storage_options)
+        check_export_fits_dataset(meta, dataset, url)
+        scorers.append(model_scorer(model.to(device), meta["model"]["max_len"]))
+        params += sum(p.numel() for p in model.parameters())
+        fingerprints.append(meta["fingerprint"])
+    if len(scorers) == 1:
+        return scorers[0], params, fingerprints
+
+    def mixture(histories: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs([score(histories) for score in scorers])
+
+    return mixture, params, fingerprints

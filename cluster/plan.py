@@ -24,11 +24,11 @@ from typing import Any, Iterable, Optional
 from cluster.common import teacher_url
 from cluster.config import Config, stage_fingerprint
 from cluster.student_batches import augmentation_in_use, student_source
-from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, size_warnings
+from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, size_warnings
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest, read_split
-from data_pipeline.exports import ExportError, read_export_meta
+from data_pipeline.exports import ExportError, ensemble_fingerprint, read_export_meta
 from data_pipeline.layout import RunLayout
 
 STAGES = ("prepare", "train-teacher", "precompute", "distill", "distill --baseline", "evaluate")
@@ -73,6 +73,8 @@ class RunPlan:
     stages: dict[str, StagePlan]
     problems: list[Problem]
     warnings: list[Problem] = field(default_factory=list)  # works, but probably not what the user wants
+    # Who labels the store: the teacher, or the mixture of it and teacher.ensemble's members (their fingerprint).
+    labels_fingerprint: Optional[str] = None
 
     def stage(self, name: str) -> StagePlan:
         return self.stages[name]
@@ -152,7 +154,7 @@ class _Planner:
         if self.dataset:
             self.warnings += size_warnings(self.cfg, self.dataset["num_items"], self.teacher)
         return RunPlan(self.cfg.run.run_dir, self.dataset, self.num_sequences, self.teacher_url, self.teacher,
-                       self.store, self.layout, self.stages, self.problems, self.warnings)
+                       self.store, self.layout, self.stages, self.problems, self.warnings, self.labels_fingerprint)
 
     # ---- checks that need nothing but the config
 
@@ -235,10 +237,17 @@ class _Planner:
                           f"{cfg.scaling.num_workers} (teacher hosted under ZeRO-{cfg.deepspeed.zero_stage})")
         self.stages["precompute"] = stage
         self.store, self.store_problem = None, None
-        if self.teacher and self.dataset:  # the store must fit the teacher export that exists now
+        members, problems = ensemble_members(cfg, self.teacher, self.dataset, self.storage)
+        self.problems += problems
+        self.labels_fingerprint = None
+        if self.teacher and len(members) == len(cfg.teacher.ensemble):
+            self.labels_fingerprint = ensemble_fingerprint([self.teacher["fingerprint"], *(m["fingerprint"] for m in members)])
+            if members:
+                stage.fingerprints["teacher ensemble"] = self.labels_fingerprint
+        if self.labels_fingerprint and self.dataset:  # the store must fit the teacher (ensemble) that exists now
             try:
                 self.store = soft_labels.load_store_manifest(
-                    paths.soft_labels, self.storage, expect_teacher=self.teacher["fingerprint"],
+                    paths.soft_labels, self.storage, expect_teacher=self.labels_fingerprint,
                     expect_dataset=self.dataset["fingerprint"], expect_num_items=self.dataset["num_items"])
                 self._check_store_spec()
                 stage.fingerprints["store teacher"] = self.store["teacher_fingerprint"]
@@ -323,10 +332,10 @@ class _Planner:
         folder = paths.baseline if baseline else paths.student
         reads = {"dataset": paths.data} if baseline else {"store": paths.soft_labels, "teacher": self.teacher_url}
         workers = str(cfg.scaling.num_workers) if cfg.scaling.min_workers is None else f"{cfg.scaling.min_workers}..{cfg.scaling.num_workers} (elastic)"
-        teacher_fp = None if baseline or not self.teacher else student_source(self.teacher["fingerprint"], cfg, self.store)
+        teacher_fp = None if baseline or not self.labels_fingerprint else student_source(self.labels_fingerprint, cfg, self.store)
         # The distilled student's fingerprint includes its teacher's: checked against the export there now
         # (a pipeline that trains a new teacher checks again when it re-plans after train-teacher).
-        knowable = baseline or self.teacher is not None
+        knowable = baseline or self.labels_fingerprint is not None
         action = self._progress(folder, "baseline" if baseline else "student", teacher_fp, check=knowable)
         stage = StagePlan(name, action, reads, folder, workers)
         if knowable:

@@ -92,3 +92,28 @@ def _legacy_settings(manifest: dict[str, Any], wanted: dict[str, Any]) -> dict[s
     if wanted["format"] == "synthetic" and "synthetic" in manifest:
         recorded.update(synthetic=manifest["synthetic"], seed=manifest.get("seed"))
     return recorded
+
+
+def ensemble_members(cfg: Config, teacher: Optional[dict[str, Any]], dataset: Optional[dict[str, Any]],
+                     storage: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """The export metadata of ``teacher.ensemble``'s members, and what keeps them from labelling with
+    the run's teacher: a missing export, another catalog or dataset, another window (``max_len``)."""
+    from data_pipeline.exports import ExportError, read_export_meta
+
+    metas, problems = [], []
+    for url in cfg.teacher.ensemble:
+        try:
+            meta = read_export_meta(url, storage)
+        except ExportError as exc:
+            problems.append(Problem("precompute", f"teacher.ensemble: {exc}"))
+            continue
+        metas.append(meta)
+        if dataset and (meta["num_items"] != dataset["num_items"]
+                        or meta.get("dataset_fingerprint") not in (None, dataset["fingerprint"])):
+            problems.append(Problem("precompute", f"teacher.ensemble: the model at {url} was trained on another dataset "
+                                                  f"({meta['num_items']} items, dataset {str(meta.get('dataset_fingerprint'))[:12]}…)"))
+        if teacher and meta["model"]["max_len"] != teacher["model"]["max_len"]:
+            problems.append(Problem("precompute", f"teacher.ensemble: the model at {url} reads {meta['model']['max_len']} items "
+                                                  f"of history, the run's teacher {teacher['model']['max_len']}: an ensemble "
+                                                  "labels the same positions, so its members need the same max_len"))
+    return metas, problems

@@ -35,9 +35,10 @@ from cluster.plan import RunPlan, build_plan
 from cluster.config import Config, build_config
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
-from cluster.teacher_hosting import ShardedTeacher
+from cluster.teacher_hosting import host_teacher
 from data_pipeline import fsio
 from data_pipeline.augment import augment_sequences
+from data_pipeline.credentials import redact
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.exports import check_export_fits_dataset, verify_export
@@ -299,7 +300,9 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     pcfg = cfg.precompute
 
     manifest = load_manifest(layout.data, storage)
-    teacher = ShardedTeacher(teacher_url, storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16, device=ctx.device(runtime.use_gpu))
+    # One teacher, or the mixture of it and teacher.ensemble's members (each its own ZeRO engine).
+    teacher = host_teacher([teacher_url, *cfg.teacher.ensemble], storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16,
+                           device=ctx.device(runtime.use_gpu))
     check_export_fits_dataset(teacher.meta, manifest, teacher_url)
     users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
     rows = label_rows(users, sequences, pcfg.augment, manifest["num_items"], cfg.run.seed, teacher.model_cfg.max_len)
@@ -345,7 +348,8 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
                             "rows": len(positions) - rows.num_real, "positions": int(positions[rows.num_real:].sum())}
         store.write_manifest(
             layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(positions), int(positions.sum()),
-            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": teacher_url},
+            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": redact(teacher_url),
+                   "ensemble": [{"url": redact(url), "fingerprint": fp} for url, fp in getattr(teacher, "members", [])]},
             storage_options=storage, augmentation=augmentation,
         )
     metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only}
@@ -368,7 +372,11 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
     # The teacher's weights against its fingerprint (a full read), here, before any worker starts.
-    verify_export(plan.teacher_url, cfg.data.storage_options)
+    for url in (plan.teacher_url, *cfg.teacher.ensemble):
+        verify_export(url, cfg.data.storage_options)
+    if cfg.teacher.ensemble:
+        print(f"precompute: labels from the mixture of {1 + len(cfg.teacher.ensemble)} teachers "
+              f"(ensemble {plan.labels_fingerprint[:12]})", flush=True)
     print(f"precompute: teacher {plan.teacher['fingerprint'][:12]} from {plan.teacher_url}; {plan.num_sequences:,} sequences "
           f"in files of {plan.layout.store_rows_per_shard} and row groups of {plan.layout.store_row_group_size} "
           f"({plan.layout.origin['precompute.row_group_size']}) on {cfg.scaling.num_workers} workers", flush=True)

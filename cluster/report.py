@@ -21,9 +21,11 @@ from data_pipeline import fsio  # noqa: E402
 from data_pipeline.layout import RunLayout  # noqa: E402
 from cluster.config import Config  # noqa: E402
 
-LABELS = {"teacher": "teacher", "student_kd": "distilled student", "student_baseline": "baseline student", "popularity": "popularity"}
+LABELS = {"teacher": "teacher", "teacher_ensemble": "teacher ensemble", "student_kd": "distilled student",
+          "student_baseline": "baseline student", "popularity": "popularity"}
 # One colour per model in every plot (the sweep's frontier uses the same three).
-COLOURS = {"teacher": "tab:green", "student_kd": "tab:blue", "student_baseline": "tab:orange", "popularity": "tab:gray"}
+COLOURS = {"teacher": "tab:green", "teacher_ensemble": "tab:olive", "student_kd": "tab:blue", "student_baseline": "tab:orange",
+           "popularity": "tab:gray"}
 
 
 def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str, str]] = None,
@@ -33,7 +35,10 @@ def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str,
     the paired-bootstrap gain over the baseline (its interval is quoted when given)."""
     unavailable = unavailable or {}
     damaged = [LABELS[name] for name in damaged_names(unavailable) if name in LABELS]
-    teacher, student, baseline = models.get("teacher"), models.get("student_kd"), models.get("student_baseline")
+    # The student learnt from the ensemble when there is one: it is the teacher it is measured against.
+    teacher = models.get("teacher_ensemble") or models.get("teacher")
+    student, baseline = models.get("student_kd"), models.get("student_baseline")
+    teacher_name = "teacher ensemble" if "teacher_ensemble" in models else "teacher"
     if damaged and not (teacher and student):
         return f"the {' and the '.join(damaged)} export is damaged (weights do not match their fingerprint): no verdict"
     if not (teacher and student):
@@ -41,7 +46,7 @@ def verdict(models: dict[str, Any], k: int = 10, unavailable: Optional[dict[str,
         return f"no verdict yet: the {' and the '.join(missing)} {'is' if len(missing) == 1 else 'are'} not trained yet"
     key = f"ndcg@{k}"
     line = (
-        f"student keeps {100 * student[key] / teacher[key]:.0f}% of teacher NDCG@{k} "
+        f"student keeps {100 * student[key] / teacher[key]:.0f}% of {teacher_name} NDCG@{k} "
         f"with {100 * student['params'] / teacher['params']:.0f}% of its parameters"
     )
     if baseline:

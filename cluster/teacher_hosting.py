@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from data_pipeline import fsio
 from distill.config import ModelConfig
-from data_pipeline.exports import WEIGHTS, load_export, read_export_meta, verify_export
+from data_pipeline.exports import WEIGHTS, ensemble_fingerprint, load_export, read_export_meta, verify_export
+from distill.ensemble import ensemble_log_probs
 from cluster.models import load_weights
 from distill.model import SequentialRecommender
 
@@ -111,6 +112,42 @@ class ShardedTeacher:
         """(B, L) left-padded ids -> (B, num_items + 1) fp32 next-item scores. Collective under ZeRO-3."""
         inputs = histories[:, -self.model_cfg.max_len :].to(self.device)
         return self.engine.module.score_last(inputs).float()
+
+
+class EnsembleTeacher:
+    """Several exported teachers hosted side by side (each its own ZeRO engine), answering as one:
+    the mixture of their distributions (:func:`distill.ensemble.ensemble_log_probs`).
+
+    The same interface as :class:`ShardedTeacher`; ``fingerprint`` is the ensemble's
+    (:func:`data_pipeline.exports.ensemble_fingerprint`), ``members`` lists (url, fingerprint).
+    Every member must score the same catalog with the same ``max_len`` (the run plan checks).
+    """
+
+    def __init__(self, export_urls: list[str], storage_options=None, zero_stage: int = 3, bf16: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.teachers = [ShardedTeacher(url, storage_options, zero_stage, bf16, device) for url in export_urls]
+        first = self.teachers[0]
+        self.meta, self.model_cfg, self.num_items, self.device = first.meta, first.model_cfg, first.num_items, first.device
+        self.members = [(url, t.fingerprint) for url, t in zip(export_urls, self.teachers)]
+        self.fingerprint = ensemble_fingerprint([t.fingerprint for t in self.teachers])
+
+    def local_parameter_count(self) -> int:
+        return sum(t.local_parameter_count() for t in self.teachers)
+
+    def logits_all(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, num_items + 1) log-probabilities of the mixture. Collective (every member in turn)."""
+        return ensemble_log_probs([t.logits_all(inputs) for t in self.teachers])
+
+    def score_last(self, histories: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs([t.score_last(histories) for t in self.teachers])
+
+
+def host_teacher(export_urls: list[str], storage_options=None, zero_stage: int = 3, bf16: bool = False,
+                 device: torch.device | str = "cpu"):
+    """One exported teacher (:class:`ShardedTeacher`) or, given several, their :class:`EnsembleTeacher`."""
+    if len(export_urls) == 1:
+        return ShardedTeacher(export_urls[0], storage_options, zero_stage, bf16, device)
+    return EnsembleTeacher(export_urls, storage_options, zero_stage, bf16, device)
 
 
 def _local_copy(url: str, storage_options) -> str:

@@ -67,6 +67,14 @@ def check_export_fits_dataset(meta: dict[str, Any], dataset_manifest: dict[str, 
         )
 
 
+def ensemble_fingerprint(fingerprints: list[str]) -> str:
+    """The fingerprint of a teacher ensemble: its members' fingerprints, in any order (a mixture
+    does not depend on the order). One member is that member's own fingerprint."""
+    if len(fingerprints) == 1:
+        return fingerprints[0]
+    return hashlib.sha256(("ensemble:" + ",".join(sorted(fingerprints))).encode()).hexdigest()
+
+
 def verify_export(url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Check the weights against the recorded fingerprint, streaming (no tensors loaded); returns the metadata."""
     meta = read_export_meta(url, storage_options)

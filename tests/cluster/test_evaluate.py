@@ -75,6 +75,26 @@ def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_time
     assert "## Sweep frontier" in text and "| 1in10-s0-kd | 10.0% |" in text
 
 
+def test_a_teacher_ensemble_is_scored_as_the_mixture_and_is_the_teacher_of_the_verdict(tmp_path):
+    from cluster.models import load_scorer
+    from data_pipeline.dataset import read_split
+    from distill.evaluate import evaluate_split
+
+    member = str(tmp_path / "second-teacher")
+    cfg, layout, dataset = _run_with_models(tmp_path, "teacher", "student")
+    cfg = small_config(tmp_path / "run", f"teacher.ensemble=[{member}]")
+    _export(member, cfg.teacher.model, dataset["num_items"], dataset["fingerprint"], seed=7)
+    models = evaluate.run(cfg)["models"]
+    ens = models["teacher_ensemble"]
+    assert ens["members"] == 2 and ens["params"] == 2 * models["teacher"]["params"]
+    # The same numbers as the mixture scored directly, and not the first teacher's alone.
+    mixture, _, _ = load_scorer([layout.teacher, member], dataset)
+    test = read_split(layout.data, "test", None, dataset)
+    direct = evaluate_split(mixture, test, dataset["num_items"], cfg.eval.ks, cfg.eval.batch_size, "cpu")
+    assert ens["ndcg@10"] == direct["ndcg@10"] and ens["ndcg@10"] != models["teacher"]["ndcg@10"]
+    assert "of teacher ensemble NDCG@10" in report.run(cfg)
+
+
 def test_a_model_trained_on_another_dataset_is_refused_by_name(tmp_path):
     cfg = small_config(tmp_path / "run")
     layout = RunLayout(cfg.run.run_dir)

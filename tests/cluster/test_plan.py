@@ -228,3 +228,28 @@ def test_a_finished_student_of_another_dataset_is_not_done(tmp_path, capsys):
         {"history": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "baseline")}))
     _refused(capsys, ["pipeline", f"run.run_dir={run_dir}", *SMALL], "[distill --baseline]",
              "holds a student trained on dataset 000000000000", "to train it again")
+
+
+def test_a_teacher_ensemble_is_checked_and_its_store_is_the_mixtures(tmp_path, capsys):
+    run_dir = _prepared(tmp_path)
+    cfg = build_config({}, [f"run.run_dir={run_dir}", *SMALL])
+    dataset = load_manifest(str(run_dir / "data"))
+    teacher_fp = _teacher_export(str(run_dir / "teacher"), cfg, dataset["num_items"], dataset["fingerprint"])
+    (run_dir / "teacher" / "history.json").write_text(json.dumps(
+        {"history": [], "complete": True, "stage_fingerprint": stage_fingerprint(cfg, "teacher")}))
+    good, other_data, other_len = (str(tmp_path / name) for name in ("good", "other-data", "other-len"))
+    good_fp = _teacher_export(good, cfg, dataset["num_items"], dataset["fingerprint"])
+    _teacher_export(other_data, cfg, dataset["num_items"], "9" * 64)
+    longer = build_config({}, [f"run.run_dir={run_dir}", *SMALL, "teacher.model.max_len=80"])
+    _teacher_export(other_len, longer, dataset["num_items"], dataset["fingerprint"])
+    _refused(capsys, ["precompute", f"run.run_dir={run_dir}", *SMALL, f"teacher.ensemble=[{good},{other_data},{other_len},{tmp_path}/none]"],
+             f"the model at {other_data} was trained on another dataset", f"the model at {other_len} reads 80 items",
+             "teacher.ensemble: ", "none")
+    # A store labelled by the run's teacher alone is not the ensemble's: precompute runs again, distill waits for it.
+    (run_dir / "soft_labels").mkdir()
+    (run_dir / "soft_labels" / "manifest.json").write_text(json.dumps(
+        {"kind": "recdistill.soft_labels", "schema_version": 1, "teacher_fingerprint": teacher_fp,
+         "dataset_fingerprint": dataset["fingerprint"], "num_items": dataset["num_items"]}))
+    plan = build_plan(build_config({}, [f"run.run_dir={run_dir}", *SMALL, f"teacher.ensemble=[{good}]"]))
+    assert plan.labels_fingerprint not in (teacher_fp, good_fp) and plan.store is None
+    assert plan.stage("precompute").action == "run" and "made by teacher" in plan.stage("distill").missing_input

@@ -169,3 +169,39 @@ def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
         store.read_shard(url, manifest, manifest["shards"][0]["index"], storage)
     with pytest.raises(store.SoftLabelError, match=manifest["shards"][1]["file"]):
         store.read_shard(url, manifest, manifest["shards"][1]["index"], storage)
+
+
+def test_an_ensemble_labels_with_the_mixture_of_its_teachers(ray_session, tmp_path):
+    from data_pipeline.exports import ensemble_fingerprint, read_export_meta
+    from distill.ensemble import ensemble_log_probs
+
+    cfg = _run_config(str(tmp_path / "run"), {})
+    _make_teacher(cfg)
+    layout = RunLayout(cfg.run.run_dir)
+    dataset = load_manifest(layout.data)
+    torch.manual_seed(5)
+    second = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
+    with torch.no_grad():
+        second.item_emb.weight.mul_(30)
+    member = str(tmp_path / "second-teacher")
+    member_fp = save_model(member, second.state_dict(), cfg.teacher.model, dataset["num_items"],
+                           {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]})
+    cfg = _run_config(str(tmp_path / "run"), {}, f"teacher.ensemble=[{member}]")
+    precompute.run(cfg)
+    manifest, tables = _read_store(layout.soft_labels, {})
+    first, _ = load_model(layout.teacher)
+    first_fp = read_export_meta(layout.teacher)["fingerprint"]
+    assert manifest["teacher_fingerprint"] == ensemble_fingerprint([first_fp, member_fp])
+    assert [m["fingerprint"] for m in manifest["extra"]["ensemble"]] == [first_fp, member_fp]
+    spec = store.manifest_spec(manifest)
+    decoded = store.decode_positions(tables[0], spec)
+    second, _ = load_model(member)
+    for row, seq in enumerate(tables[0].column("inputs").to_pylist()[:4]):
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            mixed = ensemble_log_probs([first.scores(first(x)), second.scores(second(x))])[0, :, 1:]
+        values, columns = mixed.topk(spec.k, dim=-1)
+        a, b = decoded["row_offsets"][row : row + 2].tolist()
+        assert torch.equal(decoded["topk_ids"][a:b], columns + 1)
+        assert torch.all((decoded["topk_logits"][a:b] - values).abs() <= values.abs() * 2.0**-10 + 1e-4)
+        assert torch.allclose(decoded["lse"][a:b], torch.zeros(b - a), atol=1e-4)  # a mixture's log-probabilities
