@@ -83,16 +83,20 @@ def main() -> None:
     args = parser.parse_args()
 
     from cluster import sweep
+    from cluster.cli import USER_ERRORS
     from cluster.common import code_version
     from cluster.config import load_config
     from cluster.plan import build_plan
 
-    cfg = load_config(args.config, args.overrides).with_absolute_paths()
-    started = time.perf_counter()
-    frontier = sweep.run(cfg)
-    wall = time.perf_counter() - started
-    plan = build_plan(cfg)
-    members = sweep.plan_members(cfg, plan)
+    try:  # a user mistake (config, store, export) is one line, as in the CLI
+        cfg = load_config(args.config, args.overrides).with_absolute_paths()
+        started = time.perf_counter()
+        frontier = sweep.run(cfg)
+        wall = time.perf_counter() - started
+        plan = build_plan(cfg)
+        members = sweep.plan_members(cfg, plan)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"bench.frontier: {exc}") from None
     result = {"benchmark": "frontier", "config": args.config, "overrides": args.overrides, **code_version(),
               "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"]),
               "costs": costs(cfg, members, plan.store)}

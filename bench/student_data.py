@@ -47,10 +47,10 @@ from data_pipeline.streaming import BlockRef, StreamingReader, prefetch_iter
 from cluster.config import load_config
 from distill.evaluate import evaluate_split, model_scorer
 from cluster.models import load_model
-from distill.losses import distillation_loss
+from distill.losses import distillation_terms
 from distill.model import PAD_ID, SequentialRecommender
 from cluster.student_batches import StudentBatch, batch_from_store, training_blocks
-from distill.training import PositionLogits
+from distill.training import PositionLogits, mixed_loss
 
 
 def _reader(cfg, blocks: list[BlockRef]) -> StreamingReader:
@@ -115,9 +115,10 @@ def train_epoch(cfg, num_items: int, batches: Iterable[StudentBatch], max_steps:
             break
         logits = forward(batch.inputs)
         targets = batch.targets[batch.inputs != PAD_ID]
-        loss_sum, count, _ = distillation_loss(d.loss, d.alpha, d.temperature, logits, targets, batch.soft)
+        terms = distillation_terms(d.loss, d.alpha, d.temperature, logits, targets, batch.soft, batch.augmented)
+        loss, _ = mixed_loss(terms, d.alpha, 1, logits.device)
         optimizer.zero_grad(set_to_none=True)
-        (loss_sum / count.clamp(min=1)).backward()
+        loss.backward()
         optimizer.step()
         steps += 1
     return time.perf_counter() - started, steps

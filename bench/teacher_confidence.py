@@ -64,7 +64,10 @@ def training_positions(cfg) -> dict:
     manifest = store.load_store_manifest(layout.soft_labels, storage)
     spec = store.manifest_spec(manifest)
     stats = FitStats()
+    first_augmented = (manifest.get("augmentation") or {}).get("first_seq")
     for shard in manifest["shards"]:
+        if first_augmented is not None and shard["first_seq"] >= first_augmented:
+            continue  # teacher-labelled augmented rows have no target to be confident about
         table = store.read_shard(layout.soft_labels, manifest, shard["index"], storage)
         soft = store.decode_positions(table, spec)
         targets = torch.from_numpy(table.column("targets").combine_chunks().values.to_numpy().astype(np.int64))

@@ -108,6 +108,8 @@ class SweepConfig(Section):
                 raise ValueError(f"variant {name!r} lists no overrides")
             for text in overrides:
                 key = text.split("=", 1)[0].strip()
+                if key == "distill.augmented":
+                    raise ValueError(f"variant {name!r}: distill.augmented is the sweep's to set (sweep.with_augmented)")
                 if "=" not in text or not key.startswith(("distill.", "student.train.")):
                     raise ValueError(f"variant {name!r}: {text!r} must be a dotted override of a distill.* or student.train.* "
                                      "key (the store, the sizes and the twins are shared by every member)")
@@ -165,7 +167,9 @@ class Config(Section):
 # Settings that change how long or how a stage runs, not what it learns: a checkpoint made
 # under other values of these still belongs to the stage (e.g. more epochs to train longer).
 _OPERATIONAL_TRAIN = {"epochs", "patience", "eval_batch_size"}
-_OPERATIONAL_DISTILL = {"prefetch_blocks", "checkpoint_every_steps", "log_consumed"}
+# distill.augmented only says which rows to read: the augmentation actually trained on enters the
+# student's fingerprint through its teacher part (cluster.student_batches.student_source).
+_OPERATIONAL_DISTILL = {"prefetch_blocks", "checkpoint_every_steps", "log_consumed", "augmented"}
 
 
 def stage_fingerprint(

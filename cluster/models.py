@@ -59,6 +59,6 @@ def load_scorer(urls: list[str], dataset: dict[str, Any], storage_options=None, 
         return scorers[0], params, fingerprints
 
     def mixture(histories: torch.Tensor) -> torch.Tensor:
-        return ensemble_log_probs([score(histories) for score in scorers])
+        return ensemble_log_probs(score(histories) for score in scorers)
 
     return mixture, params, fingerprints

@@ -136,10 +136,10 @@ class EnsembleTeacher:
 
     def logits_all(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, num_items + 1) log-probabilities of the mixture. Collective (every member in turn)."""
-        return ensemble_log_probs([t.logits_all(inputs) for t in self.teachers])
+        return ensemble_log_probs(t.logits_all(inputs) for t in self.teachers)  # lazily: one member's logits at a time
 
     def score_last(self, histories: torch.Tensor) -> torch.Tensor:
-        return ensemble_log_probs([t.score_last(histories) for t in self.teachers])
+        return ensemble_log_probs(t.score_last(histories) for t in self.teachers)
 
 
 def host_teacher(export_urls: list[str], storage_options=None, zero_stage: int = 3, bf16: bool = False,

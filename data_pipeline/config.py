@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -84,15 +84,17 @@ class AugmentConfig(Section):
         default_factory=lambda: list(AUGMENT_OPS), description="Perturbations, each row gets one at random.")
     rate: float = Field(0.3, gt=0, lt=1, description="Share of a sequence that mask/reorder/substitute change; crop keeps 1 - rate..1.")
 
-    @model_validator(mode="after")
-    def _ops(self) -> "AugmentConfig":
-        if not self.ops:
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        # One canonical list: the rows depend on it, and the store's provenance records it.
+        if not ops:
             raise ValueError(f"ops must list at least one of {', '.join(AUGMENT_OPS)}")
-        return self
+        return sorted(set(ops))
 
     def settings(self) -> Optional[dict[str, Any]]:
         """What the store records (and its fingerprint covers); None when off."""
-        return None if self.ratio == 0 else {"ratio": self.ratio, "ops": sorted(set(self.ops)), "rate": self.rate}
+        return None if self.ratio == 0 else {"ratio": self.ratio, "ops": list(self.ops), "rate": self.rate}
 
 
 class PrecomputeConfig(Section):

@@ -8,25 +8,32 @@ average would let one member's scale drown the other.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable
 
 import torch
 
 
-def ensemble_log_probs(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+def ensemble_log_probs(scores: Iterable[torch.Tensor]) -> torch.Tensor:
     """``log(mean_m softmax(scores_m))`` over the real items, for M members' (..., C) scores.
 
-    Column 0 (padding) is left out of every softmax and holds the dtype's min in the result,
-    as the model's own scores do. The result is a log-probability vector (its logsumexp over
-    the real items is 0), usable wherever raw teacher logits are: top-k, the log-normaliser,
-    sampling.
+    ``scores`` may be a generator: members are folded in one at a time, so only one member's
+    scores and the running mixture are alive at once. Column 0 (padding) is left out of every
+    softmax and holds the dtype's min in the result, as the model's own scores do. The result
+    is a log-probability vector (its logsumexp over the real items is 0), usable wherever raw
+    teacher logits are: top-k, the log-normaliser, sampling.
     """
-    if not scores:
+    mixed, count, shape = None, 0, None
+    for member in scores:
+        log_p = torch.log_softmax(member[..., 1:].float(), dim=-1)
+        if mixed is None:
+            mixed, shape = log_p, tuple(member.shape)
+        elif tuple(member.shape) != shape:
+            raise ValueError(f"ensemble members' scores differ in shape: {shape} and {tuple(member.shape)}")
+        else:
+            mixed = torch.logaddexp(mixed, log_p)
+        count += 1
+    if mixed is None:
         raise ValueError("an ensemble needs at least one member's scores")
-    shapes = {tuple(s.shape) for s in scores}
-    if len(shapes) != 1:
-        raise ValueError(f"ensemble members' scores differ in shape: {sorted(shapes)}")
-    real = torch.stack([torch.log_softmax(s[..., 1:].float(), dim=-1) for s in scores])  # (M, ..., C-1)
-    mixed = torch.logsumexp(real, dim=0) - math.log(len(scores))
+    mixed = mixed - math.log(count)
     pad = torch.full_like(mixed[..., :1], torch.finfo(mixed.dtype).min)
     return torch.cat([pad, mixed], dim=-1)

@@ -46,20 +46,20 @@ def _with_target_bucket(log_p: Tensor, log_q: Tensor, s: Tensor, ids: Tensor, ta
     if k == num_items:  # no tail: every target is among the k ids (column 0 stands in for rows without one)
         return log_p, log_q, torch.where(inside, target_col, torch.zeros_like(target_col)), has_target
     n_tail = num_items - k
-    # Teacher: the tail's mass shared over its n_tail items. Student: its exact probability of the target.
-    p_t = log_p[:, -1] - math.log(n_tail)
+    tail_p, tail_q = log_p[:, -1], log_q[:, -1]
+    # Only rows whose target is outside the top-k use the split; the others get placeholder values that keep
+    # every branch finite (torch.where sends a zero gradient into the branch not taken, and 0 * inf is NaN).
     scaled = s[:, 1:] / temperature
     q_t = scaled.gather(1, (targets.clamp(min=1) - 1)[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-    q_t = torch.minimum(q_t, log_q[:, -1])  # rounding must not put more in the target than in its bucket
-    # The rest of the tail: log(tail - target) = log tail + log(1 - exp(target - tail)).
-    p_rest = log_p[:, -1] + _log1mexp(p_t - log_p[:, -1])
-    q_rest = log_q[:, -1] + _log1mexp(q_t - log_q[:, -1])
-    out_p = torch.where(outside, p_t, torch.full_like(p_t, NEG_INF))
-    out_q = torch.where(outside, q_t, torch.full_like(q_t, NEG_INF))
-    # The student's -inf column (no target outside) is masked below wherever it could meet p > 0; keep it finite.
-    out_q = torch.where(outside, out_q, torch.zeros_like(out_q))
-    rest_p = torch.where(outside, p_rest, log_p[:, -1])
-    rest_q = torch.where(outside, q_rest, log_q[:, -1])
+    # Teacher: the tail's mass shared equally over its n_tail items (log share <= 0; 0 when the tail is one item,
+    # whose rest is then empty: probability 0, handled by the KL). Student: its exact probability of the target,
+    # kept just below its bucket so the rest stays finite.
+    share_p = torch.full_like(tail_p, -math.log(n_tail))
+    share_q = torch.where(outside, (q_t - tail_q).clamp(max=-1e-6), torch.full_like(q_t, -1.0))
+    out_p = torch.where(outside, tail_p + share_p, torch.full_like(tail_p, NEG_INF))
+    out_q = torch.where(outside, tail_q + share_q, torch.full_like(tail_q, -1e4))  # -1e4: no mass where unused
+    rest_p = torch.where(outside, tail_p + _log1mexp(share_p), tail_p)
+    rest_q = torch.where(outside, tail_q + _log1mexp(share_q), tail_q)
     log_p = torch.cat([log_p[:, :-1], out_p[:, None], rest_p[:, None]], dim=1)
     log_q = torch.cat([log_q[:, :-1], out_q[:, None], rest_q[:, None]], dim=1)
     return log_p, log_q, target_col, has_target
@@ -102,7 +102,9 @@ def dkd_topk_tail(
     # TCKD over the binary (target, not target).
     lp_t, lq_t = log_p.gather(1, col[:, None]).squeeze(1), log_q.gather(1, col[:, None]).squeeze(1)
     binary_p = torch.stack([lp_t, _log1mexp(lp_t)], dim=1)
-    binary_q = torch.stack([lq_t, _log1mexp(lq_t).clamp(min=-1e4)], dim=1)
+    # A student all but certain of the target (q_t rounds to 1) would make log(1 - q_t) -inf: held at log(1e-7).
+    lq_t = lq_t.clamp(max=math.log1p(-1e-7))
+    binary_q = torch.stack([lq_t, _log1mexp(lq_t)], dim=1)
     tckd = torch.where(has_target, _kl_rows(binary_p, binary_q), torch.zeros_like(lp_t))
 
     # NCKD: the target's column removed (rows with a target), both sides renormalised.

@@ -87,8 +87,13 @@ def paired_bootstrap_gain(a: "np.ndarray", b: "np.ndarray", resamples: int = 200
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equal-length non-empty 1-D arrays, got shapes {a.shape} and {b.shape}")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, a.size, size=(resamples, a.size))
-    gains = a[picks].mean(axis=1) / np.maximum(b[picks].mean(axis=1), 1e-12) - 1.0
+    # Resamples in chunks of at most ~4M picks: memory stays bounded whatever the number of users.
+    chunk = max(1, min(resamples, (1 << 22) // a.size))
+    gains = []
+    for start in range(0, resamples, chunk):
+        picks = rng.integers(0, a.size, size=(min(chunk, resamples - start), a.size))
+        gains.append(a[picks].mean(axis=1) / np.maximum(b[picks].mean(axis=1), 1e-12) - 1.0)
+    gains = np.concatenate(gains)
     low, high = np.quantile(gains, [0.025, 0.975])
     return {"gain": float(a.mean() / max(b.mean(), 1e-12) - 1.0), "ci95_low": float(low), "ci95_high": float(high),
             "p_gain_not_positive": float((gains <= 0).mean()), "resamples": resamples, "users": int(a.size)}

@@ -152,3 +152,18 @@ def test_absolute_paths_leave_urls_alone(tmp_path, monkeypatch):
     cfg = build_config({"run": {"run_dir": "runs/x"}, "data": {"path": "s3://b/log.txt"}}).with_absolute_paths()
     assert cfg.run.run_dir == str(tmp_path / "runs" / "x")
     assert cfg.data.path == "s3://b/log.txt"
+
+
+def test_augmentation_settings_are_canonical_and_reading_them_is_not_a_training_setting():
+    from cluster.config import stage_fingerprint
+
+    cfg = build_config({}, ["precompute.augment.ratio=1", "precompute.augment.ops=[mask,crop,crop]"])
+    assert cfg.precompute.augment.ops == ["crop", "mask"]  # the rows depend on the list: one canonical form
+    assert cfg.precompute.augment.settings() == {"ratio": 1.0, "ops": ["crop", "mask"], "rate": 0.3}
+    assert build_config({}).precompute.augment.settings() is None
+    with pytest.raises(ConfigError, match="ops"):
+        build_config({}, ["precompute.augment.ops=[]"])
+    # Which rows a student reads enters its fingerprint through the store (student_source), not this key.
+    assert stage_fingerprint(build_config({}, ["distill.augmented=skip"]), "student", "t") == stage_fingerprint(build_config({}), "student", "t")
+    with pytest.raises(ConfigError, match="distill.augmented is the sweep's to set"):
+        build_config({}, ["sweep.variants={x: [distill.augmented=use]}"])

@@ -26,3 +26,14 @@ def test_the_ensemble_fingerprint_ignores_order_and_one_member_is_itself():
     assert ensemble_fingerprint(["a" * 64, "b" * 64]) == ensemble_fingerprint(["b" * 64, "a" * 64])
     assert ensemble_fingerprint(["a" * 64, "b" * 64]) not in ("a" * 64, "b" * 64)
     assert ensemble_fingerprint(["c" * 64]) == "c" * 64
+
+
+def test_members_may_come_one_at_a_time_and_must_agree_in_shape():
+    import pytest
+
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    torch.testing.assert_close(ensemble_log_probs(x for x in (a, b)), ensemble_log_probs([a, b]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        ensemble_log_probs([a, torch.randn(2, 6)])
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_log_probs([])

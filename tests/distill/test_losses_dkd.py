@@ -91,3 +91,31 @@ def test_dkd_through_the_dispatcher_and_augmented_positions():
     real, _ = dkd_topk_tail(student[:3], soft["topk_ids"][:3], soft["topk_logits"][:3], soft["lse"][:3], targets[:3])
     aug, _ = dkd_topk_tail(student[3:], soft["topk_ids"][3:], soft["topk_logits"][3:], soft["lse"][3:], torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(terms["kd"][0], real + aug)
+
+
+def test_dkd_gradients_stay_finite_for_confident_students_and_one_item_tails():
+    """Regression: a student surer of an in-top-k target than of the whole tail, one all but certain,
+    a tail of one item with the target in it, and rows without a target never give NaN."""
+    C = 30
+    cases = []
+    for k, boost in ((5, 4.0), (29, 40.0), (28, 0.0)):
+        P = 4
+        teacher = teacher_with_flat_tail(P, C, k, seed=11 + k)
+        soft = soft_labels(teacher, k)
+        real = torch.randn(P, C - 1, generator=torch.Generator().manual_seed(k))
+        targets = soft["topk_ids"][:, 0].clone()
+        if k == 28:  # the one item outside the top-k is the target
+            targets[:2] = torch.tensor([[i for i in range(1, C) if i not in row] for row in soft["topk_ids"][:2].tolist()]).squeeze(1)
+        real.scatter_add_(1, (targets - 1)[:, None], torch.full((P, 1), boost))
+        targets[-1] = 0  # and a row without a target
+        cases.append((k, with_pad(real).requires_grad_(True), soft, targets))
+    for k, student, soft, targets in cases:
+        loss, _ = dkd_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], targets, 1.0)
+        grad, = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), k
+    # Where it is finite the math is unchanged: the reference still holds for the k=28 (one-item tail) case.
+    k, student, soft, targets = cases[2]
+    teacher = teacher_with_flat_tail(4, C, k, seed=11 + k)
+    loss, _ = dkd_topk_tail(student[:3], soft["topk_ids"][:3], soft["topk_logits"][:3], soft["lse"][:3], targets[:3], 1.0)
+    torch.testing.assert_close(loss, dense_dkd(teacher[:3], student[:3], targets[:3], 1.0, 1.0, 8.0, soft["topk_ids"][:3]).sum(),
+                               rtol=1e-3, atol=1e-4)

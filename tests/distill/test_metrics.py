@@ -126,3 +126,12 @@ def test_paired_bootstrap_gain():
     assert paired_bootstrap_gain(b, b[::-1], seed=3) == paired_bootstrap_gain(b, b[::-1], seed=3)
     with pytest.raises(ValueError, match="equal-length"):
         paired_bootstrap_gain(b, b[:10])
+
+
+def test_paired_bootstrap_gain_on_many_users_resamples_in_chunks():
+    rng = np.random.default_rng(3)
+    b = rng.uniform(0, 1, 9000)
+    a = b * 1.1
+    out = paired_bootstrap_gain(a, b, resamples=1000)
+    assert out["resamples"] == 1000 and out["ci95_low"] <= out["gain"] <= out["ci95_high"]
+    assert abs(out["gain"] - 0.1) < 1e-9 and out["ci95_high"] - out["ci95_low"] < 1e-9  # a is exactly 1.1 b
