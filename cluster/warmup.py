@@ -10,6 +10,30 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
+
+
+# A build takes ~25 s (minutes on a loaded machine); a lock older than this was left by a killed build.
+STALE_LOCK_SECONDS = 15 * 60
+
+
+def clear_stale_build_lock(build_dir: Path, now: float | None = None) -> bool:
+    """Remove torch's build lock in ``build_dir`` when it is older than :data:`STALE_LOCK_SECONDS`.
+
+    torch.utils.cpp_extension holds a lock file while it builds; a build killed midway leaves it,
+    and every later build then waits for it forever, silently. Returns whether one was removed.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = (now if now is not None else time.time()) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    print(f"warmup: removing {lock}, a build lock {age / 60:.0f} min old left by a build that was killed "
+          "(otherwise every build would wait for it forever)", flush=True)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def main() -> int:
@@ -19,6 +43,9 @@ def main() -> int:
         print("warmup: CUDA present, no CPU comm op to build")
         return 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    clear_stale_build_lock(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)))
     from deepspeed.comm.torch import build_shm_op
 
     start = time.perf_counter()
