@@ -24,7 +24,7 @@ from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
 from distill.metrics import paired_bootstrap_gain
 from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
-from cluster.models import load_model, load_scorer
+from cluster.models import load_model, load_scorers, mixture_scorer
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         scorers[name] = scorer
     if cfg.teacher.ensemble and "teacher" in scorers:
         # The teacher that labelled the store: the mixture of the run's teacher and teacher.ensemble's members
-        # (a damaged member is an error: the ensemble cannot be scored without it).
-        ensemble, params, _ = load_scorer([model_exports(cfg)["teacher"], *cfg.teacher.ensemble], manifest, storage, device)
+        # (a damaged member is an error: the ensemble cannot be scored without it). The teacher is already loaded.
+        members, member_params, _ = load_scorers(cfg.teacher.ensemble, manifest, storage, device)
+        ensemble, params = mixture_scorer([scorers["teacher"], *members]), results["teacher"]["params"] + member_params
         scores = evaluate_split(ensemble, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
         scores.update(params=params, bytes=params * 4, members=1 + len(cfg.teacher.ensemble),
                       latency=latency_per_batch(ensemble, requests))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cluster.config import Config
-from cluster.models import load_scorer
+from cluster.models import load_scorers, mixture_scorer
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split
 from data_pipeline.layout import RunLayout
@@ -29,7 +29,8 @@ K = 10
 
 def _score(urls: list[str], storage: dict, dataset: dict, test, requests: torch.Tensor) -> dict[str, Any]:
     """One model, or (several urls) the mixture of a teacher ensemble."""
-    scorer, params, fingerprints = load_scorer(urls, dataset, storage)
+    scorers, params, fingerprints = load_scorers(urls, dataset, storage)
+    scorer = mixture_scorer(scorers)
     per_user = per_user_ndcg(scorer, test, dataset["num_items"], k=K)
     latency = latency_per_batch(scorer, requests)
     return {"per_user": per_user, f"ndcg@{K}": float(per_user.mean()), "params": params,

@@ -40,12 +40,10 @@ def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -
         raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
-def load_scorer(urls: list[str], dataset: dict[str, Any], storage_options=None, device: torch.device | str = "cpu"):
-    """A next-item scorer over exported models: one model's scores, or the mixture of several (an ensemble,
-    :func:`distill.ensemble.ensemble_log_probs`). Each export is checked against its fingerprint and the
-    dataset. Returns ``(scorer, total parameters, fingerprints)``."""
+def load_scorers(urls: list[str], dataset: dict[str, Any], storage_options=None, device: torch.device | str = "cpu"):
+    """Next-item scorers of exported models, each checked against its fingerprint and the dataset.
+    Returns ``(scorers, total parameters, fingerprints)``."""
     from data_pipeline.exports import check_export_fits_dataset
-    from distill.ensemble import ensemble_log_probs
     from distill.evaluate import model_scorer
 
     scorers, params, fingerprints = [], 0, []
@@ -55,10 +53,17 @@ def load_scorer(urls: list[str], dataset: dict[str, Any], storage_options=None, 
         scorers.append(model_scorer(model.to(device), meta["model"]["max_len"]))
         params += sum(p.numel() for p in model.parameters())
         fingerprints.append(meta["fingerprint"])
+    return scorers, params, fingerprints
+
+
+def mixture_scorer(scorers: list):
+    """One scorer, or the mixture of several (a teacher ensemble, :func:`distill.ensemble.ensemble_log_probs`)."""
+    from distill.ensemble import ensemble_log_probs
+
     if len(scorers) == 1:
-        return scorers[0], params, fingerprints
+        return scorers[0]
 
     def mixture(histories: torch.Tensor) -> torch.Tensor:
         return ensemble_log_probs(score(histories) for score in scorers)
 
-    return mixture, params, fingerprints
+    return mixture

@@ -151,7 +151,7 @@ def run(cfg: Config) -> str:
             f"| {LABELS.get(name, name)} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r.get('hr@20', float('nan')):.4f} | "
             f"{r.get('ndcg@20', float('nan')):.4f} | {r['params']:,} | {r['bytes']:,} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} |"
         )
-    frontier_lines = _frontier_section(layout, storage, plots)
+    frontier_lines = _frontier_section(layout, storage)
     text = "\n".join(
         [
             f"# recdistill report: `{cfg.run.run_dir}`",
@@ -221,7 +221,7 @@ def _stage_table(timings: dict[str, float]) -> list[str]:
     return [*rows, f"| total | {sum(timings.values()):,.1f} s |", ""]
 
 
-def _frontier_section(layout: RunLayout, storage, plots: list[str]) -> list[str]:
+def _frontier_section(layout: RunLayout, storage) -> list[str]:
     """The sweep's frontier (``recdistill sweep``), when one has been written."""
     from cluster.frontier import format_table
 

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipeline.config import AUGMENT_OPS
+
 
 def _crop(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np.ndarray) -> np.ndarray:
     """A random contiguous window keeping between 1 - rate and all of the sequence."""
@@ -49,6 +51,7 @@ def _substitute(seq: np.ndarray, rate: float, rng: np.random.Generator, populari
 
 
 OPS = {"crop": _crop, "mask": _mask, "reorder": _reorder, "substitute": _substitute}
+assert tuple(OPS) == AUGMENT_OPS  # the names the config accepts
 
 
 def item_popularity(sequences: Sequence[np.ndarray], num_items: int) -> np.ndarray:

@@ -80,7 +80,7 @@ class AugmentConfig(Section):
     """
 
     ratio: float = Field(0.0, ge=0, le=16, description="Augmented rows per training sequence (0 = off).")
-    ops: list[Literal["crop", "mask", "reorder", "substitute"]] = Field(
+    ops: list[Literal[AUGMENT_OPS]] = Field(
         default_factory=lambda: list(AUGMENT_OPS), description="Perturbations, each row gets one at random.")
     rate: float = Field(0.3, gt=0, lt=1, description="Share of a sequence that mask/reorder/substitute change; crop keeps 1 - rate..1.")
 

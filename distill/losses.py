@@ -60,6 +60,7 @@ __all__ = [
     "KINDS",
     "distillation_loss",
     "distillation_terms",
+    "term_weights",
     "dkd_topk_tail",
     "hard_label_ce",
     "jsd_topk",
@@ -136,6 +137,11 @@ _KD: dict[str, tuple[tuple[str, ...], Callable[..., tuple[Tensor, Tensor]]]] = {
     ),
 }
 assert tuple(_KD) == KINDS
+
+
+def term_weights(alpha: float) -> dict[str, float]:
+    """The weight of each term of :func:`distillation_terms` in the loss: alpha for the hard label, 1 - alpha for KD."""
+    return {"hard": float(alpha), "kd": 1.0 - float(alpha)}
 
 
 def distillation_terms(
@@ -232,7 +238,7 @@ def distillation_loss(
     alpha = float(alpha)
     count = (targets != PAD_ID).sum()
     parts = {name: value.detach() for name, (value, _) in terms.items()}
-    weights = {"hard": alpha, "kd": 1.0 - alpha}
+    weights = term_weights(alpha)
     weighted = [value if weights[name] == 1.0 else weights[name] * value for name, (value, _) in terms.items()]
     loss = weighted[0] if len(weighted) == 1 else weighted[0] + weighted[1]
     return loss, count, parts

@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.evaluate import left_pad_list_array
 from distill.metrics import RankingAccumulator, seen_mask, target_ranks
+from distill.losses import term_weights
 from distill.model import PAD_ID, SequentialRecommender
 
 
@@ -110,7 +111,7 @@ def mixed_loss(
     counts = torch.stack([terms[name][1].to(device=device, dtype=torch.float32) for name in names])
     if world > 1:
         torch.distributed.all_reduce(counts)
-    weight = {"hard": float(alpha), "kd": 1.0 - float(alpha)}
+    weight = term_weights(alpha)
     loss = sum(weight[name] * terms[name][0] * world / counts[i].clamp(min=1.0) for i, name in enumerate(names))
     local = sum(weight[name] * float(terms[name][0].detach()) / max(float(terms[name][1]), 1.0) for name in names)
     return loss, local

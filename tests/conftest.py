@@ -27,6 +27,22 @@ SMALL_RUN = [
 ]
 
 
+def export_spread_teacher(url: str, cfg, dataset: dict, seed: int, storage_options=None) -> str:
+    """Export a random (untrained) teacher of ``cfg.teacher.model`` for ``dataset`` with well-spread
+    scores (so its top-k has no near-ties); returns its fingerprint."""
+    import torch
+
+    from cluster.models import save_model
+    from distill.model import SequentialRecommender
+
+    torch.manual_seed(seed)
+    model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
+    with torch.no_grad():
+        model.item_emb.weight.mul_(30)
+    return save_model(url, model.state_dict(), cfg.teacher.model, dataset["num_items"],
+                      {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]}, storage_options)
+
+
 def small_config(run_dir: Path | str, *overrides: str):
     from cluster.config import load_config
 

@@ -16,7 +16,7 @@ import torch
 
 from cluster import distill, precompute, prepare
 from cluster.plan import training_complete
-from conftest import assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
+from conftest import export_spread_teacher, assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest, train_item_counts
@@ -44,13 +44,7 @@ def make_store(run_dir: Path, *overrides: str):
     cfg = small_config(run_dir, *STUDENT, *overrides)
     prepare.run(cfg)
     layout = RunLayout(cfg.run.run_dir)
-    dataset = load_manifest(layout.data)
-    torch.manual_seed(2)
-    model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
-    with torch.no_grad():
-        model.item_emb.weight.mul_(30)
-    save_model(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"],
-                {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]})
+    export_spread_teacher(layout.teacher, cfg, load_manifest(layout.data), seed=2)
     precompute.run(cfg)
     return cfg
 

@@ -76,7 +76,7 @@ def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_time
 
 
 def test_a_teacher_ensemble_is_scored_as_the_mixture_and_is_the_teacher_of_the_verdict(tmp_path):
-    from cluster.models import load_scorer
+    from cluster.models import load_scorers, mixture_scorer
     from data_pipeline.dataset import read_split
     from distill.evaluate import evaluate_split
 
@@ -88,7 +88,7 @@ def test_a_teacher_ensemble_is_scored_as_the_mixture_and_is_the_teacher_of_the_v
     ens = models["teacher_ensemble"]
     assert ens["members"] == 2 and ens["params"] == 2 * models["teacher"]["params"]
     # The same numbers as the mixture scored directly, and not the first teacher's alone.
-    mixture, _, _ = load_scorer([layout.teacher, member], dataset)
+    mixture = mixture_scorer(load_scorers([layout.teacher, member], dataset)[0])
     test = read_split(layout.data, "test", None, dataset)
     direct = evaluate_split(mixture, test, dataset["num_items"], cfg.eval.ks, cfg.eval.batch_size, "cpu")
     assert ens["ndcg@10"] == direct["ndcg@10"] and ens["ndcg@10"] != models["teacher"]["ndcg@10"]

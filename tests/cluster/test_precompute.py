@@ -12,7 +12,7 @@ import torch
 
 from cluster import precompute, prepare
 from cluster.cli import main as cli_main
-from conftest import kill_train_worker_when, small_config
+from conftest import export_spread_teacher, kill_train_worker_when, small_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
 from data_pipeline.dataset import load_manifest
@@ -37,12 +37,7 @@ def _make_teacher(cfg) -> None:
     prepare.run(cfg)
     layout = RunLayout(cfg.run.run_dir)
     dataset = load_manifest(layout.data, cfg.data.storage_options)
-    torch.manual_seed(1)
-    model = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
-    with torch.no_grad():
-        model.item_emb.weight.mul_(30)  # spread the scores so top-k has no near-ties
-    info = {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]}
-    save_model(layout.teacher, model.state_dict(), cfg.teacher.model, dataset["num_items"], info, cfg.data.storage_options)
+    export_spread_teacher(layout.teacher, cfg, dataset, seed=1, storage_options=cfg.data.storage_options)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -178,14 +173,8 @@ def test_an_ensemble_labels_with_the_mixture_of_its_teachers(ray_session, tmp_pa
     cfg = _run_config(str(tmp_path / "run"), {})
     _make_teacher(cfg)
     layout = RunLayout(cfg.run.run_dir)
-    dataset = load_manifest(layout.data)
-    torch.manual_seed(5)
-    second = SequentialRecommender(cfg.teacher.model, dataset["num_items"])
-    with torch.no_grad():
-        second.item_emb.weight.mul_(30)
     member = str(tmp_path / "second-teacher")
-    member_fp = save_model(member, second.state_dict(), cfg.teacher.model, dataset["num_items"],
-                           {"role": "teacher", "dataset_fingerprint": dataset["fingerprint"]})
+    member_fp = export_spread_teacher(member, cfg, load_manifest(layout.data), seed=5)
     cfg = _run_config(str(tmp_path / "run"), {}, f"teacher.ensemble=[{member}]")
     precompute.run(cfg)
     manifest, tables = _read_store(layout.soft_labels, {})
