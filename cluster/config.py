@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.config import DataConfig, PrecomputeConfig
 from distill.config import DistillConfig, EvalConfig, ModelConfig, Section, TrainConfig
@@ -67,6 +67,10 @@ class ScalingConfig(Section):
     autoscaling: bool = Field(False, description="The Ray cluster adds nodes on demand: start even if the nodes there now "
                                                  "cannot hold the workers (else refused up front, with the numbers).")
     start_attempts: int = Field(3, gt=0, description="Tries to start the worker group (each waits 60 s for resources).")
+    memory_per_node_gb: Optional[float] = Field(None, gt=0, description=(
+        "Host RAM the workers of one node may use together; None = this machine's available memory "
+        "(the memory plan refuses a launch whose estimate exceeds it)."))
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, description="Memory of one GPU; None = read from the driver's GPU.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ScalingConfig":
@@ -75,11 +79,42 @@ class ScalingConfig(Section):
         return self
 
 
+OffloadDevice = Literal["none", "cpu", "nvme"]
+
+
 class DeepSpeedConfig(Section):
+    """The teacher's engine (train-teacher, and precompute's hosting). None of these change what is learned:
+    a checkpoint resumes under other offload settings (ZeRO's states are the same tensors wherever they live)."""
+
     zero_stage: int = Field(3, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_optimizer: OffloadDevice = Field("none", description=(
+        "Where ZeRO keeps the optimizer states and fp32 master weights: none (beside the model), cpu (host RAM), or "
+        "nvme (ZeRO-Infinity: files under nvme_path, streamed through DeepSpeed's async I/O)."))
+    offload_params: OffloadDevice = Field("none", description="ZeRO-3 only: where each worker's parameter partition "
+                                                              "lives between uses (none, cpu or nvme).")
+    nvme_path: Optional[str] = Field(None, description="A local folder on fast disk for nvme offload; each worker writes "
+                                                       "its own files under it (needs its free space, planned).")
+    activation_checkpointing: bool = Field(False, description=(
+        "Keep only each Transformer block's input in the forward and recompute the block in the backward: "
+        "activations shrink by about the number of tensors a block keeps, for about one more forward of compute."))
     bf16: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("offload_optimizer", "offload_params", mode="before")
+    @classmethod
+    def _offload_from_bool(cls, value: Any) -> Any:
+        # Configs written before nvme existed say true/false.
+        return {True: "cpu", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _offload_needs(self) -> "DeepSpeedConfig":
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            raise ValueError("nvme offload needs nvme_path: a local folder on fast disk (e.g. /local_nvme/recdistill)")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_params={self.offload_params} needs zero_stage 3 (it is {self.zero_stage}): only ZeRO-3 "
+                             "partitions the parameters")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO partitions the optimizer states it offloads)")
+        return self
 
 
 class SweepConfig(Section):

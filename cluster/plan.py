@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
 from cluster.common import teacher_url
+from cluster import memory_plan
 from cluster.config import Config, stage_fingerprint
 from cluster.student_batches import augmentation_in_use, student_source
 from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, size_warnings
@@ -75,14 +76,16 @@ class RunPlan:
     warnings: list[Problem] = field(default_factory=list)  # works, but probably not what the user wants
     # Who labels the store: the teacher, or the mixture of it and teacher.ensemble's members (their fingerprint).
     labels_fingerprint: Optional[str] = None
+    # Peak memory per worker of each training stage against the nodes' capacity (cluster.memory_plan).
+    memory: dict[str, "memory_plan.StageMemory"] = field(default_factory=dict)
 
     def stage(self, name: str) -> StagePlan:
         return self.stages[name]
 
-    def check(self, stages: Iterable[str] = STAGES) -> None:
-        """Raise :class:`PlanError` listing every problem of ``stages``."""
+    def check(self, stages: Iterable[str] = STAGES, memory: bool = True) -> None:
+        """Raise :class:`PlanError` listing every problem of ``stages`` (``memory=False``: but the memory plan's)."""
         wanted = set(stages)
-        found = [p for p in self.problems if p.stage in wanted]
+        found = [p for p in self.problems if p.stage in wanted and (memory or p.kind != "memory")]
         if found:
             raise PlanError(found)
 
@@ -125,6 +128,7 @@ class _Planner:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.stages: dict[str, StagePlan] = {}
+        self.memory: dict[str, memory_plan.StageMemory] = {}
 
     def problem(self, stage: str, message: str) -> None:
         self.problems.append(Problem(stage, message))
@@ -153,8 +157,9 @@ class _Planner:
             missing_input=None if self.dataset else f"no prepared dataset at {self.paths.data}: run `recdistill prepare` first")
         if self.dataset:
             self.warnings += size_warnings(self.cfg, self.dataset["num_items"], self.teacher)
+            self._memory()
         return RunPlan(self.cfg.run.run_dir, self.dataset, self.num_sequences, self.teacher_url, self.teacher,
-                       self.store, self.layout, self.stages, self.problems, self.warnings, self.labels_fingerprint)
+                       self.store, self.layout, self.stages, self.problems, self.warnings, self.labels_fingerprint, self.memory)
 
     # ---- checks that need nothing but the config
 
@@ -360,6 +365,23 @@ class _Planner:
                                "again), or distill.augmented=auto")
         if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
             self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
+
+    def _memory(self) -> None:
+        """Each stage's peak memory per worker (cluster.memory_plan); a stage that will run and does not fit is a problem."""
+        num_items = self.dataset["num_items"]
+        teacher = self.teacher if self.teacher and "params" in self.teacher else None
+        for name in ("train-teacher", "precompute", "distill", "distill --baseline"):
+            stage = self.stages[name]
+            if name == "train-teacher" and stage.action == "given":
+                continue
+            check = memory_plan.check_stage(self.cfg, name, num_items, self.num_sequences or 0, teacher)
+            stage.memory_estimate = check.estimate.summary()
+            self.memory[name] = check
+            if check.problems and stage.action in ("run", "resume"):
+                fixes = ("; settings that would fit: " + "; or ".join(check.fixes)) if check.fixes else (
+                    "; no setting tried here fits: use machines with more memory")
+                self.problems.append(Problem(name, "the memory plan says it does not fit: " + "; ".join(check.problems) + fixes,
+                                             "memory"))
 
     # ---- helpers
 

@@ -29,6 +29,7 @@ class PlanError(ConfigError):
 class Problem:
     stage: str
     message: str
+    kind: str = "config"  # or "memory": a fact of the machines at launch, not of the data (prepare ignores it)
 
 
 def dataset_problems(cfg: Config, dataset: dict[str, Any], storage: dict[str, Any]) -> list[Problem]:

@@ -58,14 +58,54 @@ def use_gpu_for_scaling(use_gpu: str, cuda_available: bool | None = None) -> boo
     return use_gpu == "true"
 
 
+#: Swap buffers of parameters offloaded to NVMe: ZeRO-3 swaps one tensor per buffer, and a block's
+#: parameters (12 tensors in distill.model.Block) plus the next block's prefetch must fit at once.
+NVME_PARAM_BUFFERS = 32
+#: Elements per gradient-reduction bucket.
+REDUCE_BUCKET = 50_000_000
+#: The optimizer's NVMe swap: buffers, and elements per sub-group (one buffer each).
+OPTIMIZER_SWAP_BUFFERS = 4
+OPTIMIZER_SUB_GROUP = 50_000_000
+
+
+def offload_settings(ds: DeepSpeedConfig, runtime: Runtime, swap_buffer_numel: int = 0) -> dict[str, Any]:
+    """The ``zero_optimization`` keys of ``deepspeed.offload_*``: CPU offload, or ZeRO-Infinity's NVMe offload.
+
+    ``swap_buffer_numel``: the largest parameter partition a worker swaps (elements); NVMe parameter
+    offload sizes its pinned buffers to it rather than DeepSpeed's default of 1e8 elements each
+    (5 x 400 MB), which on a small host would be most of the memory the offload was meant to save.
+    """
+    out: dict[str, Any] = {}
+    pin = runtime.use_gpu  # page-locked host memory speeds GPU copies; on a CPU-only host it only costs RAM
+    if ds.offload_optimizer != "none":
+        out["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": pin}
+        if ds.offload_optimizer == "nvme":
+            out["offload_optimizer"].update(nvme_path=ds.nvme_path, buffer_count=OPTIMIZER_SWAP_BUFFERS,
+                                            pipeline_read=False, pipeline_write=False)
+            # The optimizer steps one sub-group at a time through its swap buffers (each a sub-group's numel):
+            # DeepSpeed's default sub-group of 1e9 elements would make them 4 x 4 GB.
+            out["sub_group_size"] = OPTIMIZER_SUB_GROUP
+    if ds.offload_params != "none" and ds.zero_stage == 3:
+        out["offload_param"] = {"device": ds.offload_params, "pin_memory": pin}
+        if ds.offload_params == "nvme":
+            if swap_buffer_numel < 1:
+                raise ValueError("NVMe parameter offload needs swap_buffer_numel (the largest parameter partition)")
+            # max_in_cpu=0: every partition lives on disk between uses (DeepSpeed's default keeps 1e9 elements in RAM).
+            out["offload_param"].update(nvme_path=ds.nvme_path, buffer_count=NVME_PARAM_BUFFERS,
+                                        buffer_size=swap_buffer_numel, max_in_cpu=0)
+    return out
+
+
 def deepspeed_config(
-    ds: DeepSpeedConfig, train: TrainConfig, micro_batch_size: int, world_size: int, runtime: Runtime, total_steps: int = 0
+    ds: DeepSpeedConfig, train: TrainConfig, micro_batch_size: int, world_size: int, runtime: Runtime, total_steps: int = 0,
+    swap_buffer_numel: int = 0,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one training job.
 
     ``train_batch_size`` is micro x world: callers keep the *global* batch fixed by
     choosing ``micro_batch_size = ceil(batch / world)`` and weighting the loss.
-    ``total_steps`` (optimiser steps in the whole run) is needed by the cosine schedule.
+    ``total_steps`` (optimiser steps in the whole run) is needed by the cosine schedule;
+    ``swap_buffer_numel`` by NVMe parameter offload (see :func:`offload_settings`).
     """
     if train.lr_schedule == "cosine" and total_steps < 1:
         raise ValueError("lr_schedule 'cosine' needs the run's total_steps")
@@ -73,10 +113,11 @@ def deepspeed_config(
     if ds.zero_stage == 3:
         # Gather parameters layer by layer; release them right after use.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.use_gpu}
-    if ds.offload_params and ds.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.use_gpu}
+    if ds.zero_stage >= 1:
+        # DeepSpeed's default bucket of 5e8 elements is a 2 GB fp32 buffer per worker; 5e7 moves the same
+        # gradients in more, smaller collectives (the sums are the same; cluster.memory_plan counts it).
+        zero["reduce_bucket_size"] = REDUCE_BUCKET
+    zero.update(offload_settings(ds, runtime, swap_buffer_numel))
     config: dict[str, Any] = {
         "train_batch_size": micro_batch_size * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -98,6 +139,10 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if "nvme" in (ds.offload_optimizer, ds.offload_params):
+        # DeepSpeed's async I/O (libaio); its defaults, spelled out so a reader of the config sees them.
+        config["aio"] = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+                         "overlap_events": True}
     if train.lr_schedule == "cosine":
         # The formula of distill.training.lr_ratio (the students' schedule); needs the run's length.
         config["scheduler"] = {

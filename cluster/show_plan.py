@@ -38,10 +38,13 @@ def format_plan(plan: RunPlan) -> str:
         lines.append(f"  {key:<28}{'-' if value is None else value!s:>8}  {origin}")
     for reader, ratio in layout.fill.items():
         lines.append(f"  batch fill ({reader}){'':<{14 - len(reader)}}{ratio:>8.0%}  mean global batch / best possible")
-    lines += ["", f"{'stage':<20}{'action':<8}{'workers':<34}{'memory':<10}writes"]
+    lines += ["", f"{'stage':<20}{'action':<8}{'workers':<34}writes"]
     for stage in plan.stages.values():
         action = stage.action if not stage.missing_input or stage.action == "done" else f"{stage.action}*"
-        lines.append(f"{stage.name:<20}{action:<8}{stage.workers:<34}{stage.memory_estimate or '-':<10}{stage.writes}")
+        lines.append(f"{stage.name:<20}{action:<8}{stage.workers:<34}{stage.writes}")
+        if stage.name in plan.memory:
+            memory = plan.memory[stage.name]
+            lines.append(f"{'':<28}peak memory per worker {memory.estimate.summary()}: {memory.estimate.breakdown()}")
         for role, url in stage.reads.items():
             fingerprint = stage.fingerprints.get(role)
             lines.append(f"{'':<28}reads {role}: {url}" + (f" ({fingerprint[:12]})" if fingerprint else ""))
@@ -51,6 +54,12 @@ def format_plan(plan: RunPlan) -> str:
     if waiting:
         lines += ["", "* needs an earlier stage's output first (fine in `pipeline`):"]
         lines += [f"  {s.name}: {s.missing_input}" for s in waiting]
+    if plan.memory:
+        capacity = next(iter(plan.memory.values())).capacity
+        lines += ["", f"memory: a node holds {capacity.host_bytes / 1024**3:.1f} GB for its workers ({capacity.origin}), "
+                      f"{capacity.workers_per_node} worker(s) per node" +
+                      (f"; GPU {capacity.device_bytes / 1024**3:.0f} GB" if capacity.device_bytes else "") +
+                      (f"; NVMe {capacity.nvme_free / 1024**3:.0f} GB free" if capacity.nvme_free is not None else "")]
     lines += [f"warning: [{w.stage}] {w.message}" for w in plan.warnings]
     if plan.problems:
         lines += ["", str(PlanError(plan.problems))]

@@ -1,14 +1,17 @@
 """``recdistill train-teacher``: the teacher's recipe, Ray Train TorchTrainer + DeepSpeed ZeRO workers.
 
 Each epoch: data-parallel next-item training (global batch fixed whatever the
-worker count), distributed full-ranking validation, a DeepSpeed checkpoint
-reported to the engine, and, when validation NDCG@10 improved, a consolidated
-export of the teacher to ``run_dir/teacher``.
+worker count), distributed full-ranking validation, a checkpoint reported to the
+engine, and, when validation NDCG@10 improved, a consolidated export of the
+teacher to ``run_dir/teacher``.
 
-Resuming: Ray Train hands the last reported checkpoint to a restarted group. A
-ZeRO checkpoint only loads at the world size that wrote it, so when the worker
-count changed, each worker first converts it to DeepSpeed's *universal*
-checkpoint format (world-size independent) and loads that.
+Checkpoints are :mod:`cluster.portable_checkpoint`: every parameter's fp32 master
+weight and Adam moments, whole, so a restarted group resumes at any worker count,
+with optimizer states and parameters offloaded to NVMe or not (DeepSpeed's own
+per-rank checkpoints load only at the world size that wrote them, and not at all
+across world sizes once the optimizer is on NVMe). Checkpoints of DeepSpeed's own
+format, written by earlier versions, still resume (converted to DeepSpeed's
+universal format when the worker count changed).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cluster import portable_checkpoint
 from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
@@ -39,7 +43,7 @@ from data_pipeline.exports import read_export_meta
 from data_pipeline.layout import RunLayout
 from distill.model import SequentialRecommender
 from distill.sequences import next_item_batch
-from distill.sizing import count_parameters
+from distill.sizing import count_parameters, largest_parameter
 from distill.training import (NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, seed_step,
                               training_sequences)
 
@@ -65,8 +69,23 @@ def _convert_to_universal(checkpoint_dir: str, out_root: str) -> str:
     return tag
 
 
+def _resume_portable(engine, model: torch.nn.Module, checkpoint_dir: str, state: dict[str, Any], rank: int, world: int,
+                     max_len: int, device: torch.device) -> None:
+    """Load a :mod:`cluster.portable_checkpoint` (written at any worker count) into this engine."""
+    try:
+        empty = torch.zeros(1, max_len, dtype=torch.long, device=device)  # all padding: a step of zero loss
+        portable_checkpoint.create_optimizer_state(engine, (empty, empty))
+        portable_checkpoint.load(engine, model, checkpoint_dir)
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # our local copy of the checkpoint
+    log.info("rank %d: resumed at epoch %d (best NDCG@10 %.4f), checkpoint of %d workers, now %d", rank, state["epoch"],
+             state["best_ndcg"], state["world_size"], world)
+    state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
+
+
 def _resume(engine, checkpoint_dir: str, universal: bool, state: dict[str, Any], rank: int, world: int) -> None:
-    """Load the DeepSpeed checkpoint the engine handed back, converting it first if the world size changed."""
+    """Load a checkpoint in DeepSpeed's own format (written before portable checkpoints), converting it first if the
+    world size changed."""
     scratch = tempfile.mkdtemp(prefix="recdistill-universal-") if universal else None
     try:
         load_root, tag = checkpoint_dir, CKPT_TAG
@@ -83,16 +102,27 @@ def _resume(engine, checkpoint_dir: str, universal: bool, state: dict[str, Any],
 
 
 def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full fp32 state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3."""
-    gather = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
+    """The full fp32 state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3.
 
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gather:
-        if rank != 0:
-            return None
-        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in model.state_dict().items()}
+    One parameter is gathered at a time: gathering them all at once would put the whole model on every
+    rank (4 bytes per parameter each: 4 GB for the 1B teacher), only rank 0 keeps the copies.
+    """
+    def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).clone()
+
+    entries = model.state_dict(keep_vars=True)  # the Parameter objects themselves: tied weights share one
+    if zero_stage != 3:
+        return {key: to_cpu(value) for key, value in entries.items()} if rank == 0 else None
+    import deepspeed
+
+    gathered: dict[int, torch.Tensor] = {}
+    for param in model.parameters():  # each shared Parameter once
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                gathered[id(param)] = to_cpu(param)
+    if rank != 0:
+        return None
+    return {key: gathered[id(value)] if isinstance(value, torch.nn.Parameter) else to_cpu(value) for key, value in entries.items()}
 
 
 def teacher_train_loop(loop_config: dict[str, Any]) -> None:
@@ -119,7 +149,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     sequences = training_sequences(read_split(layout.data, "train", storage, manifest), mcfg.max_len)
     valid = read_split(layout.data, "valid", storage, manifest)
 
-    # Resume state comes first: it decides whether DeepSpeed must load a universal checkpoint.
+    # Resume state comes first: a checkpoint of DeepSpeed's own format (older runs) may need a universal conversion.
     stage_fp = stage_fingerprint(cfg, "teacher")
     state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
                              "stage_fingerprint": stage_fp}
@@ -130,11 +160,14 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             state = json.load(f)
         check_checkpoint_stage(state, stage_fp, restored.origin)
         state["stage_fingerprint"] = stage_fp
-    universal = checkpoint_dir is not None and state["world_size"] != world
+    portable = checkpoint_dir is not None and portable_checkpoint.is_portable(checkpoint_dir)
+    universal = checkpoint_dir is not None and not portable and state["world_size"] != world
 
     micro_batch = math.ceil(tcfg.batch_size / world)
     steps_per_epoch = math.ceil(len(sequences) / tcfg.batch_size)  # as rank_batches
-    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch)
+    # NVMe parameter offload swaps one partition per buffer: size them to the largest.
+    swap_numel = math.ceil(largest_parameter(mcfg, num_items) / world)
+    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch, swap_numel)
     ds_config["checkpoint"] = {"load_universal": universal}
 
     # Ray Train already created the process group; DeepSpeed's comm layer adopts it.
@@ -143,13 +176,17 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
     with init_ctx:
         model = SequentialRecommender(mcfg, num_items)
+    model.checkpoint_activations = cfg.deepspeed.activation_checkpointing
     if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
         model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
     engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
 
     if checkpoint_dir is not None:
-        _resume(engine, checkpoint_dir, universal, state, rank, world)
+        if portable:
+            _resume_portable(engine, model, checkpoint_dir, state, rank, world, mcfg.max_len, device)
+        else:
+            _resume(engine, checkpoint_dir, universal, state, rank, world)
         try:  # an export lost in a crash is re-made at the next improvement
             read_export_meta(layout.teacher, storage)
         except ValueError:
@@ -218,7 +255,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
         with tempfile.TemporaryDirectory(prefix="recdistill-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CKPT_TAG)
+            # Whole tensors, not per-rank shards: it resumes at any worker count, offloaded or not.
+            portable_checkpoint.save(engine, model, tmp, rank)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f)

@@ -39,6 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from distill.config import ItemDimBand, ModelConfig
 
@@ -196,6 +197,9 @@ class SequentialRecommender(nn.Module):
         self.pos_emb = _Embedding(cfg.max_len, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # Activation checkpointing (how to train, not what): in training, keep only each block's input and
+        # recompute the block in the backward. Dropout replays the same mask (torch saves the RNG state).
+        self.checkpoint_activations = False
         self.ln_final = nn.LayerNorm(cfg.d_model)
         if self.item_table is None:
             self.output = _Linear(cfg.d_model, num_items + 1, bias=False)
@@ -231,8 +235,9 @@ class SequentialRecommender(nn.Module):
         x = self.emb_dropout(x)
 
         attn_mask = self._attention_mask(is_item)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = checkpoint(block, x, attn_mask, use_reentrant=False) if recompute else block(x, attn_mask)
         x = self.ln_final(x)
         # Zero the padding rows so nothing downstream can come to depend on them.
         return x * is_item.unsqueeze(-1).to(x.dtype)

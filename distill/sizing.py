@@ -48,6 +48,13 @@ def count_parameters_meta(cfg: ModelConfig, num_items: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def largest_parameter(cfg: ModelConfig, num_items: int) -> int:
+    """Elements of the model's largest parameter tensor (the meta device again: shapes only)."""
+    with torch.device("meta"):
+        model = SequentialRecommender(cfg, num_items)
+    return max(p.numel() for p in model.parameters())
+
+
 def fit_to_budget(template: ModelConfig, num_items: int, budget: int) -> ModelConfig:
     """The widest model like ``template`` with at most ``budget`` parameters.
 

@@ -113,7 +113,7 @@ def test_overrides_are_typed_and_nested():
     cfg = build_config({}, ["teacher.model.d_model=96", "run.run_dir=s3://bucket/run", "deepspeed.offload_optimizer=true"])
     assert cfg.teacher.model.d_model == 96
     assert cfg.run.run_dir == "s3://bucket/run"
-    assert cfg.deepspeed.offload_optimizer is True
+    assert cfg.deepspeed.offload_optimizer == "cpu"  # true/false from configs written before nvme existed
 
 
 def test_override_of_unknown_key_is_rejected():

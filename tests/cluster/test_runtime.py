@@ -1,9 +1,10 @@
 import pytest
+from pydantic import ValidationError
 
 from cluster.config import DeepSpeedConfig
 
 from distill.config import TrainConfig
-from cluster.runtime import deepspeed_config, select_runtime, use_gpu_for_scaling
+from cluster.runtime import NVME_PARAM_BUFFERS, OPTIMIZER_SUB_GROUP, deepspeed_config, select_runtime, use_gpu_for_scaling
 
 
 def test_gpu_selects_cuda_nccl_bf16():
@@ -66,3 +67,34 @@ def test_cosine_schedule_goes_to_deepspeed_with_the_run_length():
     assert cfg["scheduler"]["params"]["total_num_steps"] == 300 and cfg["scheduler"]["params"]["warmup_num_steps"] == 5
     with pytest.raises(ValueError, match="total_steps"):
         deepspeed_config(DeepSpeedConfig(zero_stage=3), train, 8, 2, cpu)
+
+
+def test_nvme_offload_is_zero_infinity_with_buffers_sized_to_the_model():
+    cpu = select_runtime("cpu", "auto", cuda_available=False)
+    ds = DeepSpeedConfig(zero_stage=3, offload_optimizer="nvme", offload_params="nvme", nvme_path="/scratch/ds")
+    cfg = deepspeed_config(ds, TrainConfig(warmup_steps=0), 4, 2, cpu, swap_buffer_numel=8_388_608)
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "nvme" and zero["offload_optimizer"]["nvme_path"] == "/scratch/ds"
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/scratch/ds",
+                                     "buffer_count": NVME_PARAM_BUFFERS, "buffer_size": 8_388_608, "max_in_cpu": 0}
+    assert zero["sub_group_size"] == OPTIMIZER_SUB_GROUP and "aio" in cfg
+    # On a GPU the host buffers are pinned (faster copies); on a CPU-only host pinning only costs RAM.
+    gpu = select_runtime("auto", "auto", cuda_available=True, bf16_supported=True)
+    assert deepspeed_config(ds, TrainConfig(warmup_steps=0), 4, 2, gpu, swap_buffer_numel=10)["zero_optimization"][
+        "offload_param"]["pin_memory"] is True
+    with pytest.raises(ValueError, match="swap_buffer_numel"):
+        deepspeed_config(ds, TrainConfig(warmup_steps=0), 4, 2, cpu)
+    # Without offload nothing of it appears.
+    plain = deepspeed_config(DeepSpeedConfig(zero_stage=3), TrainConfig(warmup_steps=0), 4, 2, cpu)
+    assert "aio" not in plain and "offload_param" not in plain["zero_optimization"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"offload_optimizer": "nvme"}, "nvme_path"),
+    ({"offload_params": "cpu", "zero_stage": 2}, "zero_stage 3"),
+    ({"offload_optimizer": "cpu", "zero_stage": 0}, "zero_stage >= 1"),
+    ({"offload_params": "disk"}, "nvme"),
+])
+def test_offload_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        DeepSpeedConfig(**settings)

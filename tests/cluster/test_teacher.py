@@ -152,17 +152,19 @@ def test_killed_worker_resumes_from_checkpoint_bit_identical(four_epoch_teacher,
 
 
 def test_a_planted_pickle_in_the_newest_checkpoint_is_never_opened(ray_session, tmp_path):
-    """DeepSpeed unpickles its checkpoint files (torch.load, weights_only=False): a replaced file must be
-    refused by its seal before DeepSpeed opens it, and the resume falls back to the previous checkpoint."""
+    """A replaced checkpoint file is refused by its seal before anything opens it (DeepSpeed's own format
+    unpickled its files), and the resume falls back to the previous checkpoint."""
     cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", "scaling.num_workers=1")
     prepare.run(cfg)
     train_teacher.run(cfg)
     checkpoints = sorted(p for p in Path(cfg.run.run_dir, "ray", "teacher").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2, checkpoints
-    states = list(checkpoints[-1].rglob("*_model_states.pt"))
+    # The checkpoint holds no pickle (safetensors and JSON); a pickle planted in place of a part must not be opened.
+    assert not list(checkpoints[-1].rglob("*.pt")), [str(p) for p in checkpoints[-1].rglob("*.pt")]
+    states = list(checkpoints[-1].rglob("part-*.safetensors"))
     assert states, [str(p) for p in checkpoints[-1].rglob("*")]
     marker = tmp_path / "code-ran"
-    torch.save(_Planted(str(marker)), states[0])  # creates `marker` when unpickled
+    torch.save(_Planted(str(marker)), states[0])  # creates `marker` if anything unpickled it
     more = small_config(tmp_path / "run", "teacher.train.epochs=3", "scaling.num_workers=1")
     train_teacher.run(more)
     assert not marker.exists(), "the planted pickle was unpickled"
@@ -192,3 +194,25 @@ def test_checkpoint_resumes_at_another_worker_count(ray_session, tmp_path, befor
     assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
     assert history["restarts"] == [{"at_epoch": 2, "from_workers": before, "workers": after}]
     assert meta["valid"]["ndcg@10"] >= history["history"][0]["val_ndcg@10"]
+
+
+def test_zero_infinity_nvme_offload_with_activation_checkpointing_trains_like_the_plain_engine(four_epoch_teacher, tmp_path):
+    """Optimizer states and parameters on NVMe (files under nvme_path, DeepSpeed's async I/O) and blocks
+    recomputed in the backward change where tensors live, not what is learned: the first two epochs match
+    the plain ZeRO-3 run's; then the run resumes at 1 worker (universal checkpoint) still offloaded."""
+    nvme = tmp_path / "nvme"
+    offload = ("deepspeed.offload_optimizer=nvme", "deepspeed.offload_params=nvme", f"deepspeed.nvme_path={nvme}",
+               "deepspeed.activation_checkpointing=true")
+    cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", *offload)
+    prepare.run(cfg)
+    train_teacher.run(cfg)
+    # Each rank swapped its optimizer states and parameters through its own folders (DeepSpeed deletes the files at exit).
+    swap = {str(p.relative_to(nvme)) for p in nvme.rglob("rank*")}
+    assert swap == {f"zero_stage_3/{kind}/rank{r}" for kind in ("optimizer", "float32params") for r in (0, 1)}, swap
+    reference = [h["val_ndcg@10"] for h in read_history(four_epoch_teacher[0])["history"][:2]]
+    assert [h["val_ndcg@10"] for h in read_history(cfg)["history"]] == pytest.approx(reference, abs=2e-3)
+    more = small_config(tmp_path / "run", "teacher.train.epochs=3", "scaling.num_workers=1", *offload)
+    train_teacher.run(more)
+    history = read_history(more)
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3] and history["complete"]
+    assert history["restarts"] == [{"at_epoch": 2, "from_workers": 2, "workers": 1}]
