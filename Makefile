@@ -14,6 +14,11 @@ STAMP      := $(VENV)/.recdistill-installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@# libaio: DeepSpeed's async I/O for NVMe offload (ZeRO-Infinity). Installed when apt-get can (root or sudo).
+	@dpkg -s libaio-dev >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libaio-dev >/dev/null; } ; } || \
+	  echo "setup: libaio-dev not installed: NVMe offload (deepspeed.offload_*=nvme) will be refused by the plan"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"

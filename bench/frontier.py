@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -87,6 +88,7 @@ def main() -> None:
     from cluster.common import code_version
     from cluster.config import load_config
     from cluster.plan import build_plan
+    from cluster.ray_setup import Interrupted
 
     try:  # a user mistake (config, store, export) is one line, as in the CLI
         cfg = load_config(args.config, args.overrides).with_absolute_paths()
@@ -97,6 +99,9 @@ def main() -> None:
         members = sweep.plan_members(cfg, plan)
     except USER_ERRORS as exc:
         raise SystemExit(f"bench.frontier: {exc}") from None
+    except Interrupted as exc:  # Ctrl-C: one line, and the same command resumes
+        print(f"bench.frontier: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
     result = {"benchmark": "frontier", "config": args.config, "overrides": args.overrides, **code_version(),
               "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"]),
               "costs": costs(cfg, members, plan.store)}

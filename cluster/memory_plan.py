@@ -107,24 +107,26 @@ class Capacity:
 def model_state_bytes(params: int, workers: int, ds: DeepSpeedConfig, bf16: bool) -> dict[str, dict[str, int]]:
     """Bytes per worker of each model state, by where it lives: ``{"host"|"device"|"nvme": {state: bytes}}``.
 
-    DeepSpeed's accounting (``estimate_zero3_model_states_mem_needs``: 18 bytes a parameter in bf16):
-    parameters and gradients in the training dtype (2 B in bf16), an fp32 master copy (4 B), fp32
-    gradients for the optimizer's step (4 B, bf16 only: in fp32 the gradients already are) and Adam's
-    two moments (8 B); fp32 training thus keeps 20 B a parameter. ZeRO stage s partitions the
-    optimizer states (s >= 1), gradients (s >= 2) and parameters (s = 3) over the workers.
-    Offloading the optimizer moves the master copy, the moments and the fp32 gradients.
+    Parameters and gradients in the training dtype (2 B in bf16, 4 B in fp32), an fp32 master copy that
+    the optimizer updates (4 B) and Adam's two moments (8 B): 20 B a parameter when training in fp32 on
+    CPU. ZeRO stage s partitions the optimizer states (s >= 1), gradients (s >= 2) and parameters (s = 3)
+    over the workers. An offloaded optimizer moves the master copy and the moments, and steps on fp32
+    gradients that the reduction writes straight into host buffers (the training-dtype gradient partition
+    then does not persist). With the optimizer and parameters offloaded in bf16 this is DeepSpeed's own
+    accounting (``estimate_zero3_model_states_mem_needs``: 18 B a parameter in host RAM), checked in the tests.
     """
     width = 2 if bf16 else 4
     stage = ds.zero_stage
     share = lambda partitioned: params / workers if partitioned else params  # noqa: E731
     states = {
         "parameters": (width * share(stage == 3), ds.offload_params),
-        "gradients": (width * share(stage >= 2), "none"),
         "fp32 master weights": (4 * share(stage >= 1), ds.offload_optimizer),
         "Adam moments": (8 * share(stage >= 1), ds.offload_optimizer),
     }
-    if bf16:
-        states["fp32 gradients"] = (4 * share(stage >= 1), "cpu" if ds.offload_optimizer != "none" else "none")
+    if ds.offload_optimizer == "none":
+        states["gradients"] = (width * share(stage >= 2), "none")
+    else:
+        states["fp32 gradients"] = (4 * share(True), "cpu")
     if stage == 0 and not bf16:  # plain data parallel in fp32: the optimizer updates the parameters themselves
         del states["fp32 master weights"]
     out: dict[str, dict[str, int]] = {"host": {}, "device": {}, "nvme": {}}

@@ -25,7 +25,8 @@ from cluster.common import teacher_url
 from cluster import memory_plan
 from cluster.config import Config, stage_fingerprint
 from cluster.student_batches import augmentation_in_use, student_source
-from cluster.plan_checks import PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, size_warnings
+from cluster.plan_checks import (PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, offload_problems,
+                                 size_warnings)
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest, read_split
@@ -221,6 +222,8 @@ class _Planner:
         else:
             stage = StagePlan("train-teacher", self._progress(paths.teacher, "teacher"), reads, paths.teacher, workers)
         stage.fingerprints["stage"] = stage_fingerprint(cfg, "teacher")
+        if stage.action in ("run", "resume"):
+            self.problems += offload_problems(cfg)
         if self.teacher:
             stage.fingerprints["teacher"] = self.teacher["fingerprint"]
         self.stages["train-teacher"] = stage

@@ -118,3 +118,19 @@ def ensemble_members(cfg: Config, teacher: Optional[dict[str, Any]], dataset: Op
                                                   f"of history, the run's teacher {teacher['model']['max_len']}: an ensemble "
                                                   "labels the same positions, so its members need the same max_len"))
     return metas, problems
+
+
+def offload_problems(cfg: Config) -> list[Problem]:
+    """NVMe offload needs a local folder and DeepSpeed's async I/O op (libaio), checked before any worker starts."""
+    ds = cfg.deepspeed
+    if "nvme" not in (ds.offload_optimizer, ds.offload_params):
+        return []
+    if "://" in ds.nvme_path:
+        return [Problem("train-teacher", f"deepspeed.nvme_path={ds.nvme_path} must be a local folder (on each node's own disk)")]
+    from deepspeed.ops.op_builder import AsyncIOBuilder  # the builder of this machine's accelerator
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        return [Problem("train-teacher", "deepspeed.offload_*=nvme needs DeepSpeed's async I/O op, which needs libaio: "
+                                         "install libaio-dev (`apt-get install libaio-dev`, as `make setup` does), "
+                                         "or offload to cpu")]
+    return []

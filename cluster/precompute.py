@@ -33,6 +33,7 @@ import torch
 from cluster.common import save_resolved_config
 from cluster.plan import RunPlan, build_plan
 from cluster.config import Config, build_config
+from cluster.memory_watch import NodeMemoryWatch, gather_peaks
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
 from cluster.teacher_hosting import host_teacher
@@ -295,6 +296,7 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     rank, world = ctx.rank, ctx.world_size
     runtime = select_runtime(cfg.run.device, cfg.deepspeed.bf16)
     deepspeed.init_distributed(dist_backend=runtime.backend)
+    node_watch = NodeMemoryWatch()  # from before the teacher is hosted: loading it is part of the peak
     layout = RunLayout(cfg.run.run_dir)
     storage = cfg.data.storage_options
     pcfg = cfg.precompute
@@ -340,6 +342,8 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     )
     bar.close()
     dist.barrier()  # every shard is committed before the manifest
+    memory = gather_peaks(world, node_watch)  # measured, beside the plan's estimate
+    node_watch.stop()
     if rank == 0 and not benchmark_only:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         augmentation = None
@@ -348,11 +352,13 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
                             "rows": len(positions) - rows.num_real, "positions": int(positions[rows.num_real:].sum())}
         store.write_manifest(
             layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(positions), int(positions.sum()),
-            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "teacher_url": redact(teacher_url),
+            extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "memory": memory,
+                   "teacher_url": redact(teacher_url),
                    "ensemble": [{"url": redact(url), "fingerprint": fp} for url, fp in getattr(teacher, "members", [])]},
             storage_options=storage, augmentation=augmentation,
         )
-    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only}
+    metrics = {"positions": total_positions, "seconds": time.perf_counter() - started, "benchmark_only": benchmark_only,
+               **memory}
     # Ray Train V2 surfaces metrics of checkpointed reports only, so rank 0 attaches a tiny one.
     with tempfile.TemporaryDirectory(prefix="recdistill-precompute-") as tmp:
         if rank == 0:

@@ -160,6 +160,11 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
                 future.result()  # the first failure, if any, ends the sweep (finished members are kept)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
+            # The members' fits run on pool threads, which Ctrl-C does not reach: without this they train on
+            # (and the interpreter waits for them at exit). Their last checkpoints are kept for the rerun.
+            import ray
+
+            ray.shutdown()
             raise Interrupted("interrupted; every finished member is kept, and a rerun trains only the others") from None
         finally:
             pool.shutdown(wait=False, cancel_futures=True)

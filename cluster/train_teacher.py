@@ -34,6 +34,7 @@ from cluster import portable_checkpoint
 from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
+from cluster.memory_watch import NodeMemoryWatch, gather_peaks
 from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import deepspeed_config, select_runtime
@@ -192,6 +193,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         except ValueError:
             state["best_ndcg"] = -1.0
 
+    node_watch = NodeMemoryWatch()
     if rank == 0:
         log.info("teacher: DeepSpeed ZeRO-%d engine ready on %d workers in %.1f s", cfg.deepspeed.zero_stage, world, time.perf_counter() - setup_started)
     params = count_parameters(mcfg, num_items)
@@ -199,7 +201,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     for epoch in range(state["epoch"], tcfg.epochs):
         started = time.perf_counter()
         engine.train()
-        losses = []
+        losses, step_seconds = [], []
         for step, rows in enumerate(rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world)):
             seed_step(cfg.run.seed, epoch, step, rank)  # dropout: a function of the step, so a resume repeats it
             if len(rows):
@@ -214,6 +216,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             engine.backward(loss)
             engine.step()
             losses.append(float(loss_sum.detach()) / max(float(count), 1.0))
+            step_seconds.append(time.perf_counter() - (started + sum(step_seconds)))
         train_seconds = time.perf_counter() - started
 
         engine.eval()
@@ -225,6 +228,9 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)) if losses else math.nan,
             "train_seconds": train_seconds,
+            # Measured beside the memory plan's estimate (cluster.memory_plan): per rank, and the slowest step.
+            "step_seconds_max": round(max(step_seconds), 3) if step_seconds else None,
+            **gather_peaks(world, node_watch),
             **{f"val_{k}": v for k, v in metrics.items()},
         }
         state["history"].append(record)
@@ -265,6 +271,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         if tcfg.patience and patience_left <= 0:
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
             break
+    node_watch.stop()
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
                     "stage_fingerprint": stage_fp, "complete": True}

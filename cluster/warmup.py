@@ -1,7 +1,8 @@
-"""One-time setup step: JIT-build DeepSpeed's CPU shared-memory comm op.
+"""One-time setup step: JIT-build DeepSpeed's CPU shared-memory comm op and its async I/O op.
 
-DeepSpeed compiles it on first use (~25 s, cached in ~/.cache/torch_extensions);
-doing it once at install time keeps that cost out of every training job's start.
+DeepSpeed compiles them on first use (~25 s and a few minutes, cached in ~/.cache/torch_extensions);
+doing it once at install time keeps that cost out of every training job's start (the async I/O op,
+for NVMe offload, only where libaio is installed).
 On a CUDA machine there is nothing to build, so this exits quietly.
 """
 
@@ -51,8 +52,24 @@ def main() -> int:
     start = time.perf_counter()
     op = build_shm_op()
     status = "built" if op is not None else "not available (DeepSpeed falls back to plain gloo)"
-    print(f"warmup: DeepSpeed shm comm op {status} in {time.perf_counter() - start:.1f}s")
+    print(f"warmup: DeepSpeed shm comm op {status} in {time.perf_counter() - start:.1f}s", flush=True)
+    build_async_io()
     return 0
+
+
+def build_async_io() -> None:
+    """DeepSpeed's async I/O op (NVMe offload), when libaio is there: a few minutes once, cached after."""
+    from deepspeed.ops.op_builder.cpu import AsyncIOBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible(verbose=False):
+        print("warmup: DeepSpeed async I/O not buildable (install libaio-dev): NVMe offload unavailable", flush=True)
+        return
+    clear_stale_build_lock(Path(_get_build_directory("async_io", verbose=False)))
+    start = time.perf_counter()
+    builder.load(verbose=False)
+    print(f"warmup: DeepSpeed async I/O op built in {time.perf_counter() - start:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
