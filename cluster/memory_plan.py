@@ -176,7 +176,13 @@ def teacher_training(cfg: Config, num_items: int, workers: int, runtime_bf16: bo
     device = dict(states["device"])
     working = {}
     if ds.zero_stage == 3:
-        working["gathered blocks"] = BLOCKS_IN_FLIGHT * largest_block_params(model) * width
+        # ZeRO-3 keeps a gathered parameter until its next use when that use comes within REUSE_DISTANCE
+        # elements: in training the blocks nearest the output are used again in the backward soon after
+        # the forward, so about half the reuse distance (up to the whole model) stays gathered at the turn.
+        from cluster.runtime import LIVE_PARAMETERS, REUSE_DISTANCE
+
+        live = min(LIVE_PARAMETERS, REUSE_DISTANCE // 2, params)
+        working["gathered parameters"] = max(live, BLOCKS_IN_FLIGHT * largest_block_params(model)) * width
     if ds.zero_stage >= 1 or workers > 1:
         from cluster.runtime import REDUCE_BUCKET
 
@@ -196,8 +202,10 @@ def teacher_training(cfg: Config, num_items: int, workers: int, runtime_bf16: bo
         host.update(device)
         device = {}
     host["training sequences"] = _sequences_bytes(num_sequences, model.max_len)
-    # Exporting a new best model: rank 0 gathers every parameter, one at a time, into an fp32 copy.
-    rank0 = {"export copy": params * 4}
+    # Checkpoints and exports stream one whole parameter at a time; rank 0 also holds a checkpoint part being filled.
+    from cluster.portable_checkpoint import PART_BYTES
+
+    rank0 = {"checkpoint part": PART_BYTES + 3 * _largest_tensor(model, num_items) * 4}
     return Estimate("train-teacher", workers, host, device, sum(states["nvme"].values()), rank0)
 
 

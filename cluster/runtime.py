@@ -61,6 +61,10 @@ def use_gpu_for_scaling(use_gpu: str, cuda_available: bool | None = None) -> boo
 #: Swap buffers of parameters offloaded to NVMe: ZeRO-3 swaps one tensor per buffer, and a block's
 #: parameters (12 tensors in distill.model.Block) plus the next block's prefetch must fit at once.
 NVME_PARAM_BUFFERS = 32
+#: ZeRO-3 keeps at most this many gathered parameter elements, and keeps one gathered when it is used again
+#: within this many elements (DeepSpeed's defaults).
+LIVE_PARAMETERS = 1_000_000_000
+REUSE_DISTANCE = 1_000_000_000
 #: Elements per gradient-reduction bucket.
 REDUCE_BUCKET = 50_000_000
 #: The optimizer's NVMe swap: buffers, and elements per sub-group (one buffer each).
@@ -112,7 +116,9 @@ def deepspeed_config(
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage == 3:
         # Gather parameters layer by layer; release them right after use.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7,
+                     # DeepSpeed's defaults, spelled out: cluster.memory_plan counts what they keep gathered.
+                     "stage3_max_live_parameters": LIVE_PARAMETERS, "stage3_max_reuse_distance": REUSE_DISTANCE})
     if ds.zero_stage >= 1:
         # DeepSpeed's default bucket of 5e8 elements is a 2 GB fp32 buffer per worker; 5e7 moves the same
         # gradients in more, smaller collectives (the sums are the same; cluster.memory_plan counts it).

@@ -35,12 +35,11 @@ from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.memory_watch import NodeMemoryWatch, gather_peaks
-from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import deepspeed_config, select_runtime
 from data_pipeline import fsio
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
-from data_pipeline.exports import read_export_meta
+from data_pipeline.exports import read_export_meta, save_export_streaming
 from data_pipeline.layout import RunLayout
 from distill.model import SequentialRecommender
 from distill.sequences import next_item_batch
@@ -102,28 +101,35 @@ def _resume(engine, checkpoint_dir: str, universal: bool, state: dict[str, Any],
     state.setdefault("restarts", []).append({"at_epoch": state["epoch"], "from_workers": state["world_size"], "workers": world})
 
 
-def _gather_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full fp32 state dict on rank 0 (None elsewhere); every rank must call it under ZeRO-3.
+def _export(model: torch.nn.Module, zero_stage: int, rank: int, url: str, info: dict[str, Any], num_items: int,
+            storage: dict[str, Any]) -> Optional[str]:
+    """Rank 0 writes the consolidated fp32 export, streamed: one parameter gathered (collectively, under ZeRO-3)
+    and written at a time, so no rank ever holds the whole model (4 GB for the 1B teacher, twice over with a
+    serialised copy). Every rank must call it; returns the fingerprint on rank 0."""
+    entries = model.state_dict(keep_vars=True)  # Parameters themselves (ZeRO-3 gathers them) and buffers
+    if model.cfg.tied_embeddings:
+        entries.pop("output.weight", None)  # the same Parameter as item_emb.weight, stored once
 
-    One parameter is gathered at a time: gathering them all at once would put the whole model on every
-    rank (4 bytes per parameter each: 4 GB for the 1B teacher), only rank 0 keeps the copies.
-    """
-    def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype).clone()
+    def dtype(value: torch.Tensor) -> torch.dtype:
+        return torch.float32 if value.is_floating_point() else value.dtype
 
-    entries = model.state_dict(keep_vars=True)  # the Parameter objects themselves: tied weights share one
-    if zero_stage != 3:
-        return {key: to_cpu(value) for key, value in entries.items()} if rank == 0 else None
-    import deepspeed
+    layout = [(key, tuple(getattr(value, "ds_shape", value.shape)), dtype(value)) for key, value in entries.items()]
 
-    gathered: dict[int, torch.Tensor] = {}
-    for param in model.parameters():  # each shared Parameter once
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                gathered[id(param)] = to_cpu(param)
+    def tensors():
+        for value in entries.values():
+            gather = contextlib.nullcontext()
+            if zero_stage == 3 and isinstance(value, torch.nn.Parameter):
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters([value], modifier_rank=None)
+            with gather:
+                yield value.detach().to("cpu", dtype(value)).clone() if rank == 0 else None
+
     if rank != 0:
+        for _ in tensors():  # take part in every gather
+            pass
         return None
-    return {key: gathered[id(value)] if isinstance(value, torch.nn.Parameter) else to_cpu(value) for key, value in entries.items()}
+    return save_export_streaming(url, layout, tensors(), model.cfg.model_dump(mode="json"), num_items, info, storage)
 
 
 def teacher_train_loop(loop_config: dict[str, Any]) -> None:
@@ -239,17 +245,16 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
                      metrics["ndcg@10"], " (best)" if improved else "", train_seconds, world)
         if improved:
             state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1)
-            full = _gather_state_dict(engine.module.model, cfg.deepspeed.zero_stage, rank)
+            info = {
+                "role": "teacher",
+                "params": params,
+                "dataset_fingerprint": manifest["fingerprint"],
+                "epoch": epoch + 1,
+                "valid": metrics,
+                "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
+            }
+            export_fp = _export(engine.module.model, cfg.deepspeed.zero_stage, rank, layout.teacher, info, num_items, storage)
             if rank == 0:
-                info = {
-                    "role": "teacher",
-                    "params": params,
-                    "dataset_fingerprint": manifest["fingerprint"],
-                    "epoch": epoch + 1,
-                    "valid": metrics,
-                    "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
-                }
-                export_fp = save_model(layout.teacher, full, mcfg, num_items, info, storage)
                 log.info("epoch %d: new best teacher exported (fingerprint %s)", epoch + 1, export_fp[:12])
             patience_left = tcfg.patience
         else:

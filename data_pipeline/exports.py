@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+import math
+import struct
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -119,6 +121,56 @@ def save_export(
     return fingerprint
 
 
+
+
+def save_export_streaming(
+    url: str,
+    layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[torch.Tensor],
+    model_config: dict[str, Any],
+    num_items: int,
+    info: dict[str, Any],
+    storage_options: Optional[dict[str, Any]] = None,
+) -> str:
+    """:func:`save_export` for a model too large to hold twice (the 1B teacher: 4 GB of fp32): ``tensors``
+    yields the ``layout``'s tensors one at a time, in its order, and each is written (safetensors: an
+    8-byte header length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes) and hashed
+    as it comes. Returns the fingerprint."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype in layout:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+
+    def chunks() -> Iterator[bytes]:
+        prefix = struct.pack("<Q", len(encoded)) + encoded
+        digest.update(prefix)
+        yield prefix
+        count = 0
+        for (name, shape, dtype), tensor in zip(layout, tensors):
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ExportError(f"export of {name}: got {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+            data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            digest.update(data)
+            count += 1
+            yield data
+        if count != len(layout):
+            raise ExportError(f"export: {count} tensors arrived, the layout has {len(layout)}")
+
+    fsio.remove_file(fsio.join(url, META), storage_options)  # uncommit before replacing the weights
+    fsio.atomic_write_chunks(fsio.join(url, WEIGHTS), chunks(), storage_options)
+    cfg_dict = dict(model_config)
+    digest.update(json.dumps({"model": cfg_dict, "num_items": num_items}, sort_keys=True).encode())
+    fingerprint = digest.hexdigest()
+    meta = {"kind": KIND, "model": cfg_dict, "num_items": num_items, "fingerprint": fingerprint, **info}
+    fsio.write_json_atomic(fsio.join(url, META), meta, storage_options)
+    return fingerprint
+
+
 def read_export_meta(url: str, storage_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The export's metadata; an error naming the URL if there is no committed export."""
     try:
@@ -146,6 +198,7 @@ def load_export(
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 def read_export_tensor(url: str, name: str, storage_options: Optional[dict[str, Any]] = None, verify: bool = True) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import fsspec
 import pyarrow as pa
@@ -99,6 +99,24 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: Optional[dict[str
         _atomic_local_write(fs, path, write)
     else:
         fs.pipe_file(path, bytes(data))
+
+
+def atomic_write_chunks(url: str, chunks: Iterable[bytes], storage_options: Optional[dict[str, Any]] = None) -> None:
+    """:func:`atomic_write_bytes` for data that arrives in pieces (never all in memory): locally a temporary
+    file renamed at the end; on an object store one streamed upload, visible only once complete."""
+    fs, path = get_fs(url, storage_options)
+    if is_local(fs):
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+
+        _atomic_local_write(fs, path, write)
+    else:
+        with fs.open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
 
 
 def write_parquet_atomic(
