@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cluster import portable_checkpoint
+from cluster import deepspeed_fixes, portable_checkpoint
 from cluster.common import save_resolved_config
 from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
@@ -187,6 +187,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
         model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
+    deepspeed_fixes.apply()  # NVMe optimizer offload's unaligned gradient I/O (see the module)
     engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
 
     if checkpoint_dir is not None:

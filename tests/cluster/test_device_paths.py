@@ -30,16 +30,16 @@ import json, sys, tempfile
 import torch, deepspeed
 from cluster.config import DeepSpeedConfig
 from distill.config import ModelConfig, TrainConfig
-from cluster.models import load_model, save_model
+from cluster.models import load_model
 from distill.model import SequentialRecommender
 from cluster.precompute import teacher_outputs
 from cluster.runtime import deepspeed_config, select_runtime
 from distill.sequences import next_item_batch
 from cluster.teacher_hosting import ShardedTeacher
-from cluster.train_teacher import _gather_state_dict
+from cluster.train_teacher import _export
 from distill.training import NextItemObjective
 
-expected_device = sys.argv[1]
+expected_device, offload = sys.argv[1], sys.argv[2]  # offload: none | cpu (ZeRO-Offload of optimizer and parameters)
 runtime = select_runtime()  # "auto": what a Ray Train worker on this machine would pick
 assert runtime.device == expected_device, runtime
 assert runtime.backend == ("nccl" if expected_device == "cuda" else "gloo"), runtime
@@ -54,8 +54,12 @@ num_items, max_len, steps = 50, 12, 30
 mcfg = ModelConfig(d_model=32, num_layers=2, num_heads=2, ffn_dim=64, max_len=max_len, dropout=0.0,
                    item_dims=[{"items": 20, "dim": 32}, {"dim": 8}])
 tcfg = TrainConfig(lr=5e-3, warmup_steps=5, lr_schedule="cosine", grad_clip=1.0)
-ds_config = deepspeed_config(DeepSpeedConfig(zero_stage=3), tcfg, 16, 1, runtime, total_steps=steps)
+ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=offload, offload_params=offload)
+ds_config = deepspeed_config(ds, tcfg, 16, 1, runtime, total_steps=steps)
 assert ds_config["bf16"]["enabled"] == runtime.bf16
+if offload != "none":  # page-locked host buffers exactly when there is a GPU to copy to
+    zero = ds_config["zero_optimization"]
+    assert zero["offload_optimizer"]["pin_memory"] == zero["offload_param"]["pin_memory"] == runtime.use_gpu, zero
 assert ds_config["optimizer"]["params"]["torch_adam"] == (not runtime.use_gpu)  # FusedAdam on CUDA
 
 torch.manual_seed(0)
@@ -77,16 +81,16 @@ for _ in range(steps):
     losses.append(float(loss))
 assert all(l == l for l in losses) and losses[-1] < 0.7 * losses[0], losses
 
-# The consolidated fp32 export scores like the engine (bf16 rounding aside).
-full = _gather_state_dict(engine.module.model, 3, 0)
-assert all(t.dtype in (torch.float32, torch.int64) and t.device.type == "cpu" for t in full.values())
+# The consolidated fp32 export (streamed from the engine, one parameter at a time) scores like the engine
+# (bf16 rounding aside).
 probe, _ = next_item_batch(successor_runs(8), max_len)
 engine.eval()
 with torch.no_grad():
     engine_scores = engine.module.model.score_last(probe.to(device)).float().cpu()
 url = tempfile.mkdtemp(prefix="recdistill-device-export-")
-save_model(url, full, mcfg, num_items, {"role": "teacher"})
-plain, _ = load_model(url)
+_export(engine.module.model, 3, 0, url, {"role": "teacher"}, num_items, None)
+plain, meta = load_model(url)
+assert all(t.dtype in (torch.float32, torch.int64) for t in plain.state_dict().values())
 with torch.no_grad():
     plain_scores = plain.score_last(probe)
 tol = 0.1 if runtime.bf16 else 1e-4
@@ -103,7 +107,7 @@ labels = teacher_outputs(hosted, probe, 5, 0, None)
 ref_labels = teacher_outputs(reference, probe, 5, 0, None)
 top1 = [(a[:, 0] == b[:, 0]).mean() for a, b in zip(labels.topk_ids, ref_labels.topk_ids)]
 assert min(top1) >= 0.9, top1
-print("DEVICE_PATHS_OK " + json.dumps({"device": str(device), "backend": runtime.backend, "bf16": runtime.bf16,
+print("DEVICE_PATHS_OK " + json.dumps({"device": str(device), "backend": runtime.backend, "bf16": runtime.bf16, "offload": offload,
                                        "first_loss": losses[0], "last_loss": losses[-1],
                                        "gpu": torch.cuda.get_device_name(0) if runtime.use_gpu else None}))
 """
@@ -115,7 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_teacher_script(tmp_path: Path, device: str) -> dict:
+def _run_teacher_script(tmp_path: Path, device: str, offload: str = "none") -> dict:
     root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
@@ -128,7 +132,7 @@ def _run_teacher_script(tmp_path: Path, device: str) -> dict:
     script = tmp_path / "device_paths.py"
     script.write_text(_TEACHER_SCRIPT)
     # The first CUDA run JIT-builds DeepSpeed's FusedAdam (minutes); the first CPU run its shm comm op.
-    proc = subprocess.run([sys.executable, str(script), device], env=env, cwd=tmp_path, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), device, offload], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=900)
     marker = [line for line in proc.stdout.splitlines() if line.startswith("DEVICE_PATHS_OK ")]
     assert proc.returncode == 0 and marker, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -147,6 +151,16 @@ def test_one_rank_zero3_teacher_trains_exports_and_hosts_on_cpu(tmp_path):
 def test_one_rank_zero3_teacher_trains_exports_and_hosts_on_cuda(tmp_path):
     result = _run_teacher_script(tmp_path, "cuda")
     assert result["backend"] == "nccl" and result["device"] == "cuda:0"
+    print(result)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_an_offloaded_zero3_teacher_trains_exports_and_hosts_on_cuda(tmp_path):
+    """The 1B recipe's memory path on a GPU: optimizer states and parameters in pinned host RAM (ZeRO-Offload),
+    DeepSpeed's CPU Adam, NCCL and bf16 where the device has it; the same script as without offload."""
+    result = _run_teacher_script(tmp_path, "cuda", offload="cpu")
+    assert result["backend"] == "nccl" and result["offload"] == "cpu"
     print(result)
 
 

@@ -1,0 +1,91 @@
+"""A fix for DeepSpeed's NVMe optimizer offload: gradient partitions its async I/O moves wrongly.
+
+With ``offload_optimizer: nvme``, ZeRO-3 swaps each worker's gradient partitions of 1 MB or more to
+files and, when the optimizer steps a sub-group, reads them back into one page-locked buffer at each
+partition's offset in the sub-group (DeepSpeed 0.19.8, ``PartitionedOptimizerSwapper
+._swap_in_pinned_gradients``; writes go the same way in ``OptimizerSwapper._writeback_gradients``).
+DeepSpeed's async I/O opens those files with ``O_DIRECT``, which needs buffer addresses aligned to the
+disk's logical block (512 bytes), and a partition's offset is aligned only by luck: it is the sum of
+the partitions before it (biases of 64 elements, ...). A read or write at an unaligned page-locked
+address moves wrong bytes and still reports success (measured: the op returns its count, the buffer
+holds stale data), so the optimizer steps those tensors with garbage gradients. It showed at 2
+workers and not at 1 because the partition sizes, and so the offsets, change with the worker count.
+
+The fix sends each partition whose address is not aligned through an ordinary (not page-locked)
+tensor, which the async I/O op copies through its own aligned buffer; aligned ones take DeepSpeed's
+own path unchanged. It is applied, once per process, by whichever recipe builds a DeepSpeed engine
+(:func:`apply`). ``tests/cluster/test_deepspeed_fixes.py`` reproduces the fault on the real op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: O_DIRECT's alignment for buffer addresses: the logical block size of any disk in use.
+O_DIRECT_ALIGNMENT = 512
+
+_applied = False
+
+
+def is_direct_io_aligned(tensor: torch.Tensor) -> bool:
+    """Whether the async I/O op can move ``tensor`` with O_DIRECT straight from/to its memory."""
+    return tensor.data_ptr() % O_DIRECT_ALIGNMENT == 0
+
+
+def read_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]]) -> None:
+    """Fill ``buffer[offset:offset+length]`` from each ``(offset, length, path)`` file, whatever the offset."""
+    views = [(buffer.narrow(0, offset, length), path) for offset, length, path in parts]
+    direct = [(view, path) for view, path in views if is_direct_io_aligned(view)]
+    for view, path in direct:
+        aio_handle.async_pread(view, path, 0)
+    if direct and aio_handle.wait() != len(direct):
+        raise RuntimeError(f"async I/O read {len(direct)} gradient partitions short")
+    for view, path in views:
+        if not is_direct_io_aligned(view):
+            bounce = torch.empty_like(view)  # not page-locked: the op reads through its own aligned buffer
+            aio_handle.async_pread(bounce, path, 0)
+            if aio_handle.wait() != 1:
+                raise RuntimeError(f"async I/O read of {path} failed")
+            view.copy_(bounce)
+
+
+def write_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]]) -> None:
+    """Write ``buffer[offset:offset+length]`` to each ``(offset, length, path)`` file, whatever the offset."""
+    views = [(buffer.narrow(0, offset, length), path) for offset, length, path in parts]
+    pending = []  # the bounce copies must live until the writes are done
+    for view, path in views:
+        source = view if is_direct_io_aligned(view) else view.clone()
+        pending.append(source)
+        aio_handle.async_pwrite(source, path, 0)
+    if pending and aio_handle.wait() != len(pending):
+        raise RuntimeError(f"async I/O wrote {len(pending)} gradient partitions short")
+
+
+def _swapped_parts(swap_info: Any) -> list[tuple[int, int, str]]:
+    return [(grad.offset, grad.length, grad.path) for grad in swap_info.swapped_gradients.values()]
+
+
+def apply() -> None:
+    """Route DeepSpeed's swapped-gradient reads and writes through :func:`read_parts` / :func:`write_parts`."""
+    global _applied
+    if _applied:
+        return
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
+
+    def swap_in_pinned_gradients(self, aio_handle, parameter, gradient_tensor):
+        swap_info = self.swap_params_info[OptimizerSwapper.parameter_id(parameter)]
+        read_parts(aio_handle, gradient_tensor, _swapped_parts(swap_info))
+
+    def writeback_gradients(self, swap_info, parameter, aio_handle):
+        if swap_info.swapped_gradients:
+            write_parts(aio_handle, parameter.grad, _swapped_parts(swap_info))
+        if swap_info.unswapped_gradients:
+            # As DeepSpeed does: the in-memory fragments keep the updated values for the next swap-in.
+            swap_info.write_unswapped_gradients(src_buffer=parameter.grad)
+
+    PartitionedOptimizerSwapper._swap_in_pinned_gradients = swap_in_pinned_gradients
+    OptimizerSwapper._writeback_gradients = writeback_gradients
+    _applied = True
