@@ -10,7 +10,7 @@ ML-1M (users 1-24), with ``configs/teacher-1b.yaml`` and the overrides in :data:
    as soon as that checkpoint is registered;
 2. the same command at 1 worker resumes from it for 3 more steps (a portable checkpoint: whole
    tensors, so the worker count may change) and exports the teacher;
-3. ``precompute`` of the slice's soft labels at 2 and at 1 worker, each checked by ``inspect``;
+3. ``precompute`` of the slice's soft labels at 2 and at 1 worker (batch 8), and at 2 with batch 24, each checked by ``inspect``;
 4. the ML-1M teacher (``configs/ml1m.yaml``) for one epoch on 2 workers, for its memory;
 5. the machine's fp32 matmul peak on the same cores (a plain ``torch.matmul`` loop), against which the
    1B forward's throughput in precompute is put.
@@ -52,6 +52,13 @@ OVERRIDES_1B = [
     "deepspeed.offload_optimizer=nvme", "deepspeed.offload_params=nvme", "deepspeed.activation_checkpointing=true",
     "precompute.batch_size=8",
 ]
+#: (workers, precompute.batch_size): ZeRO-3 gathers every block once per forward, so a larger batch
+#: spreads that traffic over more positions.
+PRECOMPUTE_RUNS = ((2, 8), (1, 8), (2, 24))
+
+
+def precompute_key(workers: int, batch: int) -> str:
+    return f"precompute_{workers}_workers" + ("" if batch == 8 else f"_batch_{batch}")
 
 
 def recdistill(*args: str, log: Path) -> subprocess.CompletedProcess:
@@ -141,19 +148,21 @@ def main() -> None:
             "epochs": history["history"][1:], "complete": history.get("complete", False),
             "estimate": estimate("configs/teacher-1b.yaml", overrides, "train-teacher", 1)}
         RESULTS.write_text(json.dumps(results, indent=1))
-    for workers in (2, 1):
-        key = f"precompute_{workers}_workers"
+    for workers, batch in PRECOMPUTE_RUNS:
+        key = precompute_key(workers, batch)
         if key in results:
             continue
         shutil.rmtree(RUN_1B / "soft_labels", ignore_errors=True)
         started = time.perf_counter()
-        done = recdistill("precompute", *common, f"scaling.num_workers={workers}", log=log)
-        inspected = recdistill("inspect", *common, log=log)
+        sizes = [f"scaling.num_workers={workers}", f"precompute.batch_size={batch}"]
+        done = recdistill("precompute", *common, *sizes, log=log)
+        inspected = recdistill("inspect", str(RUN_1B / "soft_labels"), *common, log=log)
         manifest = json.loads((RUN_1B / "soft_labels" / "manifest.json").read_text())
         results[key] = {"rc": done.returncode, "inspect_rc": inspected.returncode, "wall_seconds": round(time.perf_counter() - started, 1),
-                        "positions": manifest["num_positions"], "worker_seconds": round(manifest["seconds_this_run"], 1),
-                        "memory": manifest["memory"],
-                        "estimate": estimate("configs/teacher-1b.yaml", overrides, "precompute", workers)}
+                        "positions": manifest["num_positions"],
+                        "worker_seconds": round(manifest["extra"]["seconds_this_run"], 1),
+                        "memory": manifest["extra"]["memory"],
+                        "estimate": estimate("configs/teacher-1b.yaml", [*overrides, sizes[1]], "precompute", workers)}
         RESULTS.write_text(json.dumps(results, indent=1))
     if "ml1m_teacher_2_workers" not in results and Path(args.data).exists():
         ml1m = ["--config", "configs/ml1m.yaml", f"run.run_dir={RUN_ML1M}", f"data.path={args.data}", "teacher.train.epochs=1"]
@@ -185,27 +194,27 @@ def summarise(results: dict) -> None:
                       ("ml1m_teacher_2_workers", "ML-1M teacher train, 2 workers")):
         if key in results and results[key]["epochs"]:
             add(name, results[key]["epochs"][-1]["peak_rss_gb"], results[key]["estimate"])
-    for workers in (2, 1):
-        key = f"precompute_{workers}_workers"
+    for workers, batch in PRECOMPUTE_RUNS:
+        key = precompute_key(workers, batch)
         if key in results:
-            add(f"1B precompute hosting, {workers} worker(s)", results[key]["memory"]["peak_rss_gb"], results[key]["estimate"])
+            add(f"1B precompute, {workers} worker(s), batch {batch}", results[key]["memory"]["peak_rss_gb"], results[key]["estimate"])
     results["memory_plan_vs_measured"] = rows
     print(f"{'case':<44}{'rank':>5}{'estimate GB':>13}{'measured GB':>13}{'error':>8}")
     for r in rows:
         print(f"{r['case']:<44}{r['rank']:>5}{r['estimate_gb']:>13.2f}{r['measured_gb']:>13.2f}{r['error']:>+8.0%}")
     peak = results.get("matmul_peak_gflops", {}).get("2_cores")
-    for workers in (2, 1):
-        run = results.get(f"precompute_{workers}_workers")
+    for workers, batch in PRECOMPUTE_RUNS:
+        run = results.get(precompute_key(workers, batch))
         if not run or not peak:
             continue
         meta = json.loads((RUN_1B / "teacher" / "export.json").read_text())
         flops = forward_flops_per_position(meta["model"], meta["num_items"])
         rate = run["positions"] / run["worker_seconds"]
-        cores = min(workers, 2)
-        share = rate * flops / 1e9 / (results["matmul_peak_gflops"]["1_core"] * cores)
+        cores = min(workers, 2)  # one worker per core: the matmul peak measured on as many cores
+        share = rate * flops / 1e9 / results["matmul_peak_gflops"]["1_core" if cores == 1 else "2_cores"]
         run["throughput"] = {"positions_per_s": round(rate, 2), "gflop_per_position": round(flops / 1e9, 2),
                              "share_of_matmul_peak": round(share, 3)}
-        print(f"1B precompute on {workers} worker(s): {rate:.2f} positions/s, {flops / 1e9:.2f} GFLOP each, "
+        print(f"1B precompute on {workers} worker(s), batch {batch}: {rate:.2f} positions/s, {flops / 1e9:.2f} GFLOP each, "
               f"{share:.0%} of {cores} core(s)' matmul peak")
     for key in ("train_2_workers", "train_resumed_1_worker"):
         for epoch in results.get(key, {}).get("epochs", []):

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == "inspect":  # before the overrides, which take every remaining positional
-            stage_parser.add_argument("url", help="Soft-label store URL (e.g. runs/tiny/soft_labels or s3://bucket/run/soft_labels).")
+            stage_parser.add_argument("url", nargs="?", default=None,
+                                      help="Soft-label store URL (e.g. runs/tiny/soft_labels or s3://bucket/run/soft_labels; "
+                                      "default: the run's own store, run.run_dir/soft_labels).")
         _add_common(stage_parser)
         if name == "plan":
             stage_parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
@@ -70,6 +72,12 @@ def stage_function(name: str) -> Callable[..., object]:
 USER_ERRORS = (ConfigError, DataError, ExportError, SoftLabelError, StreamError)
 
 
+def is_override(arg: str) -> bool:
+    """``dotted.key=value`` rather than a URL (a URL's ``=`` comes after ``://`` or ``?``)."""
+    key = arg.split("=", 1)[0]
+    return "=" in arg and "/" not in key and ":" not in key and "?" not in key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -78,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
+    if getattr(args, "url", None) and is_override(args.url):  # `inspect k=v ...`: no URL was given
+        args.overrides.insert(0, args.url)
+        args.url = None
     try:
         cfg: Config = load_config(args.config, args.overrides).with_absolute_paths()
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""``recdistill inspect URL``: a soft-label store's manifest, and a full integrity check.
+"""``recdistill inspect [URL]``: a soft-label store's manifest (the run's own by default), and a full integrity check.
 
 With a config whose run has a teacher export (or ``teacher.checkpoint``), the store must
 also come from that teacher.
@@ -10,9 +10,12 @@ from cluster.common import teacher_url
 from data_pipeline import soft_labels
 from cluster.config import Config
 from data_pipeline.exports import ExportError, read_export_meta
+from data_pipeline.layout import RunLayout
 
 
-def run(cfg: Config, url: str) -> dict:
+def run(cfg: Config, url: str | None = None) -> dict:
+    """Print the store's manifest and verify it; ``url`` defaults to the run's own store."""
+    url = url or RunLayout(cfg.run.run_dir).soft_labels
     manifest = soft_labels.load_store_manifest(url, cfg.data.storage_options)
     print(soft_labels.format_manifest(manifest))
     try:

@@ -219,8 +219,9 @@ def teacher_hosting(cfg: Config, num_items: int, workers: int, params: Optional[
     if stage3:
         host["gathered blocks"] = BLOCKS_IN_FLIGHT * largest_block_params(model) * 4
     host.update(activation_bytes(model, num_items, batch or cfg.precompute.batch_size, False, False))
-    # Rank 0 reads the export's safetensors file (memory-mapped pages count in its RSS) and scatters it.
-    rank0 = {"export file pages": params * 4} if stage3 and workers > 1 else {}
+    # Rank 0 reads the export's safetensors file (memory-mapped pages count in its RSS) and scatters it;
+    # at any worker count, as without ZeRO-3, where the whole file is read before it is loaded.
+    rank0 = {"export file pages": params * 4}
     return Estimate("precompute", workers, host, {}, 0, rank0)
 
 
@@ -287,7 +288,11 @@ def capacity(cfg: Config, workers: int) -> Capacity:
             device = torch.cuda.get_device_properties(0).total_memory
     nvme = None
     if cfg.deepspeed.nvme_path and "nvme" in (cfg.deepspeed.offload_optimizer, cfg.deepspeed.offload_params):
+        from cluster.runtime import folder_bytes, nvme_swap_dir
+
+        # This run's leftover swap files are cleared when training starts: their space counts as free.
         nvme = shutil.disk_usage(_existing_parent(cfg.deepspeed.nvme_path)).free
+        nvme += folder_bytes(nvme_swap_dir(cfg.deepspeed, cfg.run.run_dir))
     return Capacity(host, per_node, device, nvme, origin)
 
 

@@ -7,8 +7,11 @@ fp32 otherwise. Pure functions: the choice is testable without a GPU by passing
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -70,6 +73,37 @@ REDUCE_BUCKET = 50_000_000
 #: The optimizer's NVMe swap: buffers, and elements per sub-group (one buffer each).
 OPTIMIZER_SWAP_BUFFERS = 4
 OPTIMIZER_SUB_GROUP = 50_000_000
+
+
+def nvme_swap_dir(ds: DeepSpeedConfig, run_dir: str) -> Optional[str]:
+    """This run's own folder under ``deepspeed.nvme_path`` (None without NVMe offload).
+
+    DeepSpeed's swap files are scratch (the checkpoints are portable and live in the run), named by rank
+    and by tensor ids that change with the worker count: left in place they would pile up (a 2-worker
+    run and its 1-worker resume of the 1B teacher left 36 GB). One folder per run lets each start clear
+    its own leftovers without touching another job's files under the same path.
+    """
+    if not ds.nvme_path or "nvme" not in (ds.offload_optimizer, ds.offload_params):
+        return None
+    return os.path.join(ds.nvme_path, "recdistill-" + hashlib.sha256(run_dir.encode()).hexdigest()[:12])
+
+
+def folder_bytes(path: Optional[str]) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    if not path or not os.path.isdir(path):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def clear_swap_dir(path: Optional[str], local_rank: int) -> None:
+    """Empty a run's NVMe swap folder: once per node (local rank 0), every rank waiting for it."""
+    if path is None:
+        return
+    if local_rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def offload_settings(ds: DeepSpeedConfig, runtime: Runtime, swap_buffer_numel: int = 0) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from cluster.config import Config, build_config, stage_fingerprint
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.memory_watch import NodeMemoryWatch, gather_peaks
 from cluster.plan import RunPlan, build_plan, training_complete
-from cluster.runtime import deepspeed_config, select_runtime
+from cluster.runtime import clear_swap_dir, deepspeed_config, folder_bytes, nvme_swap_dir, select_runtime
 from data_pipeline import fsio
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.exports import read_export_meta, save_export_streaming
@@ -174,11 +174,15 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     steps_per_epoch = math.ceil(len(sequences) / tcfg.batch_size)  # as rank_batches
     # NVMe parameter offload swaps one partition per buffer: size them to the largest.
     swap_numel = math.ceil(largest_parameter(mcfg, num_items) / world)
-    ds_config = deepspeed_config(cfg.deepspeed, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch, swap_numel)
+    swap_dir = nvme_swap_dir(cfg.deepspeed, cfg.run.run_dir)
+    ds_settings = cfg.deepspeed.model_copy(update={"nvme_path": swap_dir}) if swap_dir else cfg.deepspeed
+    ds_config = deepspeed_config(ds_settings, tcfg, micro_batch, world, runtime, tcfg.epochs * steps_per_epoch, swap_numel)
     ds_config["checkpoint"] = {"load_universal": universal}
 
     # Ray Train already created the process group; DeepSpeed's comm layer adopts it.
     deepspeed.init_distributed(dist_backend=runtime.backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    clear_swap_dir(swap_dir, local_rank)  # an earlier attempt's swap files (other tensor ids, other ranks)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
     with init_ctx:
@@ -238,6 +242,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             # Measured beside the memory plan's estimate (cluster.memory_plan): per rank, and the slowest step.
             "step_seconds_max": round(max(step_seconds), 3) if step_seconds else None,
             **gather_peaks(world, node_watch),
+            # rank 0's node: what DeepSpeed's swap files hold on disk (the plan's NVMe estimate is checked against it)
+            **({"nvme_swap_gb": round(folder_bytes(swap_dir) / 2**30, 3)} if swap_dir and rank == 0 else {}),
             **{f"val_{k}": v for k, v in metrics.items()},
         }
         state["history"].append(record)
@@ -278,6 +284,11 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
             break
     node_watch.stop()
+    del engine  # its swap buffers and files are no longer needed
+    if swap_dir is not None:
+        torch.distributed.barrier()
+        if local_rank == 0:
+            shutil.rmtree(swap_dir, ignore_errors=True)
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
                     "stage_fingerprint": stage_fp, "complete": True}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import STAGES, main
+from cluster.cli import STAGES, is_override, main
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -98,6 +98,15 @@ def test_inspect_takes_its_arguments_in_any_order(tmp_path, capsys):
                  ["inspect", store, "run.seed=3", "--config", "configs/tiny.yaml"]):
         assert main(argv) == 2
         assert f"{store} holds no soft labels" in capsys.readouterr().err
+
+
+def test_inspect_without_a_url_reads_the_runs_own_store(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    for argv in (["inspect", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"],
+                 ["inspect", f"run.run_dir={run_dir}", "--config", "configs/tiny.yaml"]):
+        assert main(argv) == 2
+        assert f"{run_dir / 'soft_labels'} holds no soft labels" in capsys.readouterr().err
+    assert is_override("run.run_dir=s3://b/r") and not is_override("s3://b/store?v=1") and not is_override("runs/a=b")
 
 
 @pytest.mark.integration

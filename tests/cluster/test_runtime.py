@@ -4,7 +4,8 @@ from pydantic import ValidationError
 from cluster.config import DeepSpeedConfig
 
 from distill.config import TrainConfig
-from cluster.runtime import NVME_PARAM_BUFFERS, OPTIMIZER_SUB_GROUP, deepspeed_config, select_runtime, use_gpu_for_scaling
+from cluster.runtime import (NVME_PARAM_BUFFERS, OPTIMIZER_SUB_GROUP, clear_swap_dir, deepspeed_config, folder_bytes,
+                             nvme_swap_dir, select_runtime, use_gpu_for_scaling)
 
 
 def test_gpu_selects_cuda_nccl_bf16():
@@ -87,6 +88,21 @@ def test_nvme_offload_is_zero_infinity_with_buffers_sized_to_the_model():
     # Without offload nothing of it appears.
     plain = deepspeed_config(DeepSpeedConfig(zero_stage=3), TrainConfig(warmup_steps=0), 4, 2, cpu)
     assert "aio" not in plain and "offload_param" not in plain["zero_optimization"]
+
+
+def test_each_run_swaps_in_its_own_folder_which_a_start_clears(tmp_path):
+    ds = DeepSpeedConfig(zero_stage=3, offload_optimizer="nvme", nvme_path=str(tmp_path))
+    ours, theirs = nvme_swap_dir(ds, "s3://bucket/run1"), nvme_swap_dir(ds, "s3://bucket/run2")
+    assert ours != theirs and ours == nvme_swap_dir(ds, "s3://bucket/run1") and ours.startswith(str(tmp_path))
+    assert nvme_swap_dir(DeepSpeedConfig(zero_stage=3, offload_optimizer="cpu", nvme_path=str(tmp_path)), "r") is None
+    for folder in (ours, theirs):  # an earlier attempt's files, and another job's
+        (tmp_path / folder / "optimizer" / "rank1").mkdir(parents=True)
+        (tmp_path / folder / "optimizer" / "rank1" / "7_gradient_0_256.tensor.swp").write_bytes(b"x" * 1000)
+    assert folder_bytes(ours) == 1000 and folder_bytes(str(tmp_path / "absent")) == 0
+    clear_swap_dir(ours, local_rank=1)  # not the node's first worker: leaves it to local rank 0
+    assert folder_bytes(ours) == 1000
+    clear_swap_dir(ours, local_rank=0)
+    assert folder_bytes(ours) == 0 and list((tmp_path / ours).iterdir()) == [] and folder_bytes(theirs) == 1000
 
 
 @pytest.mark.parametrize("settings, message", [
