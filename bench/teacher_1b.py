@@ -176,6 +176,8 @@ def main() -> None:
         results["matmul_peak_gflops"] = {"1_core": round(matmul_peak(1), 1), "2_cores": round(matmul_peak(2), 1)}
         RESULTS.write_text(json.dumps(results, indent=1))
     summarise(results)
+    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip()
     RESULTS.write_text(json.dumps(results, indent=1))
 
 
