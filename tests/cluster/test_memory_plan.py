@@ -44,7 +44,8 @@ def test_fp32_zero3_without_offload_keeps_20_bytes_a_parameter_and_nvme_moves_th
     assert sum(plain["device"].values()) == 10 * 10**9 and not plain["host"] and not plain["nvme"]
     nvme = memory_plan.model_state_bytes(10**9, 2, DeepSpeedConfig(
         zero_stage=3, offload_optimizer="nvme", offload_params="nvme", nvme_path="/x"), bf16=False)
-    assert nvme["host"] == {"fp32 gradients": 2 * 10**9} and sum(nvme["nvme"].values()) == 8 * 10**9
+    assert nvme["host"] == {"fp32 gradients": 2 * 10**9} and sum(nvme["nvme"].values()) == 10 * 10**9
+    assert nvme["nvme"]["fp32 gradient files"] == 2 * 10**9  # the step reads the gradients back from files too
     ddp = memory_plan.model_state_bytes(10**6, 4, DeepSpeedConfig(zero_stage=0), bf16=False)
     assert sum(ddp["device"].values()) == 16 * 10**6  # nothing partitioned: parameters, gradients, moments
 
