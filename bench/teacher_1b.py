@@ -132,7 +132,7 @@ def main() -> None:
     history_file = RUN_1B / "teacher" / "history.json"
     if not any((RUN_1B / "ray" / "teacher").glob("checkpoint_*/portable.json")):
         # The runs folder is not kept (a new checkout): measurements of the phases it fed are remade with it.
-        for key in ("train_2_workers", "train_resumed_1_worker", "precompute_2_workers", "precompute_1_workers"):
+        for key in ("train_2_workers", "train_resumed_1_worker", *(precompute_key(w, b) for w, b in PRECOMPUTE_RUNS)):
             results.pop(key, None)
     if "train_2_workers" not in results:
         seconds = interrupt_after_first_checkpoint([*common, "scaling.num_workers=2"], log, RUN_1B / "ray" / "teacher")

@@ -73,9 +73,9 @@ USER_ERRORS = (ConfigError, DataError, ExportError, SoftLabelError, StreamError)
 
 
 def is_override(arg: str) -> bool:
-    """``dotted.key=value`` rather than a URL (a URL's ``=`` comes after ``://`` or ``?``)."""
-    key = arg.split("=", 1)[0]
-    return "=" in arg and "/" not in key and ":" not in key and "?" not in key
+    """``dotted.key=value`` (every config key has a section: ``run.seed``), rather than a URL or a path
+    that happens to hold an ``=`` (``dt=2024-01-01/soft_labels``)."""
+    return re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", arg, flags=re.DOTALL) is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ files and, when the optimizer steps a sub-group, reads them back into one page-l
 partition's offset in the sub-group (DeepSpeed 0.19.8, ``PartitionedOptimizerSwapper
 ._swap_in_pinned_gradients``; writes go the same way in ``OptimizerSwapper._writeback_gradients``).
 DeepSpeed's async I/O opens those files with ``O_DIRECT``, which needs buffer addresses aligned to the
-disk's logical block (512 bytes), and a partition's offset is aligned only by luck: it is the sum of
+disk's logical block (512 bytes or 4 KB), and a partition's offset is aligned only by luck: it is the sum of
 the partitions before it (biases of 64 elements, ...). A read or write at an unaligned page-locked
 address moves wrong bytes and still reports success (measured: the op returns its count, the buffer
 holds stale data), so the optimizer steps those tensors with garbage gradients. It showed at 2
@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-#: O_DIRECT's alignment for buffer addresses: the logical block size of any disk in use.
-O_DIRECT_ALIGNMENT = 512
+#: O_DIRECT's alignment for buffer addresses: a disk's logical block is 512 bytes or 4 KB; the page size
+#: covers both (misalignment costs a bounce copy, never wrong bytes).
+O_DIRECT_ALIGNMENT = 4096
 
 _applied = False
 
@@ -54,13 +55,16 @@ def read_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int
 def write_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]]) -> None:
     """Write ``buffer[offset:offset+length]`` to each ``(offset, length, path)`` file, whatever the offset."""
     views = [(buffer.narrow(0, offset, length), path) for offset, length, path in parts]
-    pending = []  # the bounce copies must live until the writes are done
-    for view, path in views:
-        source = view if is_direct_io_aligned(view) else view.clone()
-        pending.append(source)
-        aio_handle.async_pwrite(source, path, 0)
-    if pending and aio_handle.wait() != len(pending):
-        raise RuntimeError(f"async I/O wrote {len(pending)} gradient partitions short")
+    direct = [(view, path) for view, path in views if is_direct_io_aligned(view)]
+    for view, path in direct:
+        aio_handle.async_pwrite(view, path, 0)
+    if direct and aio_handle.wait() != len(direct):
+        raise RuntimeError(f"async I/O wrote {len(direct)} gradient partitions short")
+    for view, path in views:  # one bounce copy at a time: at most one partition of extra memory
+        if not is_direct_io_aligned(view):
+            aio_handle.async_pwrite(view.clone(), path, 0)
+            if aio_handle.wait() != 1:
+                raise RuntimeError(f"async I/O write of {path} failed")
 
 
 def _swapped_parts(swap_info: Any) -> list[tuple[int, int, str]]:

@@ -223,9 +223,12 @@ def teacher_hosting(cfg: Config, num_items: int, workers: int, params: Optional[
     if stage3:
         host["gathered blocks"] = BLOCKS_IN_FLIGHT * largest_block_params(model) * 4
     host.update(activation_bytes(model, num_items, batch or cfg.precompute.batch_size, False, False))
-    # Rank 0 reads the export's safetensors file (memory-mapped pages count in its RSS) and scatters it;
-    # at any worker count, as without ZeRO-3, where the whole file is read before it is loaded.
-    rank0 = {"export file pages": params * 4}
+    # Under ZeRO-3 rank 0 reads the export's safetensors file (memory-mapped pages count in its RSS) and
+    # scatters it; without it every worker reads the whole file before loading it.
+    if stage3:
+        rank0 = {"export file pages": params * 4}
+    else:
+        rank0, host["export file"] = {}, params * 4
     return Estimate("precompute", workers, host, {}, 0, rank0)
 
 

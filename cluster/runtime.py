@@ -85,14 +85,20 @@ def nvme_swap_dir(ds: DeepSpeedConfig, run_dir: str) -> Optional[str]:
     """
     if not ds.nvme_path or "nvme" not in (ds.offload_optimizer, ds.offload_params):
         return None
-    return os.path.join(ds.nvme_path, "recdistill-" + hashlib.sha256(run_dir.encode()).hexdigest()[:12])
+    run = run_dir.rstrip("/")  # s3://b/r and s3://b/r/ are one run
+    return os.path.join(os.path.abspath(ds.nvme_path), "recdistill-" + hashlib.sha256(run.encode()).hexdigest()[:12])
 
 
 def folder_bytes(path: Optional[str]) -> int:
     """Bytes of the files under ``path`` (0 when it does not exist)."""
-    if not path or not os.path.isdir(path):
-        return 0
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+    total = 0
+    for root, _, names in os.walk(path) if path else ():
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:  # a live run's swapper removed it meanwhile
+                pass
+    return total
 
 
 def clear_swap_dir(path: Optional[str], local_rank: int) -> None:

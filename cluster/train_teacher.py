@@ -286,7 +286,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     node_watch.stop()
     del engine  # its swap buffers and files are no longer needed
     if swap_dir is not None:
-        torch.distributed.barrier()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if local_rank == 0:
             shutil.rmtree(swap_dir, ignore_errors=True)
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)

@@ -106,7 +106,9 @@ def test_inspect_without_a_url_reads_the_runs_own_store(tmp_path, capsys):
                  ["inspect", f"run.run_dir={run_dir}", "--config", "configs/tiny.yaml"]):
         assert main(argv) == 2
         assert f"{run_dir / 'soft_labels'} holds no soft labels" in capsys.readouterr().err
-    assert is_override("run.run_dir=s3://b/r") and not is_override("s3://b/store?v=1") and not is_override("runs/a=b")
+    assert is_override("run.run_dir=s3://b/r") and is_override("precompute.augment.ratio=1")
+    for url in ("s3://b/store?v=1", "runs/a=b", "dt=2024-01-01/soft_labels", "runs\\a=b", "C:\\runs\\x"):
+        assert not is_override(url), url
 
 
 @pytest.mark.integration

@@ -35,11 +35,12 @@ def locked_buffer(handle, numel: int) -> torch.Tensor:
 def test_the_offsets_deepspeed_uses_include_ones_o_direct_cannot(aio_handle):
     buffer = locked_buffer(aio_handle, 2 * LENGTH + UNALIGNED_OFFSET)
     assert deepspeed_fixes.is_direct_io_aligned(buffer.narrow(0, 0, LENGTH))
-    assert deepspeed_fixes.is_direct_io_aligned(buffer.narrow(0, 128, LENGTH))  # 512 bytes
+    assert deepspeed_fixes.is_direct_io_aligned(buffer.narrow(0, 1024, LENGTH))  # 4 KB
+    assert not deepspeed_fixes.is_direct_io_aligned(buffer.narrow(0, 128, LENGTH))  # 512 B: not on a 4 KB-sector disk
     assert not deepspeed_fixes.is_direct_io_aligned(buffer.narrow(0, UNALIGNED_OFFSET, LENGTH))
 
 
-@pytest.mark.parametrize("offset", [0, 128, UNALIGNED_OFFSET, 1])
+@pytest.mark.parametrize("offset", [0, 1024, 128, UNALIGNED_OFFSET, 1])
 def test_parts_are_read_and_written_whole_at_any_offset(aio_handle, tmp_path, offset):
     gen = torch.Generator().manual_seed(offset)
     parts = [(offset, LENGTH, str(tmp_path / "a.swp")), (offset + LENGTH + 64, LENGTH // 2, str(tmp_path / "b.swp"))]
