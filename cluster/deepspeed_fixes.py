@@ -37,34 +37,33 @@ def is_direct_io_aligned(tensor: torch.Tensor) -> bool:
 
 def read_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]]) -> None:
     """Fill ``buffer[offset:offset+length]`` from each ``(offset, length, path)`` file, whatever the offset."""
-    views = [(buffer.narrow(0, offset, length), path) for offset, length, path in parts]
-    direct = [(view, path) for view, path in views if is_direct_io_aligned(view)]
-    for view, path in direct:
-        aio_handle.async_pread(view, path, 0)
-    if direct and aio_handle.wait() != len(direct):
-        raise RuntimeError(f"async I/O read {len(direct)} gradient partitions short")
-    for view, path in views:
-        if not is_direct_io_aligned(view):
-            bounce = torch.empty_like(view)  # not page-locked: the op reads through its own aligned buffer
-            aio_handle.async_pread(bounce, path, 0)
-            if aio_handle.wait() != 1:
-                raise RuntimeError(f"async I/O read of {path} failed")
-            view.copy_(bounce)
+    _transfer(aio_handle, buffer, parts, reading=True)
 
 
 def write_parts(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]]) -> None:
     """Write ``buffer[offset:offset+length]`` to each ``(offset, length, path)`` file, whatever the offset."""
+    _transfer(aio_handle, buffer, parts, reading=False)
+
+
+def _transfer(aio_handle: Any, buffer: torch.Tensor, parts: list[tuple[int, int, str]], reading: bool) -> None:
+    """Aligned parts in one batch straight from/to ``buffer``; the others one at a time through a bounce
+    tensor (not page-locked: the op moves it through its own aligned buffer), so at most one part's extra memory."""
+    submit = aio_handle.async_pread if reading else aio_handle.async_pwrite
     views = [(buffer.narrow(0, offset, length), path) for offset, length, path in parts]
     direct = [(view, path) for view, path in views if is_direct_io_aligned(view)]
     for view, path in direct:
-        aio_handle.async_pwrite(view, path, 0)
+        submit(view, path, 0)
     if direct and aio_handle.wait() != len(direct):
-        raise RuntimeError(f"async I/O wrote {len(direct)} gradient partitions short")
-    for view, path in views:  # one bounce copy at a time: at most one partition of extra memory
-        if not is_direct_io_aligned(view):
-            aio_handle.async_pwrite(view.clone(), path, 0)
-            if aio_handle.wait() != 1:
-                raise RuntimeError(f"async I/O write of {path} failed")
+        raise RuntimeError(f"async I/O moved fewer than {len(direct)} gradient partitions")
+    for view, path in views:
+        if is_direct_io_aligned(view):
+            continue
+        bounce = torch.empty_like(view) if reading else view.clone()
+        submit(bounce, path, 0)
+        if aio_handle.wait() != 1:
+            raise RuntimeError(f"async I/O {'read' if reading else 'write'} of {path} failed")
+        if reading:
+            view.copy_(bounce)
 
 
 def _swapped_parts(swap_info: Any) -> list[tuple[int, int, str]]:
