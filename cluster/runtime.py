@@ -101,13 +101,17 @@ def folder_bytes(path: Optional[str]) -> int:
     return total
 
 
-def clear_swap_dir(path: Optional[str], local_rank: int) -> None:
-    """Empty a run's NVMe swap folder: once per node (local rank 0), every rank waiting for it."""
+def clear_swap_dir(path: Optional[str], local_rank: int, recreate: bool = True) -> None:
+    """Empty a run's NVMe swap folder (at the start) or remove it (``recreate=False``, at the end): once per
+    node (local rank 0), after every rank is done with its files and before any uses the folder again."""
     if path is None:
         return
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if local_rank == 0:
         shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
+        if recreate:
+            os.makedirs(path, exist_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

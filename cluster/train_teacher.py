@@ -285,11 +285,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             break
     node_watch.stop()
     del engine  # its swap buffers and files are no longer needed
-    if swap_dir is not None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if local_rank == 0:
-            shutil.rmtree(swap_dir, ignore_errors=True)
+    clear_swap_dir(swap_dir, local_rank, recreate=False)
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
                     "stage_fingerprint": stage_fp, "complete": True}
