@@ -30,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("cluster.distill", "Train the student from the soft-label store (or --baseline: without the teacher)."),
     "evaluate": ("cluster.evaluate", "Full-ranking HR@K/NDCG@K of every model present; write run_dir/report/metrics.json."),
     "sweep": ("cluster.sweep", "Train a family of students (sizes x seeds, each with its twin) from one store; write the frontier."),
+    "serve": ("cluster.serve", "Serve an exported model (serve.model) over HTTP with Ray Serve; write a Serve config file for `serve deploy`."),
     "pipeline": ("cluster.pipeline", "Run every stage in order, skipping the ones already done."),
     "plan": ("cluster.show_plan", "Print the run plan (inputs, storage layout, what each stage will do, problems); starts nothing."),
     "inspect": ("cluster.inspect", "Print a soft-label store's manifest and verify every shard's checksum and row count."),
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(stage_parser)
         if name == "plan":
             stage_parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+        if name == "serve":
+            stage_parser.add_argument("--write-config", action="store_true",
+                                      help="Only check the export and write run_dir/serve/serve_config.yaml (for `serve deploy`).")
         if name == "distill":
             stage_parser.add_argument(
                 "--baseline", action="store_true", help="Train the identical student without the teacher (alpha=1)."
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["url"] = args.url
     if args.stage == "plan":
         kwargs["as_json"] = args.json
+    if args.stage == "serve":
+        kwargs["write_only"] = args.write_config
     try:
         stage_function(args.stage)(cfg, **kwargs)
     except USER_ERRORS as exc:

@@ -161,6 +161,48 @@ class SweepConfig(Section):
         return self
 
 
+class AutoscalingSettings(Section):
+    """Ray Serve's replica autoscaling (its ``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per replica that autoscaling aims at.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(Section):
+    """``recdistill serve``: one exported model of the run behind an HTTP endpoint (Ray Serve)."""
+
+    model: str = Field("student_kd", description=(
+        "What to serve: student_kd, student_baseline, teacher, or the URL of any export trained on this run's dataset "
+        "(e.g. a sweep member's run_dir/sweep/<member>/student)."))
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 for other machines).")
+    port: int = Field(8000, gt=0, lt=65536)
+    route_prefix: str = Field("/recommend", pattern=r"^/")
+    app_name: str = "recdistill"
+    num_replicas: int = Field(1, gt=0, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling: Optional[AutoscalingSettings] = None
+    cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: Optional[float] = Field(None, ge=0, description="None: 1 when the cluster has GPUs, else 0.")
+    max_batch_size: int = Field(32, gt=0, description="Requests one forward pass answers together (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="How long a batch waits to fill before it runs.")
+    max_ongoing_requests: int = Field(128, gt=0, description="Requests a replica accepts at once; more wait in the proxy.")
+    max_k: int = Field(100, gt=0, description="Largest k a request may ask for.")
+    max_history: int = Field(2000, gt=0, description="Longest history a request may send (the model reads its last max_len).")
+
+    @model_validator(mode="after")
+    def _batching(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): a replica could never fill a batch")
+        return self
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -172,6 +214,7 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
+    serve: ServeConfig = ServeConfig()
 
     def with_absolute_paths(self) -> "Config":
         """Local relative paths made absolute, so Ray workers (whose working directory differs) find them."""

@@ -40,3 +40,14 @@ def _hide(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _hide(v) for k, v in value.items()}
     return "***" if value not in (None, "", False) else value
+
+
+def without_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every value :func:`redact` would touch left out (not masked): for a file another
+    process reads options from, which then finds its credentials in its own environment."""
+    def keep(value: Any, shown: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: keep(v, shown[k]) for k, v in value.items() if isinstance(v, dict) or shown[k] == v}
+        return value
+
+    return keep(options, redact(options))

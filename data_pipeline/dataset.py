@@ -427,3 +427,22 @@ def train_item_counts(
     if len(values) and (values.max() > num_items or values.min() < 1):
         raise DataError(f"{data_url}: training item ids span {values.min()}..{values.max()}, outside 1..{num_items}")
     return np.bincount(values, minlength=num_items + 1).astype(np.int64)
+
+
+def read_item_ids(data_url: str, storage_options: Optional[dict[str, Any]] = None,
+                  manifest: Optional[dict[str, Any]] = None) -> list[str]:
+    """The original id of every item, by dense id: ``ids[i - 1]`` is item ``i``'s id in the input data."""
+    manifest = manifest if manifest is not None else load_manifest(data_url, storage_options)
+    url = fsio.join(data_url, "item_ids.parquet")
+    fs, path = fsio.get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise DataError(f"{url} is missing: the dataset's item id map (prepare it again)") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{url} is unreadable (truncated or corrupt?): {exc}") from None
+    dense = table.column("item").to_numpy()
+    if len(dense) != manifest["num_items"] or not np.array_equal(dense, np.arange(1, len(dense) + 1)):
+        raise DataError(f"{url}: holds {len(dense)} items, not the ids 1..{manifest['num_items']} of the manifest")
+    return table.column("raw_id").to_pylist()

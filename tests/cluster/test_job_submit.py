@@ -1,4 +1,5 @@
-"""The user's path: `ray start --head`, then `ray job submit ... python -m cluster.cli pipeline`.
+"""The user's path: `ray start --head`, then `ray job submit ... python -m cluster.cli pipeline`,
+and `serve deploy` of the Serve config file `recdistill serve --write-config` writes.
 
 Starts its own head on non-default ports with --block and stops only that head (never `ray stop`,
 which would kill every Ray process on the machine)."""
@@ -36,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # Every port of this head is a free one: other Ray instances may run on this machine.
     port, dashboard, agent_http, agent_grpc, metrics, client = (free_port() for _ in range(6))
@@ -103,3 +104,40 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     for name in ("prepare", "train-teacher", "precompute", "distill", "distill --baseline"):
         assert f"[pipeline] {name}: already done, skipping" in again.stdout
+
+
+def test_serve_deploy_of_the_written_config_serves_the_model(ray_head, tmp_path):
+    """`recdistill serve --write-config`, then Ray's own `serve deploy` of that file against a running head."""
+    import requests
+
+    from conftest import export_spread_teacher, small_config
+    from data_pipeline.dataset import prepare_dataset
+    from data_pipeline.layout import RunLayout
+
+    address, env = ray_head
+    port = free_port()
+    overrides = [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.app_name=deployed"]
+    cfg = small_config(tmp_path / "run", *overrides)
+    layout = RunLayout(cfg.run.run_dir)
+    export_spread_teacher(layout.baseline, cfg, prepare_dataset(cfg.data, layout.data, seed=0), seed=1)
+    write = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--write-config", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                            f"run.run_dir={cfg.run.run_dir}", "serve.model=student_baseline", *overrides],
+                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert write.returncode == 0, write.stdout + write.stderr
+    config_file = Path(cfg.run.run_dir) / "serve" / "serve_config.yaml"
+    assert str(config_file) in write.stdout
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    deploy = subprocess.run([serve_cli, "deploy", str(config_file), "--address", address], capture_output=True, text=True, env=env, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    deadline, status = time.time() + 240, ""
+    while time.time() < deadline:
+        status = subprocess.run([serve_cli, "status", "--address", address], capture_output=True, text=True, env=env, timeout=120).stdout
+        if "status: RUNNING" in status and "DEPLOY_FAILED" not in status:
+            break
+        assert "DEPLOY_FAILED" not in status, status
+        time.sleep(3)
+    else:
+        pytest.fail("the deployed application did not reach RUNNING:\n" + status)
+    reply = requests.post(f"http://127.0.0.1:{port}/recommend", json={"history": [], "k": 3}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == "student_baseline" and len(reply.json()["items"]) == 3

@@ -1,0 +1,113 @@
+"""A served model without the server: requests in, top-k original item ids out.
+
+:class:`ServedModel` is what one Ray Serve replica holds (:mod:`cluster.serve` wraps it in a
+deployment); it knows nothing of HTTP or Ray, so it is tested and benchmarked on its own. It loads
+an export once, checks it against the dataset it was trained on (the dataset's id map turns
+original item ids into the model's indices and back), and answers a batch of requests with one
+forward pass.
+
+A request is JSON: ``{"history": [original item ids, oldest first], "k": 10, "filter_seen": true}``.
+Item ids are the input data's (strings, or integers for numeric ids); ids the model does not know
+are ignored and counted; a history with no known item gets the training popularity ranking.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from cluster.models import load_model
+from data_pipeline.dataset import load_manifest, read_item_ids, train_item_counts
+from data_pipeline.exports import check_export_fits_dataset
+from distill.evaluate import model_scorer
+from distill.recommend import top_k_items
+from distill.sequences import left_pad_flat
+
+FINGERPRINT_HEADER = "x-recdistill-fingerprint"
+
+
+class BadRequest(ValueError):
+    """A request the service refuses, with the HTTP status to answer and a message for the caller."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history: list[Union[StrictStr, StrictInt]] = Field(default_factory=list, description="Original item ids, oldest first.")
+    k: StrictInt = 10
+    filter_seen: bool = True
+
+
+class ServedModel:
+    """One exported model ready to answer requests (see the module docstring)."""
+
+    def __init__(self, export_url: str, data_url: str, storage_options: Optional[dict[str, Any]] = None,
+                 device: str = "cpu", max_k: int = 100, max_history: int = 2000):
+        model, meta = load_model(export_url, storage_options)
+        manifest = load_manifest(data_url, storage_options)
+        check_export_fits_dataset(meta, manifest, export_url)
+        self.item_ids: list[str] = read_item_ids(data_url, storage_options, manifest)
+        self.index = {raw: dense for dense, raw in enumerate(self.item_ids, start=1)}
+        self.device = torch.device(device)
+        self.popularity = torch.from_numpy(train_item_counts(data_url, manifest["num_items"], storage_options)).float()
+        self.scorer = model_scorer(model.to(self.device), meta["model"]["max_len"])
+        self.fingerprint: str = meta["fingerprint"]
+        self.params = sum(p.numel() for p in model.parameters())
+        self.num_items: int = manifest["num_items"]
+        self.max_k = min(max_k, self.num_items)
+        self.max_history = max_history
+
+    def info(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "params": self.params, "num_items": self.num_items,
+                "max_k": self.max_k, "max_history": self.max_history, "device": str(self.device)}
+
+    def parse(self, body: bytes) -> RecommendRequest:
+        """A request body checked in full; :class:`BadRequest` says what is wrong with it."""
+        try:
+            payload = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise BadRequest('the body must be a JSON object such as {"history": ["1193", "661"], "k": 10}')
+        try:
+            request = RecommendRequest.model_validate(payload)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+            raise BadRequest(f"invalid request: {problems} (fields: history, k, filter_seen)", 422) from None
+        if not 1 <= request.k <= self.max_k:
+            raise BadRequest(f"k must be between 1 and {self.max_k}, got {request.k}", 422)
+        if len(request.history) > self.max_history:
+            raise BadRequest(f"history has {len(request.history)} items; at most {self.max_history} are accepted "
+                             "(send the most recent ones)", 422)
+        return request
+
+    def recommend(self, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+        """Answers in request order: ``items`` (original ids, best first), their ``scores``, ``unknown_items``
+        (ids ignored) and ``ranking`` ("model", or "popularity" for a history with no known item)."""
+        if not requests:
+            return []
+        known = [[self.index[str(raw)] for raw in r.history if str(raw) in self.index] for r in requests]
+        lengths = np.array([len(h) for h in known])
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.fromiter((item for h in known for item in h), dtype=np.int64, count=int(offsets[-1]))
+        histories = torch.from_numpy(left_pad_flat(flat, offsets, max(int(lengths.max()), 1))).to(self.device)
+        scores = self.popularity.to(self.device).expand(len(requests), -1).clone()
+        personal = torch.from_numpy(lengths > 0).to(self.device)
+        if personal.any():
+            with torch.no_grad():
+                scores[personal] = self.scorer(histories[personal]).float()
+        filter_seen = torch.tensor([r.filter_seen for r in requests], device=self.device)
+        ranked = top_k_items(scores, histories, max(r.k for r in requests), filter_seen)
+        return [
+            {"items": [self.item_ids[i - 1] for i in items[: r.k]], "scores": values[: r.k],
+             "unknown_items": len(r.history) - len(h), "ranking": "model" if h else "popularity"}
+            for r, h, (items, values) in zip(requests, known, ranked)
+        ]
