@@ -19,7 +19,7 @@ $PY -m cluster.cli prepare "${ML1M[@]}"
 $PY -m cluster.cli train-teacher "${ML1M[@]}"
 $PY -m cluster.cli precompute "${ML1M[@]}"
 # The ladder: 1/5 to 1/100 of the teacher, each distilled (with and without the augmented rows) and its twin.
-$PY -m bench.frontier --name ml1m_ladder "${ML1M[@]}" 'sweep.fractions=[0.2,0.1,0.05,0.02,0.01]' sweep.with_augmented=true
+$PY -m bench.frontier --name ml1m_ladder "${ML1M[@]}" 'sweep.fractions=[0.1,0.2,0.05,0.02,0.01]' sweep.with_augmented=true
 # 1/10 with two seeds, and the levers as variants (decoupled KD, more weight on the teacher).
 $PY -m bench.frontier --name ml1m_1in10 "${ML1M[@]}" 'sweep.fractions=[0.1]' 'sweep.seeds=[0,1]' \
     'sweep.variants={dkd: [distill.loss=dkd], a08: [distill.alpha=0.8]}'

@@ -151,7 +151,7 @@ def run(cfg: Config) -> str:
             f"| {LABELS.get(name, name)} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r.get('hr@20', float('nan')):.4f} | "
             f"{r.get('ndcg@20', float('nan')):.4f} | {r['params']:,} | {r['bytes']:,} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} |"
         )
-    frontier_lines = _frontier_section(layout, storage)
+    frontier_lines = _frontier_section(layout, storage) + _serving_section(layout, storage, models)
     text = "\n".join(
         [
             f"# recdistill report: `{cfg.run.run_dir}`",
@@ -229,3 +229,26 @@ def _frontier_section(layout: RunLayout, storage) -> list[str]:
     if result is None:
         return []
     return ["## Sweep frontier", "", format_table(result), "![frontier](../sweep/frontier.png)", ""]
+
+
+def _serving_section(layout: RunLayout, storage, models: dict[str, Any]) -> list[str]:
+    """Size, latency under load and quality side by side, when ``bench.serve_load --report`` has run for this run."""
+    result = _read_json(fsio.join(layout.report, "serve_load.json"), storage)
+    if result is None:
+        return []
+    by_fingerprint = {r.get("fingerprint"): r for r in models.values() if r.get("fingerprint")}
+    bound = result["p99_bound_ms"]
+    rows = [f"| served model | parameters | test NDCG@10 | highest load with p99 <= {bound:g} ms | p50 / p99 there | device |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in result["models"].items():
+        quality = by_fingerprint.get(entry["fingerprint"], {}).get("ndcg@10")
+        best = entry.get("sustainable")
+        load = f"{best['rps']:.0f} req/s ({best['concurrency']} clients)" if best else "none within the bound"
+        latency = f"{best['p50_ms']:.1f} / {best['p99_ms']:.1f} ms" if best else "-"
+        rows.append(f"| {name} | {entry['params']:,} | {f'{quality:.4f}' if quality is not None else '-'} | {load} | {latency} | "
+                    f"{entry['device']} |")
+    ratio = result.get("throughput_ratio_at_p99_bound")
+    summary = (f"The student holds {ratio:.1f}x the teacher's requests/s at p99 <= {bound:g} ms "
+               f"({result['params_ratio']:.0f}x fewer parameters)." if ratio else "No ratio: a model held no level within the bound.")
+    return ["## Serving under load (Ray Serve)", "", summary, "", *rows, "",
+            f"Closed-loop load on loopback, `bench/serve_load.py` at commit `{result.get('code', {}).get('commit', 'unknown')}`.", ""]
