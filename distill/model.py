@@ -212,11 +212,13 @@ class SequentialRecommender(nn.Module):
         """Width of a score vector: ``num_items + 1`` (column 0 is padding)."""
         return self.num_items + 1
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, extra_inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of every position.
 
         Args:
             input_ids: (B, L) int64, left-padded with 0, ``L <= max_len``.
+            extra_inputs: optional (B, L, d_model) added to each position's input vector (the rating
+                task's rating embeddings, :mod:`distill.rating_model`).
 
         Returns:
             (B, L, d_model). The state at position t summarises items ``<= t`` only.
@@ -232,6 +234,8 @@ class SequentialRecommender(nn.Module):
         # Right-aligned positions: the last column is always position max_len - 1.
         positions = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=input_ids.device)
         x = self.item_vectors(input_ids) * math.sqrt(self.cfg.d_model) + self.pos_emb(positions)
+        if extra_inputs is not None:
+            x = x + extra_inputs
         x = self.emb_dropout(x)
 
         attn_mask = self._attention_mask(is_item)
