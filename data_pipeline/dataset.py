@@ -46,6 +46,7 @@ from data_pipeline import fsio
 from data_pipeline.block_layout import shard_sizes
 from data_pipeline.credentials import redact
 from data_pipeline.ingest import DataError, read_interactions
+from data_pipeline.ratings import rating_columns, rating_levels, update_fingerprint
 from data_pipeline.synthetic import generate_interactions
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,18 @@ def _version() -> str:
 # Prepare
 
 
-def dataset_settings(cfg: DataConfig, seed: int) -> dict[str, Any]:
+def dataset_settings(cfg: DataConfig, seed: int, task: str = "next_item") -> dict[str, Any]:
     """The settings that decide a dataset's content (not its file layout or credentials).
 
     Recorded in the manifest: a prepared dataset whose settings differ from the config's was
-    made from another input, and must not be taken as this run's.
+    made from another input, and must not be taken as this run's. The task is recorded only when
+    it is not the default (datasets prepared before tasks existed are next-item ones).
     """
+    settings = {"task": task} if task != "next_item" else {}
     if cfg.format == "synthetic":
-        return {"format": "synthetic", "synthetic": cfg.synthetic.model_dump(mode="json"), "seed": seed,
+        return {**settings, "format": "synthetic", "synthetic": cfg.synthetic.model_dump(mode="json"), "seed": seed,
                 "min_user_interactions": cfg.min_user_interactions, "min_item_interactions": cfg.min_item_interactions}
-    settings = cfg.model_dump(mode="json", include={"path", "format", "columns", "min_rating", "min_user_interactions",
+    settings |= cfg.model_dump(mode="json", include={"path", "format", "columns", "min_rating", "min_user_interactions",
                                                      "min_item_interactions"})
     if cfg.format == "csv":
         settings["csv_delimiter"] = cfg.csv_delimiter
@@ -104,9 +107,12 @@ def settings_differ(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[st
 
 def prepare_dataset(
     cfg: DataConfig, out_url: str, seed: int, row_group_size_for: Optional[Callable[[list[int]], int]] = None,
-    before_write: Optional[Callable[[dict[str, Any]], None]] = None,
+    before_write: Optional[Callable[[dict[str, Any]], None]] = None, task: str = "next_item",
 ) -> dict[str, Any]:
     """Read (or generate) interactions, filter, remap, split leave-one-out and write under ``out_url``.
+
+    ``task="rating"`` keeps every interaction's rating as a level (:mod:`data_pipeline.ratings`)
+    and refuses data without ratings.
 
     ``seed`` only matters for ``format: synthetic``. Row groups hold ``cfg.row_group_size``
     rows when set, else ``row_group_size_for(rows of each training file)`` (the run plan's
@@ -118,7 +124,7 @@ def prepare_dataset(
     """
     storage = cfg.storage_options
     if cfg.format == "synthetic":
-        table = generate_interactions(cfg.synthetic, seed)
+        table = generate_interactions(cfg.synthetic, seed, with_ratings=task == "rating")
         source = "synthetic"
     else:
         table = read_interactions(cfg)
@@ -145,6 +151,10 @@ def prepare_dataset(
     users = user_dense[order]
     items = item_dense[order].astype(np.int32)
     lengths = np.bincount(users, minlength=len(user_ids) + 1)[1:]
+    rating_values, levels = None, None
+    if task == "rating":
+        rating_values, levels = rating_levels(table.column("rating").filter(pa.array(keep)), source, cfg.format)
+        levels = levels[order]
 
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -156,8 +166,9 @@ def prepare_dataset(
         "num_interactions": int(len(items)),
         "dropped_users": int(len(user_raw) - len(user_ids)),
         "dropped_items": int(len(item_raw) - len(item_ids)),
-        "fingerprint": _fingerprint(lengths, items, user_ids, item_ids),
-        "settings": dataset_settings(cfg, seed),
+        "fingerprint": _fingerprint(lengths, items, user_ids, item_ids, (levels, rating_values) if task == "rating" else None),
+        "task": task,
+        "settings": dataset_settings(cfg, seed, task),
         "filters": {
             "min_user_interactions": cfg.min_user_interactions,
             "min_item_interactions": cfg.min_item_interactions,
@@ -168,6 +179,8 @@ def prepare_dataset(
                      for name, ids in (("user", user_ids), ("item", item_ids))},
         "created_by": f"recdistill {_version()}",
     }
+    if rating_values is not None:
+        manifest["rating_values"] = rating_values
     if cfg.format == "synthetic":
         manifest["seed"] = seed
         manifest["synthetic"] = cfg.synthetic.model_dump(mode="json")
@@ -184,7 +197,8 @@ def prepare_dataset(
 
     fsio.write_parquet_atomic(fsio.join(out_url, "item_ids.parquet"), _id_table("item", item_ids), storage)
     fsio.write_parquet_atomic(fsio.join(out_url, "user_ids.parquet"), _id_table("user", user_ids), storage)
-    manifest["splits"] = _write_splits(lengths, items, out_url, cfg, row_group_size_for)
+    extra = rating_columns(lengths, levels) if levels is not None else {}
+    manifest["splits"] = _write_splits(lengths, items, out_url, cfg, row_group_size_for, extra)
 
     fsio.write_json_atomic(fsio.join(out_url, MANIFEST), manifest, storage)
     log.info(
@@ -255,14 +269,16 @@ def _id_table(name: str, raw_ids: pa.Array) -> pa.Table:
     )
 
 
-def _fingerprint(lengths: np.ndarray, items: np.ndarray, user_ids: pa.Array, item_ids: pa.Array) -> str:
+def _fingerprint(lengths: np.ndarray, items: np.ndarray, user_ids: pa.Array, item_ids: pa.Array,
+                 ratings: Optional[tuple[np.ndarray, list[float]]] = None) -> str:
     """sha256 over a canonical encoding of the dataset's content.
 
     Encoding, in this order: b"recdistill.dataset.v1"; the sequence lengths of
     users 1..U as little-endian int64; the item ids of all sequences
     concatenated in user order as little-endian int32; then for the user and
     then the item raw ids, in dense id order: their count (int64), the UTF-8
-    byte length of each (int64 each), and their bytes concatenated.
+    byte length of each (int64 each), and their bytes concatenated; then, for the rating task, the
+    ratings (:func:`data_pipeline.ratings.update_fingerprint`).
     """
     h = hashlib.sha256(b"recdistill.dataset.v1")
     h.update(lengths.astype("<i8").tobytes())
@@ -275,6 +291,8 @@ def _fingerprint(lengths: np.ndarray, items: np.ndarray, user_ids: pa.Array, ite
         offsets = np.frombuffer(raw.buffers()[1], dtype=np.int32)[raw.offset : raw.offset + len(raw) + 1]
         data = raw.buffers()[2]
         h.update(data.to_pybytes()[offsets[0] : offsets[-1]] if data is not None and len(raw) else b"")
+    if ratings is not None:
+        update_fingerprint(h, *ratings)
     return h.hexdigest()
 
 
@@ -308,14 +326,18 @@ def _split_tables(lengths: np.ndarray, items: np.ndarray) -> dict[str, pa.Table]
 
 
 def _write_splits(
-    lengths: np.ndarray, items: np.ndarray, out_url: str, cfg: DataConfig, row_group_size_for: Optional[Callable[[list[int]], int]]
+    lengths: np.ndarray, items: np.ndarray, out_url: str, cfg: DataConfig, row_group_size_for: Optional[Callable[[list[int]], int]],
+    extra: dict[str, dict[str, pa.Array]],
 ) -> dict[str, Any]:
-    """Write every split in shards of ``rows_per_shard`` users; return the manifest's "splits" entry."""
+    """Write every split in shards of ``rows_per_shard`` users (with ``extra``'s columns appended to each split's
+    table); return the manifest's "splits" entry."""
     entries = {}
     num_users = len(lengths)
     train_files = shard_sizes(num_users, cfg.rows_per_shard)
     row_group_size = cfg.row_group_size or (row_group_size_for(train_files) if row_group_size_for else 64)
     for split, table in _split_tables(lengths, items).items():
+        for name, column in extra.get(split, {}).items():
+            table = table.append_column(name, column)
         files, rows, sizes = [], [], []
         for shard, start in enumerate(range(0, table.num_rows, cfg.rows_per_shard)):
             part = table.slice(start, cfg.rows_per_shard)

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.ingest import INTERACTIONS_SCHEMA
+from data_pipeline.ratings import synthetic_ratings
 
 # How often an already-consumed item is re-drawn before the repeat is accepted.
 _REDRAWS = 8
@@ -70,12 +71,13 @@ class _World:
         return self.by_cluster[np.minimum(index, len(self.cluster_cdf) - 1)]
 
 
-def generate_interactions(cfg: SyntheticConfig, seed: int) -> pa.Table:
+def generate_interactions(cfg: SyntheticConfig, seed: int, with_ratings: bool = False) -> pa.Table:
     """Generate a log with the columns of ``read_interactions``; the same ``(cfg, seed)`` gives the same table.
 
     Raw ids are decimal strings: users ``"1".."num_users"``, items ``"1".."num_items"``
     (items never drawn do not appear). ``timestamp`` is the position in the
-    user's sequence; ``rating`` is null. Rows are grouped by user, in time order.
+    user's sequence; ``rating`` is null, or with ``with_ratings`` 1..5 stars
+    (:func:`data_pipeline.ratings.synthetic_ratings`). Rows are grouped by user, in time order.
     """
     rng = np.random.default_rng(seed)
     world = _World(cfg, rng)
@@ -118,7 +120,8 @@ def generate_interactions(cfg: SyntheticConfig, seed: int) -> pa.Table:
             pa.array((user_index + 1).astype(str)),
             pa.array((items + 1).astype(str)),
             pa.array(position.astype(np.int64)),
-            pa.nulls(len(items), pa.float64()),
+            pa.array(synthetic_ratings(user_index, items, world.cluster[items], seed)) if with_ratings
+            else pa.nulls(len(items), pa.float64()),
         ],
         schema=INTERACTIONS_SCHEMA,
     )
