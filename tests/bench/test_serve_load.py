@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.serve_load import requests_per_level, sustainable
 
@@ -21,8 +22,8 @@ def test_the_sustainable_load_is_the_fastest_level_within_the_bound_and_without_
     assert requests_per_level(1, 200) == 200 and requests_per_level(64, 200) == 1600
 
 
-@pytest.mark.integration
-def test_a_short_run_serves_both_models_and_writes_its_result(ray_session, tmp_path):
+def _short_run(tmp_path):
+    """A short bench.serve_load run on tiny exports (a random teacher and a smaller random student); returns its result."""
     from bench import serve_load
     from conftest import ROOT, SMALL_RUN, export_spread_teacher, small_config
     from data_pipeline.dataset import prepare_dataset
@@ -38,7 +39,12 @@ def test_a_short_run_serves_both_models_and_writes_its_result(ray_session, tmp_p
                           "--levels", "1,4", "--min-requests", "30", "--p99-ms", "5000", "--results-dir", str(tmp_path / "out"),
                           "--report", f"run.run_dir={cfg.run.run_dir}", *SMALL_RUN, "serve.cpus_per_replica=0.5"])
     assert rc == 0
-    result = json.loads((tmp_path / "out" / "serve_load_t.json").read_text())
+    return cfg, json.loads((tmp_path / "out" / "serve_load_t.json").read_text())
+
+
+@pytest.mark.integration
+def test_a_short_run_serves_both_models_and_writes_its_result(ray_session, tmp_path):
+    cfg, result = _short_run(tmp_path)
     assert (tmp_path / "out" / "serve_load_t.png").stat().st_size > 1000
     assert result["params_ratio"] > 1
     for name in ("student", "teacher"):
@@ -60,3 +66,12 @@ def test_a_short_run_serves_both_models_and_writes_its_result(ray_session, tmp_p
     assert f"| student | {student['params']:,} |" in section and "x the teacher's requests/s" in section
     quality = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())["models"]["student_kd"]["ndcg@10"]
     assert f"{quality:.4f}" in section
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+def test_on_a_gpu_machine_both_models_are_served_from_the_gpu(ray_session, tmp_path):
+    cfg, result = _short_run(tmp_path)
+    for entry in result["models"].values():
+        assert entry["device"].startswith("cuda") and entry["deployment"]["ray_actor_options"]["num_gpus"] == 1
+    assert result["machine"]["gpus"] >= 1

@@ -127,3 +127,15 @@ def test_the_serve_config_file_is_one_ray_serve_accepts_and_holds_no_credentials
     assert app.deployments[0].ray_actor_options.num_gpus == 0 and plan.app_args["device"] == "cpu"
     assert "AKIA" not in json.dumps(tree) and plan.app_args["storage_options"] == {"anon": False}
     assert plan_serving(cfg, cluster_gpus=4).app_args["device"] == "cuda"  # GPUs on the cluster: replicas use one each
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+def test_a_model_served_on_cuda_answers_as_on_cpu(served_run):
+    cfg, layout, manifest = served_run
+    raw = read_item_ids(layout.data)
+    requests = [json.dumps({"history": [raw[(i * 5 + j) % len(raw)] for j in range(1 + i % 7)], "k": 10}).encode() for i in range(40)]
+    cpu, cuda = ServedModel(layout.student, layout.data), ServedModel(layout.student, layout.data, device="cuda")
+    assert cuda.info()["device"].startswith("cuda")
+    for a, b in zip(cpu.recommend([cpu.parse(r) for r in requests]), cuda.recommend([cuda.parse(r) for r in requests])):
+        assert a["items"] == b["items"] and a["scores"] == pytest.approx(b["scores"], rel=1e-3, abs=1e-3)
