@@ -1,4 +1,12 @@
-"""A fix for DeepSpeed's NVMe optimizer offload: gradient partitions its async I/O moves wrongly.
+"""Fixes for two DeepSpeed 0.19.8 faults: NVMe optimizer offload's gradient I/O, and JIT builds under "9.0a".
+
+**JIT builds.** DeepSpeed's op builder sorts the architectures of ``TORCH_CUDA_ARCH_LIST`` by parsing each
+as integers, so an arch-specific entry such as ``9.0a`` (Hopper's sm_90a, which PyTorch accepts and some
+CUDA images set) fails FusedAdam's build with ``invalid literal for int() with base 10: '0a'``: the
+teacher could not start on an H200 (found on a lent machine). :func:`sanitize_cuda_arch_list` drops the
+suffix (``9.0a`` -> ``9.0``: the ops DeepSpeed builds use no arch-specific instructions).
+
+**NVMe offload.** Gradient partitions its async I/O moves wrongly.
 
 With ``offload_optimizer: nvme``, ZeRO-3 swaps each worker's gradient partitions of 1 MB or more to
 files and, when the optimizer steps a sub-group, reads them back into one page-locked buffer at each
@@ -70,9 +78,28 @@ def _swapped_parts(swap_info: Any) -> list[tuple[int, int, str]]:
     return [(grad.offset, grad.length, grad.path) for grad in swap_info.swapped_gradients.values()]
 
 
+def sanitize_cuda_arch_list(environ: Any = None) -> None:
+    """``TORCH_CUDA_ARCH_LIST`` without arch-specific suffixes (``"8.0;9.0a+PTX"`` -> ``"8.0;9.0+PTX"``)."""
+    import os
+    import re
+
+    environ = os.environ if environ is None else environ
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return
+    entries = []
+    for entry in value.replace(" ", ";").split(";"):
+        cleaned = re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry.strip())
+        if cleaned and cleaned not in entries:
+            entries.append(cleaned)
+    environ["TORCH_CUDA_ARCH_LIST"] = ";".join(entries)
+
+
 def apply() -> None:
-    """Route DeepSpeed's swapped-gradient reads and writes through :func:`read_parts` / :func:`write_parts`."""
+    """Route DeepSpeed's swapped-gradient reads and writes through :func:`read_parts` / :func:`write_parts`,
+    and make ``TORCH_CUDA_ARCH_LIST`` one DeepSpeed's JIT builder can read."""
     global _applied
+    sanitize_cuda_arch_list()
     if _applied:
         return
     from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper

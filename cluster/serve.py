@@ -27,7 +27,7 @@ import yaml
 
 from cluster.common import model_exports
 from cluster.config import Config, ConfigError
-from cluster.serving import FINGERPRINT_HEADER, BadRequest, RecommendRequest, ServedModel
+from cluster.serving import FINGERPRINT_HEADER, BadRequest, ParsedRequest, ServedModel
 from data_pipeline import fsio
 from data_pipeline.credentials import without_secrets
 from data_pipeline.dataset import load_manifest
@@ -147,7 +147,7 @@ def _deployment_class():
             return JSONResponse({"model": self.name, **answer}, headers=self.headers)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-        async def answer(self, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+        async def answer(self, requests: list[ParsedRequest]) -> list[dict[str, Any]]:
             # The forward runs in a thread (torch releases the GIL): the replica keeps taking requests for the next batch.
             return await asyncio.get_running_loop().run_in_executor(None, self.model.recommend, requests)
 

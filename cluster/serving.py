@@ -14,6 +14,7 @@ are ignored and counted; a history with no known item gets the training populari
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -24,7 +25,7 @@ from cluster.models import load_model
 from data_pipeline.dataset import load_manifest, read_item_ids, train_item_counts
 from data_pipeline.exports import check_export_fits_dataset
 from distill.evaluate import model_scorer
-from distill.recommend import top_k_items
+from distill.recommend import ranked_once, top_k_items
 from distill.sequences import left_pad_flat
 
 FINGERPRINT_HEADER = "x-recdistill-fingerprint"
@@ -46,6 +47,18 @@ class RecommendRequest(BaseModel):
     filter_seen: bool = True
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A checked request with its history in the model's item indices (unknown ids dropped and counted)."""
+
+    request: RecommendRequest
+    known: list[int]
+
+    @property
+    def unknown(self) -> int:
+        return len(self.request.history) - len(self.known)
+
+
 class ServedModel:
     """One exported model ready to answer requests (see the module docstring)."""
 
@@ -58,6 +71,7 @@ class ServedModel:
         self.index = {raw: dense for dense, raw in enumerate(self.item_ids, start=1)}
         self.device = torch.device(device)
         self.popularity = torch.from_numpy(train_item_counts(data_url, manifest["num_items"], storage_options)).float()
+        self.by_popularity = ranked_once(self.popularity).tolist()  # the ranking of a history with no known item
         self.scorer = model_scorer(model.to(self.device), meta["model"]["max_len"])
         self.fingerprint: str = meta["fingerprint"]
         self.params = sum(p.numel() for p in model.parameters())
@@ -69,8 +83,9 @@ class ServedModel:
         return {"fingerprint": self.fingerprint, "params": self.params, "num_items": self.num_items,
                 "max_k": self.max_k, "max_history": self.max_history, "device": str(self.device)}
 
-    def parse(self, body: bytes) -> RecommendRequest:
-        """A request body checked in full; :class:`BadRequest` says what is wrong with it."""
+    def parse(self, body: bytes) -> ParsedRequest:
+        """A request body checked in full, its item ids mapped (here, before batching: this work is per request);
+        :class:`BadRequest` says what is wrong with it."""
         try:
             payload = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
@@ -87,27 +102,32 @@ class ServedModel:
         if len(request.history) > self.max_history:
             raise BadRequest(f"history has {len(request.history)} items; at most {self.max_history} are accepted "
                              "(send the most recent ones)", 422)
-        return request
+        index = self.index
+        return ParsedRequest(request, [index[raw] for raw in map(str, request.history) if raw in index])
 
-    def recommend(self, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+    def recommend(self, requests: list[ParsedRequest]) -> list[dict[str, Any]]:
         """Answers in request order: ``items`` (original ids, best first), their ``scores``, ``unknown_items``
         (ids ignored) and ``ranking`` ("model", or "popularity" for a history with no known item)."""
-        if not requests:
-            return []
-        known = [[self.index[str(raw)] for raw in r.history if str(raw) in self.index] for r in requests]
-        lengths = np.array([len(h) for h in known])
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = np.fromiter((item for h in known for item in h), dtype=np.int64, count=int(offsets[-1]))
-        histories = torch.from_numpy(left_pad_flat(flat, offsets, max(int(lengths.max()), 1))).to(self.device)
-        scores = self.popularity.to(self.device).expand(len(requests), -1).clone()
-        personal = torch.from_numpy(lengths > 0).to(self.device)
-        if personal.any():
+        answers: list[Optional[dict[str, Any]]] = [None] * len(requests)
+        personal = [i for i, r in enumerate(requests) if r.known]
+        if personal:
+            known = [requests[i].known for i in personal]
+            lengths = np.array([len(h) for h in known])
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            flat = np.fromiter((item for h in known for item in h), dtype=np.int64, count=int(offsets[-1]))
+            histories = torch.from_numpy(left_pad_flat(flat, offsets, int(lengths.max()))).to(self.device)
             with torch.no_grad():
-                scores[personal] = self.scorer(histories[personal]).float()
-        filter_seen = torch.tensor([r.filter_seen for r in requests], device=self.device)
-        ranked = top_k_items(scores, histories, max(r.k for r in requests), filter_seen)
-        return [
-            {"items": [self.item_ids[i - 1] for i in items[: r.k]], "scores": values[: r.k],
-             "unknown_items": len(r.history) - len(h), "ranking": "model" if h else "popularity"}
-            for r, h, (items, values) in zip(requests, known, ranked)
-        ]
+                scores = self.scorer(histories).float()
+            filter_seen = torch.tensor([requests[i].request.filter_seen for i in personal], device=self.device)
+            ranked = top_k_items(scores, histories, max(requests[i].request.k for i in personal), filter_seen)
+            for i, (items, values) in zip(personal, ranked):
+                k = requests[i].request.k
+                answers[i] = self._answer(requests[i], items[:k], values[:k], "model")
+        for i, r in enumerate(requests):
+            if answers[i] is None:  # nothing known of this user (so nothing seen): the popularity ranking, made at load
+                items = self.by_popularity[: r.request.k]
+                answers[i] = self._answer(r, items, self.popularity[items].tolist(), "popularity")
+        return answers  # type: ignore[return-value]
+
+    def _answer(self, r: ParsedRequest, items: list[int], scores: list[float], ranking: str) -> dict[str, Any]:
+        return {"items": [self.item_ids[i - 1] for i in items], "scores": scores, "unknown_items": r.unknown, "ranking": ranking}

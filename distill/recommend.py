@@ -22,7 +22,9 @@ def top_k_items(
     histories:   (B, L) int, left-padded with 0 (the full history: the seen filter uses all of it).
     filter_seen: a bool for every row, or (B,) bool per row.
     Returns one ``(item ids, scores)`` per row; a row with fewer than ``k`` rankable items (a small
-    catalog, mostly seen) gets all of them. Ties keep the lower item id first.
+    catalog, mostly seen) gets all of them. Equal scores are ordered by item id; which of several items
+    tied at the k-th score make the cut is left to ``torch.topk`` (exact ties of a model's float scores are
+    rare; a ranking with many ties, such as popularity counts, is better ranked once with :func:`ranked_once`).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -33,8 +35,18 @@ def top_k_items(
     if per_row.any():
         excluded |= seen_mask(histories, scores.shape[1]) & per_row[:, None]
     masked = scores.masked_fill(excluded, float("-inf"))
-    # A stable descending sort: equal scores keep id order (torch.topk's order among ties is unspecified).
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
-    best = masked.gather(1, order)
+    # topk, not a full sort of the catalog: k of C columns (10 of 3,416 on ML-1M) is most of serving's ranking cost.
+    values, items = torch.topk(masked, min(k, scores.shape[1]), dim=1)
+    # Order ties by item id: sort by id, then stably by score.
+    by_id = torch.sort(items, dim=1).indices
+    items, values = items.gather(1, by_id), values.gather(1, by_id)
+    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices
+    items, values = items.gather(1, by_score).tolist(), values.gather(1, by_score).tolist()
     rankable = (~excluded).sum(dim=1).clamp(max=k).tolist()
-    return [(order[i, :n].tolist(), best[i, :n].tolist()) for i, n in enumerate(rankable)]
+    return [(items[i][:n], values[i][:n]) for i, n in enumerate(rankable)]
+
+
+def ranked_once(scores: torch.Tensor) -> torch.Tensor:
+    """Every item of a fixed (C,) score vector (popularity counts, say), best first, ties by id; padding 0 left out."""
+    order = torch.sort(scores[1:].float(), descending=True, stable=True).indices + 1
+    return order

@@ -71,3 +71,17 @@ def test_apply_replaces_deepspeeds_gradient_io_once():
     deepspeed_fixes.apply()
     assert PartitionedOptimizerSwapper._swap_in_pinned_gradients is read and read.__module__ == deepspeed_fixes.__name__
     assert OptimizerSwapper._writeback_gradients is write and write.__module__ == deepspeed_fixes.__name__
+
+
+def test_the_cuda_arch_list_loses_arch_specific_suffixes_deepspeed_cannot_parse():
+    from cluster.deepspeed_fixes import sanitize_cuda_arch_list
+
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0 9.0a;9.0;10.0a+PTX"}
+    sanitize_cuda_arch_list(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+    # DeepSpeed's own parse of the result (builder.compute_capability_args) now succeeds.
+    ccs = sorted(env["TORCH_CUDA_ARCH_LIST"].split(";"), key=lambda cc: tuple(int(p.split("+")[0]) for p in cc.split(".")))
+    assert ccs[-1] == "10.0+PTX"
+    empty: dict = {}
+    sanitize_cuda_arch_list(empty)
+    assert empty == {}

@@ -28,6 +28,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run `
 _TEACHER_SCRIPT = r"""
 import json, sys, tempfile
 import torch, deepspeed
+from cluster import deepspeed_fixes
 from cluster.config import DeepSpeedConfig
 from distill.config import ModelConfig, TrainConfig
 from cluster.models import load_model
@@ -65,6 +66,7 @@ assert ds_config["optimizer"]["params"]["torch_adam"] == (not runtime.use_gpu)  
 torch.manual_seed(0)
 with deepspeed.zero.Init(config_dict_or_path=ds_config):
     model = SequentialRecommender(mcfg, num_items)
+deepspeed_fixes.apply()  # as the teacher recipe does before its engine (FusedAdam's JIT build on CUDA)
 engine, *_ = deepspeed.initialize(model=NextItemObjective(model), config=ds_config,
                                   model_parameters=model.parameters())
 gen = torch.Generator().manual_seed(0)
