@@ -34,6 +34,9 @@ class ConfigError(ValueError):
 
 class RunConfig(Section):
     run_dir: str = Field("runs/tiny", description="Output root; any fsspec URL.")
+    task: Literal["next_item", "rating"] = Field("next_item", description=(
+        "next_item: rank the catalog for a user's next item. rating: predict a distribution over the rating a user "
+        "gives an item (needs rated data)."))
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -32,18 +32,17 @@ from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.models import save_model
 from cluster.plan import RunPlan, build_plan, training_complete
 from cluster.runtime import select_runtime
-from cluster.student_batches import batch_from_dataset, batch_from_store, student_source, training_blocks
+from cluster.student_batches import student_source, training_blocks
+from cluster.tasks import training_task
 from data_pipeline import fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.exports import read_export_meta, read_export_tensor
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, prefetch_iter
-from distill.losses import distillation_terms
-from distill.model import PAD_ID, SequentialRecommender
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
-from distill.training import PositionLogits, check_checkpoint_stage, distributed_ranking_eval, lr_ratio, mixed_loss, seed_step
+from distill.training import check_checkpoint_stage, lr_ratio, mixed_loss, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
 
     dataset = load_manifest(layout.data, storage)
     num_items = dataset["num_items"]
+    task = training_task(cfg.run.task, dataset)  # next_item or rating: the model, batches, loss and validation
+    num_levels = len(dataset.get("rating_values") or []) if task.name == "rating" else 0
     valid = read_split(layout.data, "valid", storage, dataset)
     soft_manifest = None if baseline else loop_config["soft_manifest"]
     spec = None if baseline else soft_labels.StoreSpec.from_dict(soft_manifest["spec"])
@@ -84,17 +85,18 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     )
 
     torch.manual_seed(cfg.run.seed)
-    model = SequentialRecommender(mcfg, num_items)
-    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
-        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
+    model = task.build(mcfg, dataset)
+    trunk = getattr(model, "trunk", model)  # the rating model's Transformer is a next-item model's
+    if trunk.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        trunk.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
     restored = ctx.restore_checkpoint()
     if not baseline and dcfg.init_from_teacher and restored is None:
         # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
-        init_item_table_from_teacher(model, read_export_tensor(loop_config["teacher_url"], "item_emb.weight", storage))
+        init_item_table_from_teacher(trunk, read_export_tensor(loop_config["teacher_url"], task.item_table_key, storage))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(
         cfg, "student", student_source(soft_manifest["teacher_fingerprint"], cfg, soft_manifest))
-    state = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "world_size": world, "history": [], "restarts": [],
+    state = {"epoch": 0, "step": 0, "best_ndcg": -math.inf, "world_size": world, "history": [], "restarts": [],
              "stage_fingerprint": stage_fp}
     if restored is not None:
         try:
@@ -110,13 +112,12 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
     model.to(device)
-    position_logits = PositionLogits(model, bf16=runtime.bf16)
-    forward = ctx.wrap_data_parallel(position_logits)
+    forward = ctx.wrap_data_parallel(task.student_forward(model, runtime.bf16))
     if rank == 0:
         log.info("student on %s (%s), %s forward", device, runtime.backend, "bf16-autocast" if runtime.bf16 else "fp32")
     attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
     attempt_id = _broadcast_object(attempt, dist) if world > 1 else attempt
-    params = count_parameters(mcfg, num_items)
+    params = count_parameters(mcfg, num_items, num_levels)
     kd_options = {"ranking": {"K": dcfg.ranking_top},
                   "dkd": {"target_weight": dcfg.dkd_target_weight, "nontarget_weight": dcfg.dkd_nontarget_weight}}.get(dcfg.loss, {})
 
@@ -128,7 +129,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
                     json.dump({**state, "world_size": world}, f)
             ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
 
-    to_batch = (lambda t: batch_from_dataset(t, mcfg.max_len)) if baseline else (lambda t: batch_from_store(t, spec, mcfg.max_len))
+    to_batch = lambda t: task.student_batch(t, spec, mcfg.max_len)  # noqa: E731 (spec None: the twin's dataset rows)
 
     def epoch_batches(epoch: int, start_step: int) -> PrefetchIterator:
         # Reading and decoding the next batches runs beside the step, on a background thread.
@@ -148,11 +149,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         forward.train()
         for step, batch in batches:
             seed_step(cfg.run.seed, epoch, step, rank)
-            logits = forward(batch.inputs.to(device))
-            targets = batch.targets[batch.inputs != PAD_ID].to(device)
-            soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None
             alpha = 1.0 if baseline else dcfg.alpha
-            terms = distillation_terms(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, batch.augmented, **kd_options)
+            terms = task.student_terms(forward, batch, alpha, dcfg, kd_options, device)
             loss, local_loss = mixed_loss(terms, alpha, world, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,18 +167,17 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         # Start the next epoch's reads now: its first blocks arrive while validation runs.
         batches = epoch_batches(epoch + 1, 0) if epoch + 1 < tcfg.epochs else None
         forward.eval()
-        metrics = distributed_ranking_eval(
-            model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
-        )
+        metrics = task.validate(model, valid, dataset, cfg.eval, tcfg.eval_batch_size, rank, world, device, mcfg.max_len)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
                   "train_seconds": time.perf_counter() - started, "workers": world, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"val_{k}": v for k, v in metrics.items()}}
+                  **{f"val_{k}": v for k, v in metrics.items()}, "val_select": task.select(metrics)}
         state["history"].append(record)
         if rank == 0:
-            log.info("%s epoch %d: train loss %.4f, val NDCG@10 %.4f, %.1f s on %d workers", "baseline" if baseline else "student",
-                     epoch + 1, record["train_loss"], metrics["ndcg@10"], record["train_seconds"], world)
-        if metrics["ndcg@10"] > state["best_ndcg"]:
-            state["best_ndcg"] = metrics["ndcg@10"]
+            log.info("%s epoch %d: train loss %.4f, val %s %.4f, %.1f s on %d workers", "baseline" if baseline else "student",
+                     epoch + 1, record["train_loss"], task.metric.upper(), metrics[task.metric], record["train_seconds"], world)
+        # best_ndcg keeps its name in checkpoints (older runs'); it holds the task's selection value (larger is better).
+        if task.select(metrics) > state["best_ndcg"]:
+            state["best_ndcg"] = task.select(metrics)
             if rank == 0:
                 info = {"role": "baseline" if baseline else "student", "params": params, "epoch": epoch + 1, "valid": metrics,
                         "dataset_fingerprint": dataset["fingerprint"],
@@ -190,9 +187,9 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         if rank == 0:
             fsio.write_json_atomic(fsio.join(out_url, "history.json"),
                                    {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp}, storage)
-        save_and_report({**record, "best_val_ndcg@10": state["best_ndcg"]})
+        save_and_report({**record, f"best_val_{task.metric}": task.sign * state["best_ndcg"]})
         if tcfg.patience and len(state["history"]) > tcfg.patience:
-            recent = [h["val_ndcg@10"] for h in state["history"][-tcfg.patience:]]
+            recent = [h.get("val_select", h.get("val_ndcg@10")) for h in state["history"][-tcfg.patience:]]
             if max(recent) < state["best_ndcg"]:
                 log.info("no improvement for %d epochs: stopping early", tcfg.patience)
                 break
@@ -255,8 +252,9 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     role = "baseline" if baseline else "student"
     fit(trainer, lambda: training_complete(out, cfg, role, teacher_fp), cfg, role)
     meta = read_export_meta(out, cfg.data.storage_options)
+    metric = training_task(cfg.run.task).metric
     print(
-        f"{role}: {meta['params']:,} parameters, best validation NDCG@10 "
-        f"{meta['valid']['ndcg@10']:.4f} (epoch {meta['epoch']}), exported to {out}"
+        f"{role}: {meta['params']:,} parameters, best validation {metric.upper()} "
+        f"{meta['valid'][metric]:.4f} (epoch {meta['epoch']}), exported to {out}"
     )
     return meta

@@ -35,6 +35,10 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     layout = RunLayout(cfg.run.run_dir)
     storage = cfg.data.storage_options
     save_resolved_config(cfg)
+    if cfg.run.task == "rating":  # rating metrics instead of ranking ones
+        from cluster import evaluate_rating
+
+        return evaluate_rating.run(cfg, plan)
     manifest = plan.dataset
     num_items = manifest["num_items"]
     test = read_split(layout.data, "test", storage, manifest)

@@ -10,6 +10,7 @@ import torch
 from data_pipeline.exports import ExportError, load_export, save_export
 from distill.config import ModelConfig
 from distill.model import SequentialRecommender
+from distill.rating_model import RatingModel
 
 
 def save_model(
@@ -25,17 +26,25 @@ def save_model(
 
 
 def load_model(url: str, storage_options: Optional[dict[str, Any]] = None) -> tuple[SequentialRecommender, dict[str, Any]]:
-    """An exported model as a plain (unsharded) module in eval mode, on CPU."""
+    """An exported model as a plain (unsharded) module in eval mode, on CPU: a next-item model, or a rating
+    model when the export says so (``rating_values`` in its metadata)."""
     state, meta = load_export(url, storage_options)
-    model = SequentialRecommender(ModelConfig.model_validate(meta["model"]), meta["num_items"])
+    model = build_model(ModelConfig.model_validate(meta["model"]), meta["num_items"], meta.get("rating_values"))
     load_weights(model, state)
     return model.eval(), meta
 
 
-def load_weights(model: SequentialRecommender, state: dict[str, torch.Tensor]) -> None:
+def build_model(cfg: ModelConfig, num_items: int, rating_values: Optional[list[float]] = None) -> torch.nn.Module:
+    """The next-item model, or (with the dataset's ``rating_values``) the rating task's."""
+    if rating_values:
+        return RatingModel(cfg, num_items, len(rating_values))
+    return SequentialRecommender(cfg, num_items)
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load an export's tensors; with tied embeddings ``output.weight`` comes from ``item_emb.weight``."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied_ok = {"output.weight"} if model.cfg.tied_embeddings else set()
+    tied_ok = set(model.tied_weight_keys) if model.cfg.tied_embeddings else set()
     if unexpected or set(missing) - tied_ok:
         raise ExportError(f"export does not fit the model: missing {missing}, unexpected {unexpected}")
 

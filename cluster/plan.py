@@ -26,7 +26,7 @@ from cluster import memory_plan
 from cluster.config import Config, stage_fingerprint
 from cluster.student_batches import augmentation_in_use, student_source
 from cluster.plan_checks import (PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, offload_problems,
-                                 size_warnings)
+                                 size_warnings, task_problems)
 from data_pipeline import block_layout, fsio
 from data_pipeline import soft_labels
 from data_pipeline.dataset import DataError, load_manifest, read_split
@@ -166,6 +166,7 @@ class _Planner:
 
     def _check_config(self) -> None:
         cfg = self.cfg
+        self.problems += task_problems(cfg)
         J, B = cfg.distill.num_virtual_shards, cfg.student.train.batch_size
         for stage in ("distill", "distill --baseline"):
             if B < J:
@@ -276,7 +277,13 @@ class _Planner:
     def _check_store_spec(self) -> None:
         """A store of other label settings (k, value dtype, sampled labels) is not this run's: precompute re-runs."""
         pcfg, spec = self.cfg.precompute, self.store.get("spec", {})
-        wanted = {"k": pcfg.k, "value_dtype": pcfg.dtype, "num_sampled": pcfg.num_sampled}
+        store_task = "rating" if spec.get("num_levels") else "next_item"
+        if store_task != self.cfg.run.task:
+            raise soft_labels.SoftLabelError(f"soft labels at {self.paths.soft_labels} were computed for the {store_task} task, "
+                                             f"this run's run.task is {self.cfg.run.task}: run precompute again")
+        wanted = {"value_dtype": pcfg.dtype}
+        if store_task == "next_item":
+            wanted |= {"k": pcfg.k, "num_sampled": pcfg.num_sampled}
         differs = {key: (spec.get(key), value) for key, value in wanted.items() if spec.get(key) != value}
         written = (self.store.get("augmentation") or {}).get("settings")
         if written != pcfg.augment.settings():

@@ -40,8 +40,14 @@ def dataset_problems(cfg: Config, dataset: dict[str, Any], storage: dict[str, An
     another size than recorded: damaged, refused for every stage that reads it.
     """
     problems, data_url = [], RunLayout(cfg.run.run_dir).data
-    wanted = dataset_settings(cfg.data, cfg.run.seed)
-    differs = settings_differ(dataset.get("settings") or _legacy_settings(dataset, wanted), wanted)
+    prepared_for = dataset.get("task", "next_item")
+    if prepared_for != cfg.run.task:
+        problems.append(Problem("prepare", f"{data_url} was prepared for the {prepared_for} task and this run's run.task is "
+                                           f"{cfg.run.task}: every stage after it reads that task's examples. Use another "
+                                           "run.run_dir for this task"))
+    wanted = dataset_settings(cfg.data, cfg.run.seed, cfg.run.task)
+    recorded = dataset.get("settings") or _legacy_settings(dataset, wanted)
+    differs = {key: values for key, values in settings_differ(recorded, wanted).items() if key != "task"}  # said above
     if differs:
         what = "; ".join(f"data.{key}: prepared from {theirs!r}, config says {ours!r}" for key, (theirs, ours) in differs.items())
         problems.append(Problem("prepare", f"{data_url} was prepared with other data settings ({what}), and every stage "
@@ -60,12 +66,34 @@ def dataset_problems(cfg: Config, dataset: dict[str, Any], storage: dict[str, An
 def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
     """What cannot work with a catalog of ``num_items`` items (checked by prepare before it writes anything)."""
     problems = []
-    if cfg.precompute.k > num_items:
+    if cfg.precompute.k > num_items and cfg.run.task == "next_item":  # a rating store keeps every level instead
         problems.append(Problem("precompute", f"precompute.k={cfg.precompute.k} is larger than the catalog ({num_items} items)"))
-    for k in cfg.eval.ks:
+    for k in cfg.eval.ks if cfg.run.task == "next_item" else []:  # ranking cut-offs
         if k > num_items:  # validation (train-teacher, distill) and the test report use them
             for stage in ("train-teacher", "distill", "distill --baseline", "evaluate"):
                 problems.append(Problem(stage, f"eval.ks contains {k}, larger than the catalog ({num_items} items)"))
+    return problems
+
+
+def task_problems(cfg: Config) -> list[Problem]:
+    """Settings the rating task (``run.task=rating``) has no use for, refused rather than ignored: its store keeps the
+    teacher's whole distribution over the few rating levels (no top-k, no sampled labels, no augmented rows) and
+    its loss is the temperature KL of those distributions mixed with the cross-entropy."""
+    if cfg.run.task != "rating":
+        return []
+    problems = []
+    if cfg.teacher.ensemble:
+        problems.append(Problem("precompute", "teacher.ensemble labels the next-item task only; remove it for run.task=rating"))
+    if cfg.precompute.augment.ratio > 0:
+        problems.append(Problem("precompute", "precompute.augment labels perturbed next-item sequences; set its ratio to 0 "
+                                              "for run.task=rating"))
+    if cfg.precompute.num_sampled:
+        problems.append(Problem("precompute", "precompute.num_sampled has no use for run.task=rating (the store keeps the "
+                                              "whole rating distribution); set it to 0"))
+    if "loss" in cfg.distill.model_fields_set:
+        problems.append(Problem("distill", f"distill.loss={cfg.distill.loss} is a next-item loss; run.task=rating distils "
+                                           "by temperature KL of the rating distributions mixed with CE (distill.alpha, "
+                                           "distill.temperature): remove distill.loss"))
     return problems
 
 

@@ -36,6 +36,7 @@ from cluster.config import Config, build_config
 from cluster.memory_watch import NodeMemoryWatch, gather_peaks
 from cluster.engine import RayTrainContext, WorkerContext, quiet_worker_logs
 from cluster.runtime import select_runtime
+from cluster.precompute_rating import RatingLabeller, rating_rows
 from cluster.teacher_hosting import host_teacher
 from data_pipeline import fsio
 from data_pipeline.augment import augment_sequences
@@ -153,53 +154,35 @@ def teacher_outputs(
 @dataclass
 class _ShardBuffer:
     plan: ShardPlan
-    batches: list[tuple[np.ndarray, TeacherOutputs]] = field(default_factory=list)
+    batches: list = field(default_factory=list)  # the labeller's outputs, one per batch, in row order
 
 
-class ShardWriter:
-    """Encodes and commits finished shards on a background thread (bounded queue = bounded memory)."""
+class NextItemLabeller:
+    """What the teacher computes and the store keeps for the next-item task: top-k scores over the
+    catalog, the log-normaliser and (optionally) sampled labels, at every position of every row."""
 
-    def __init__(self, store_url: str, spec: store.StoreSpec, provenance: dict[str, Any], row_group_size: int, storage_options):
-        self.store_url, self.spec, self.provenance = store_url, spec, provenance
-        self.row_group_size, self.storage_options = row_group_size, storage_options
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: Optional[BaseException] = None
-        self.records: list[dict] = []
-        self.thread = threading.Thread(target=self._run, name="soft-label-writer", daemon=True)
-        self.thread.start()
+    def __init__(self, teacher, rows: LabelRows, spec: store.StoreSpec):
+        self.teacher, self.rows, self.spec = teacher, rows, spec
 
-    def submit(self, shard: _ShardBuffer, rows: LabelRows) -> None:
-        if self.error:
-            raise self.error
-        self.queue.put((shard, rows))
+    def dummy_forward(self) -> None:
+        self.teacher.logits_all(torch.ones(1, 1, dtype=torch.long))
 
-    def close(self) -> list[dict]:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-        return self.records
+    def forward(self, batch_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = left_pad([self.rows.inputs[i] for i in batch_rows], max(len(self.rows.inputs[i]) for i in batch_rows))
+        return self.teacher.logits_all(inputs).cpu(), inputs
 
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error:
-                continue  # drain: the main thread raises at its next submit/close
-            try:
-                self.records.append(self._write(*item))
-            except BaseException as exc:  # surfaced on the main thread
-                self.error = exc
+    def outputs(self, forward: tuple[torch.Tensor, torch.Tensor], generator) -> tuple[TeacherOutputs, int]:
+        logits, inputs = forward
+        return teacher_outputs(logits, inputs, self.spec.k, self.spec.num_sampled, generator), int((inputs != 0).sum())
 
-    def _write(self, shard: _ShardBuffer, label: LabelRows) -> dict:
-        rows = shard.plan.seq_indices
-        outs = [o for _, o in shard.batches]
+    def encode(self, shard: _ShardBuffer):
+        rows, label = shard.plan.seq_indices, self.rows
+        outs = shard.batches
         cat = lambda name: [a for o in outs for a in getattr(o, name)]  # noqa: E731
         sampled = None
         if self.spec.num_sampled:
             sampled = tuple([a for o in outs for a in o.sampled[i]] for i in range(3))
-        table = store.encode_rows(
+        return store.encode_rows(
             self.spec,
             seq_index=rows,
             users=label.users[rows],
@@ -213,15 +196,52 @@ class ShardWriter:
             shard_name=store.shard_name(shard.plan.index),
             augmented=None if label.augmented is None else label.augmented[rows],
         )
-        return store.write_shard(self.store_url, shard.plan.index, table, self.provenance, self.row_group_size, self.storage_options)
+
+
+class ShardWriter:
+    """Encodes (with the task's labeller) and commits finished shards on a background thread
+    (bounded queue = bounded memory)."""
+
+    def __init__(self, store_url: str, encode, provenance: dict[str, Any], row_group_size: int, storage_options):
+        self.store_url, self.encode, self.provenance = store_url, encode, provenance
+        self.row_group_size, self.storage_options = row_group_size, storage_options
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self.records: list[dict] = []
+        self.thread = threading.Thread(target=self._run, name="soft-label-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, shard: _ShardBuffer) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put(shard)
+
+    def close(self) -> list[dict]:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return self.records
+
+    def _run(self) -> None:
+        while True:
+            shard = self.queue.get()
+            if shard is None:
+                return
+            if self.error:
+                continue  # drain: the main thread raises at its next submit/close
+            try:
+                table = self.encode(shard)
+                self.records.append(store.write_shard(self.store_url, shard.plan.index, table, self.provenance,
+                                                      self.row_group_size, self.storage_options))
+            except BaseException as exc:  # surfaced on the main thread
+                self.error = exc
 
 
 def run_precompute(
-    teacher,
-    rows: LabelRows,
+    labeller,
     plans: list[ShardPlan],
     todo: list[int],
-    spec: store.StoreSpec,
     provenance: dict[str, Any],
     store_url: str,
     batch_size: int,
@@ -236,6 +256,7 @@ def run_precompute(
 ) -> list[dict]:
     """This rank's share of the work; every rank must call it (lockstep forwards). Returns its shard records.
 
+    ``labeller``: the task's (:class:`NextItemLabeller`, :class:`cluster.precompute_rating.RatingLabeller`).
     For the benchmark: ``forward_only`` runs the same teacher forwards and nothing else (the
     reference time); ``labels_only`` also computes the soft labels but stores nothing.
     """
@@ -245,32 +266,30 @@ def run_precompute(
         return sum(math.ceil(len(plans[j].seq_indices) / batch_size) for j in shards)
 
     steps = max(batches_of(assign_shards(todo, r, world)) for r in range(world)) if todo else 0
-    writer = ShardWriter(store_url, spec, provenance, row_group_size, storage_options)
+    writer = ShardWriter(store_url, labeller.encode, provenance, row_group_size, storage_options)
     tasks = [(j, b) for j in mine for b in range(0, len(plans[j].seq_indices), batch_size)]
     current: Optional[_ShardBuffer] = None
     generator = None
     try:
         for step in range(steps):
             if step >= len(tasks):  # nothing left here: a dummy forward keeps ZeRO-3 in lockstep
-                teacher.logits_all(torch.ones(1, 1, dtype=torch.long))
+                labeller.dummy_forward()
                 continue
             j, begin = tasks[step]
             if current is None or current.plan.index != j:
                 current = _ShardBuffer(plans[j])
                 generator = torch.Generator().manual_seed(shard_seed(seed, j))
-            batch_rows = plans[j].seq_indices[begin : begin + batch_size]
-            inputs = left_pad([rows.inputs[i] for i in batch_rows], max(len(rows.inputs[i]) for i in batch_rows))
-            logits = teacher.logits_all(inputs).cpu()
+            forward = labeller.forward(plans[j].seq_indices[begin : begin + batch_size])
             if forward_only:
                 continue
-            outputs = teacher_outputs(logits, inputs, spec.k, spec.num_sampled, generator)
+            outputs, positions = labeller.outputs(forward, generator)
             if labels_only:
                 continue
-            current.batches.append((batch_rows, outputs))
+            current.batches.append(outputs)
             if progress is not None:
-                progress(int((inputs != 0).sum()))
+                progress(positions)
             if begin + batch_size >= len(plans[j].seq_indices):
-                writer.submit(current, rows)
+                writer.submit(current)
                 current = None
     finally:
         records = writer.close()
@@ -306,19 +325,29 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     teacher = host_teacher([teacher_url, *cfg.teacher.ensemble], storage, zero_stage=cfg.deepspeed.zero_stage, bf16=runtime.bf16,
                            device=ctx.device(runtime.use_gpu))
     check_export_fits_dataset(teacher.meta, manifest, teacher_url)
-    users, sequences = training_sequences_with_users(read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len)
-    rows = label_rows(users, sequences, pcfg.augment, manifest["num_items"], cfg.run.seed, teacher.model_cfg.max_len)
-    positions = np.fromiter(map(len, rows.inputs), dtype=np.int64, count=len(rows.inputs))
+    train, max_len = read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len
+    if cfg.run.task == "rating":  # the teacher's whole distribution over rating levels (no top-k, no augmentation)
+        rating = rating_rows(train, max_len)
+        positions, num_real, augmented_rows = rating.positions, len(rating.items), False
+        spec = store.StoreSpec(num_items=manifest["num_items"], k=len(manifest["rating_values"]), value_dtype=pcfg.dtype,
+                               num_sampled=0, max_len=max_len, num_levels=len(manifest["rating_values"]))
+        labeller = RatingLabeller(teacher, rating, spec)
+    else:
+        users, sequences = training_sequences_with_users(train, max_len)
+        rows = label_rows(users, sequences, pcfg.augment, manifest["num_items"], cfg.run.seed, max_len)
+        positions = np.fromiter(map(len, rows.inputs), dtype=np.int64, count=len(rows.inputs))
+        num_real, augmented_rows = rows.num_real, rows.augmented_rows
+        spec = store.StoreSpec(num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled,
+                               max_len=max_len, augmented_rows=augmented_rows)
+        labeller = NextItemLabeller(teacher, rows, spec)
     # The store's layout was decided by the run plan (cluster.plan), from the counts, before any worker started.
     rows_per_shard, row_group_size = loop_config["rows_per_shard"], loop_config["row_group_size"]
-    plans = plan_shards(positions, rows_per_shard, rows.num_real)
-    spec = store.StoreSpec(num_items=manifest["num_items"], k=pcfg.k, value_dtype=pcfg.dtype, num_sampled=pcfg.num_sampled,
-                           max_len=teacher.model_cfg.max_len, augmented_rows=rows.augmented_rows)
+    plans = plan_shards(positions, rows_per_shard, num_real)
     # The sampling seed decides stored values, and the layout which rows a shard holds: a reusable
     # shard must match both (and the augmentation settings, which decide the augmented rows).
     provenance = {**store.make_provenance(spec, teacher.fingerprint, manifest["fingerprint"]), "seed": cfg.run.seed,
                   "layout": {"rows_per_shard": rows_per_shard, "row_group_size": row_group_size}}
-    if pcfg.augment.settings() is not None:
+    if augmented_rows:
         provenance["augmentation"] = pcfg.augment.settings()
     done = {} if benchmark_only else store.committed_shards(layout.soft_labels, provenance, storage)
     todo = [p.index for p in plans if p.index not in done]
@@ -330,13 +359,13 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     my_positions = int(sum(positions[plans[j].seq_indices].sum() for j in assign_shards(todo, rank, world)))
     if rank == 0:
         log.info("precompute: %d shards (%d rows, %d of them augmented), %d already committed, %d positions to go on %d workers",
-                 len(plans), len(positions), len(positions) - rows.num_real, len(done), total_positions, world)
+                 len(plans), len(positions), len(positions) - num_real, len(done), total_positions, world)
 
     started = time.perf_counter()
     # Rank 0 shows its own share; the others run at the same pace (lockstep).
     bar = tqdm(total=my_positions, unit="pos", desc=f"precompute (rank 0 of {world})", disable=rank != 0, mininterval=5)
     run_precompute(
-        teacher, rows, plans, todo, spec, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
+        labeller, plans, todo, provenance, layout.soft_labels, pcfg.batch_size, cfg.run.seed,
         rank, world, row_group_size, storage, progress=bar.update,
         forward_only=forward_only, labels_only=labels_only,
     )
@@ -347,9 +376,9 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     if rank == 0 and not benchmark_only:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         augmentation = None
-        if rows.augmented_rows:
-            augmentation = {"settings": pcfg.augment.settings(), "first_seq": rows.num_real,
-                            "rows": len(positions) - rows.num_real, "positions": int(positions[rows.num_real:].sum())}
+        if augmented_rows:
+            augmentation = {"settings": pcfg.augment.settings(), "first_seq": num_real,
+                            "rows": len(positions) - num_real, "positions": int(positions[num_real:].sum())}
         store.write_manifest(
             layout.soft_labels, spec, provenance, [records[j] for j in sorted(records)], len(positions), int(positions.sum()),
             extra={"seconds_this_run": time.perf_counter() - started, "workers": world, "memory": memory,

@@ -27,10 +27,11 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
                                               + p.message) for p in problems])
 
     manifest = prepare_dataset(cfg.data, layout.data, cfg.run.seed, row_group_size_for=data_row_group_rule(cfg),
-                               before_write=check_catalog)
+                               before_write=check_catalog, task=cfg.run.task)
     splits = manifest["splits"]
+    ratings = f"ratings {manifest['rating_values']} as levels 1..{len(manifest['rating_values'])}; " if cfg.run.task == "rating" else ""
     print(
-        f"prepared {manifest['source']}: {manifest['num_users']:,} users, {manifest['num_items']:,} items, "
+        f"prepared {manifest['source']}: {ratings}{manifest['num_users']:,} users, {manifest['num_items']:,} items, "
         f"{manifest['num_interactions']:,} interactions; train positions {splits['train']['num_positions']:,}, "
         f"valid {splits['valid']['num_rows']:,}, test {splits['test']['num_rows']:,}; row groups of "
         f"{splits['train']['row_group_size']} users -> {layout.data}"

@@ -88,7 +88,8 @@ def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -
     if soft_manifest is None:
         split = dataset["splits"]["train"]
         files = [fsio.join(layout.data, f) for f in split["files"]]
-        return list_blocks(files, storage, split["rows"], split.get("bytes")), ["user", "items"]
+        columns = ["user", "items", "levels"] if cfg.run.task == "rating" else ["user", "items"]
+        return list_blocks(files, storage, split["rows"], split.get("bytes")), columns
     shards = soft_manifest["shards"]
     if soft_manifest.get("augmentation") and augmentation_in_use(cfg, soft_manifest) is None:
         shards = [s for s in shards if s["last_seq"] < soft_manifest["augmentation"]["first_seq"]]
@@ -136,3 +137,35 @@ def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
         soft=None,
         rows=_row_ids(table, "user"),
     )
+
+
+def rating_batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
+    """A rating store batch as whole sequences: ``inputs`` the (B, W) items and ``targets`` their (B, W) levels,
+    left-padded, W <= max_len + 1 (the student's window); ``soft["log_probs"]`` (P, R) the teacher's
+    distributions of the positions kept, row-major (:meth:`distill.rating_model.RatingModel.sequence_logits`'s order)."""
+    soft = store.decode_rating_positions(table, spec)
+    offsets = soft.pop("row_offsets").numpy()
+    lengths = np.diff(offsets)
+    if (lengths > max_len).any():  # keep each row's last max_len positions, as the window below does
+        row_of = np.repeat(np.arange(len(lengths)), lengths)
+        soft["log_probs"] = soft["log_probs"][torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])]
+    # A row's sequence is its first input followed by its targets (targets[t] is inputs[t + 1]).
+    sequences = []
+    for first, rest in (("inputs", "targets"), ("input_levels", "target_levels")):
+        (first_values, _), (values, _) = _list_column(table, first), _list_column(table, rest)
+        sequences.append(np.insert(values.astype(np.int64), offsets[:-1], first_values[offsets[:-1]]))
+    full_offsets = offsets + np.arange(len(offsets))
+    return StudentBatch(inputs=_padded(sequences[0], full_offsets, max_len + 1),
+                        targets=_padded(sequences[1], full_offsets, max_len + 1), soft=soft, rows=_row_ids(table, "seq_index"))
+
+
+def rating_batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
+    """A batch of training (items, levels) sequences (the rating twin), as :func:`rating_batch_from_store` without labels."""
+    (items, offsets), (levels, _) = _list_column(table, "items"), _list_column(table, "levels")
+    lengths = np.diff(offsets)
+    keep = np.flatnonzero(lengths >= 2)  # a sequence of one pair has no example
+    kept_offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+    gather = np.arange(kept_offsets[-1]) - np.repeat(kept_offsets[:-1] - offsets[:-1][keep], lengths[keep])
+    return StudentBatch(inputs=_padded(items[gather].astype(np.int64), kept_offsets, max_len + 1),
+                        targets=_padded(levels[gather].astype(np.int64), kept_offsets, max_len + 1), soft=None,
+                        rows=_row_ids(table, "user"))

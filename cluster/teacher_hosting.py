@@ -19,8 +19,7 @@ from distill.config import ModelConfig
 from data_pipeline.exports import WEIGHTS, ensemble_fingerprint, load_export, read_export_meta, verify_export
 from distill.ensemble import ensemble_log_probs
 from cluster.memory_plan import BLOCKS_IN_FLIGHT, largest_block_params
-from cluster.models import load_weights
-from distill.model import SequentialRecommender
+from cluster.models import build_model, load_weights
 
 
 def inference_ds_config(zero_stage: int, bf16: bool, block_params: int = 0) -> dict[str, Any]:
@@ -69,14 +68,14 @@ class ShardedTeacher:
         self.device = torch.device(device)
         ds_config = inference_ds_config(zero_stage, bf16, largest_block_params(self.model_cfg))
         init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage == 3 else contextlib.nullcontext()
-        with init:
-            model = SequentialRecommender(self.model_cfg, self.num_items)
+        with init:  # a next-item model, or a rating model when the export has rating_values
+            model = build_model(self.model_cfg, self.num_items, self.meta.get("rating_values"))
         self._load_weights(model, export_url, storage_options, zero_stage)
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
         self.engine.eval()
         self.bf16 = bf16
 
-    def _load_weights(self, model: SequentialRecommender, url: str, storage_options, zero_stage: int) -> None:
+    def _load_weights(self, model: torch.nn.Module, url: str, storage_options, zero_stage: int) -> None:
         """Rank 0 reads tensors one at a time and DeepSpeed scatters them into the partitions."""
         import deepspeed
         import torch.distributed as dist
@@ -119,6 +118,14 @@ class ShardedTeacher:
         """(B, L) left-padded ids, L <= max_len -> (B, L, num_items + 1) fp32 scores at every position. Collective."""
         module = self.engine.module
         return module.scores(module(inputs.to(self.device))).float()
+
+    @torch.no_grad()
+    def rating_log_probs(self, items: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """A rating teacher on (B, L) left-padded whole sequences of (item, level) -> (B, L-1, R) fp32
+        log-probabilities of each position's rating (:meth:`distill.rating_model.RatingModel.sequence_logits`).
+        Collective."""
+        logits, _, _ = self.engine.module.sequence_logits(items.to(self.device), levels.to(self.device))
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def score_last(self, histories: torch.Tensor) -> torch.Tensor:

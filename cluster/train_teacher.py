@@ -41,11 +41,9 @@ from data_pipeline import fsio
 from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.exports import read_export_meta, save_export_streaming
 from data_pipeline.layout import RunLayout
-from distill.model import SequentialRecommender
-from distill.sequences import next_item_batch
+from cluster.tasks import training_task
 from distill.sizing import count_parameters, largest_parameter
-from distill.training import (NextItemObjective, check_checkpoint_stage, distributed_ranking_eval, rank_batches, seed_step,
-                              training_sequences)
+from distill.training import NextItemObjective, check_checkpoint_stage, rank_batches, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +106,8 @@ def _export(model: torch.nn.Module, zero_stage: int, rank: int, url: str, info: 
     serialised copy). Every rank must call it; returns the fingerprint on rank 0."""
     entries = model.state_dict(keep_vars=True)  # Parameters themselves (ZeRO-3 gathers them) and buffers
     if model.cfg.tied_embeddings:
-        entries.pop("output.weight", None)  # the same Parameter as item_emb.weight, stored once
+        for key in model.tied_weight_keys:  # the same Parameter as the item table, stored once
+            entries.pop(key, None)
 
     def dtype(value: torch.Tensor) -> torch.dtype:
         return torch.float32 if value.is_floating_point() else value.dtype
@@ -153,12 +152,13 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
 
     manifest = load_manifest(layout.data, storage)
     num_items = manifest["num_items"]
-    sequences = training_sequences(read_split(layout.data, "train", storage, manifest), mcfg.max_len)
+    task = training_task(cfg.run.task, manifest)
+    sequences = task.examples(read_split(layout.data, "train", storage, manifest), mcfg.max_len)
     valid = read_split(layout.data, "valid", storage, manifest)
 
     # Resume state comes first: a checkpoint of DeepSpeed's own format (older runs) may need a universal conversion.
     stage_fp = stage_fingerprint(cfg, "teacher")
-    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
+    state: dict[str, Any] = {"epoch": 0, "best_ndcg": -math.inf, "best_epoch": -1, "world_size": world, "history": [], "restarts": [],
                              "stage_fingerprint": stage_fp}
     restored = ctx.restore_checkpoint()  # each rank deletes its own copy after loading
     checkpoint_dir = restored.local_dir if restored else None
@@ -186,11 +186,15 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
     with init_ctx:
-        model = SequentialRecommender(mcfg, num_items)
-    model.checkpoint_activations = cfg.deepspeed.activation_checkpointing
-    if model.item_table is not None:  # mixed-dim item table: popular items in the wide bands
-        model.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
-    objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
+        model = task.build(mcfg, manifest)
+    trunk = getattr(model, "trunk", model)  # the rating model's Transformer is a next-item model's
+    trunk.checkpoint_activations = cfg.deepspeed.activation_checkpointing
+    if trunk.item_table is not None:  # mixed-dim item table: popular items in the wide bands
+        trunk.item_table.set_item_order(train_item_counts(layout.data, num_items, storage))
+    if task.name == "next_item":
+        objective = NextItemObjective(model, "full_ce" if tcfg.loss == "full_ce" else "sampled", tcfg.num_negatives)
+    else:
+        objective = task.objective(model)
     deepspeed_fixes.apply()  # NVMe optimizer offload's unaligned gradient I/O (see the module)
     engine, _, _, _ = deepspeed.initialize(model=objective, config=ds_config, model_parameters=objective.parameters())
 
@@ -207,7 +211,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     node_watch = NodeMemoryWatch()
     if rank == 0:
         log.info("teacher: DeepSpeed ZeRO-%d engine ready on %d workers in %.1f s", cfg.deepspeed.zero_stage, world, time.perf_counter() - setup_started)
-    params = count_parameters(mcfg, num_items)
+    params = count_parameters(mcfg, num_items, len(manifest.get("rating_values") or []) if task.name == "rating" else 0)
     patience_left = tcfg.patience
     for epoch in range(state["epoch"], tcfg.epochs):
         started = time.perf_counter()
@@ -216,10 +220,10 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         for step, rows in enumerate(rank_batches(len(sequences), tcfg.batch_size, cfg.run.seed, epoch, rank, world)):
             seed_step(cfg.run.seed, epoch, step, rank)  # dropout: a function of the step, so a resume repeats it
             if len(rows):
-                inputs, targets = next_item_batch([sequences[i] for i in rows], mcfg.max_len)
+                batch = task.batch([sequences[i] for i in rows], mcfg.max_len)
             else:  # a short last step: still take part in the collectives, with no targets
-                inputs = targets = torch.zeros(1, mcfg.max_len, dtype=torch.long)
-            loss_sum, count = engine(inputs.to(device), targets.to(device))
+                batch = task.empty_batch(mcfg.max_len)
+            loss_sum, count = engine(*(t.to(device) for t in batch))
             global_count = count.detach().float()
             torch.distributed.all_reduce(global_count)
             # Sum over the global batch / its size: DeepSpeed averages gradients over ranks, hence * world.
@@ -231,10 +235,10 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         train_seconds = time.perf_counter() - started
 
         engine.eval()
-        metrics = distributed_ranking_eval(
-            engine.module.model.score_last, valid, num_items, cfg.eval.ks, tcfg.eval_batch_size, rank, world, device, mcfg.max_len
-        )
-        improved = metrics["ndcg@10"] > state["best_ndcg"]
+        metrics = task.validate(engine.module.model, valid, manifest, cfg.eval, tcfg.eval_batch_size, rank, world, device,
+                                mcfg.max_len)
+        # best_ndcg keeps its name in checkpoints (older runs'); for the rating task it holds -NLL (larger is better).
+        improved = task.select(metrics) > state["best_ndcg"]
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)) if losses else math.nan,
@@ -248,10 +252,10 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         }
         state["history"].append(record)
         if rank == 0:
-            log.info("teacher epoch %d: train loss %.4f, val NDCG@10 %.4f%s, %.1f s on %d workers", epoch + 1, record["train_loss"],
-                     metrics["ndcg@10"], " (best)" if improved else "", train_seconds, world)
+            log.info("teacher epoch %d: train loss %.4f, val %s %.4f%s, %.1f s on %d workers", epoch + 1, record["train_loss"],
+                     task.metric.upper(), metrics[task.metric], " (best)" if improved else "", train_seconds, world)
         if improved:
-            state.update(best_ndcg=metrics["ndcg@10"], best_epoch=epoch + 1)
+            state.update(best_ndcg=task.select(metrics), best_epoch=epoch + 1)
             info = {
                 "role": "teacher",
                 "params": params,
@@ -259,6 +263,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
                 "epoch": epoch + 1,
                 "valid": metrics,
                 "trained_with": {"workers": world, "zero_stage": cfg.deepspeed.zero_stage, "bf16": runtime.bf16},
+                **({"task": "rating", "rating_values": manifest["rating_values"]} if task.name == "rating" else {}),
             }
             export_fp = _export(engine.module.model, cfg.deepspeed.zero_stage, rank, layout.teacher, info, num_items, storage)
             if rank == 0:
@@ -278,7 +283,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f)
-            report = {**record, "best_val_ndcg@10": state["best_ndcg"], "params": params, "world_size": world}
+            report = {**record, f"best_val_{task.metric}": task.sign * state["best_ndcg"], "val_select": task.select(metrics),
+                      "params": params, "world_size": world}
             ctx.report(report, checkpoint_dir=tmp)
         if tcfg.patience and patience_left <= 0:
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
@@ -312,12 +318,14 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=scaling_config(cfg),
         torch_config=torch_config(cfg),
-        run_config=run_config(cfg, name="teacher", score_attribute="val_ndcg@10"),
+        # Ray keeps the best checkpoints by this score (val_select: the task's selection metric, larger is better).
+        run_config=run_config(cfg, name="teacher", score_attribute="val_ndcg@10" if cfg.run.task == "next_item" else "val_select"),
     )
     fit(trainer, lambda: training_complete(layout.teacher, cfg, "teacher"), cfg, "teacher")
     meta = read_export_meta(layout.teacher, cfg.data.storage_options)
+    metric = training_task(cfg.run.task).metric
     print(
-        f"teacher: {meta['params']:,} parameters, best validation NDCG@10 {meta['valid']['ndcg@10']:.4f} "
+        f"teacher: {meta['params']:,} parameters, best validation {metric.upper()} {meta['valid'][metric]:.4f} "
         f"(epoch {meta['epoch']}), fingerprint {meta['fingerprint'][:12]}, exported to {layout.teacher}"
     )
     return meta

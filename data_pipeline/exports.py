@@ -109,8 +109,9 @@ def save_export(
     """
     # Weights as fp32; integer buffers (a mixed-dim table's item order) keep their dtype.
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in state_dict.items()}
-    if model_config.get("tied_embeddings", True):
-        tensors.pop("output.weight", None)  # the same Parameter as item_emb.weight
+    if model_config.get("tied_embeddings", True):  # the output matrix is the same Parameter as the item table
+        for key in [k for k in tensors if k == "output.weight" or k.endswith(".output.weight")]:
+            tensors.pop(key)
     weights = save_safetensors(tensors)
     cfg_dict = dict(model_config)
     fingerprint = _fingerprint(weights, cfg_dict, num_items)

@@ -183,6 +183,9 @@ class SequentialRecommender(nn.Module):
         num_items: catalog size; valid ids are ``1..num_items``, 0 is padding.
     """
 
+    #: Parameters that are another one's (the output matrix is the item table when embeddings are tied): stored once.
+    tied_weight_keys = ("output.weight",)
+
     def __init__(self, cfg: ModelConfig, num_items: int):
         super().__init__()
         if num_items < 1:

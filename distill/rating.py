@@ -47,6 +47,25 @@ def rating_loss(student_logits: Tensor, targets: Tensor, teacher_log_probs: Opti
     return alpha * hard + (1 - alpha) * rating_kd_loss(student_logits, teacher_log_probs, temperature)
 
 
+def rating_terms(student_logits: Tensor, targets: Tensor, teacher_log_probs: Optional[Tensor], alpha: float,
+                 temperature: float = 1.0) -> dict[str, tuple[Tensor, Tensor]]:
+    """The hard-label and KD terms of :func:`rating_loss` apart, each as ``(sum over positions, count)``, the
+    form :func:`distill.training.mixed_loss` mixes across workers: ``{"hard"}`` when alpha > 0, ``{"kd"}``
+    when alpha < 1 (``teacher_log_probs`` (P, R) required then)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    count = torch.tensor(float(len(targets)), device=student_logits.device)
+    terms = {}
+    if alpha > 0:
+        terms["hard"] = (F.cross_entropy(student_logits.float(), targets, reduction="sum"), count)
+    if alpha < 1:
+        if teacher_log_probs is None:
+            raise ValueError("alpha < 1 needs the teacher's log-probabilities")
+        ones = torch.ones(len(targets), device=student_logits.device)  # weighted: an empty share sums to 0, not NaN
+        terms["kd"] = (rating_kd_loss(student_logits, teacher_log_probs, temperature, ones) * len(targets), count)
+    return terms
+
+
 def expected_rating(probs: Tensor, values: Tensor) -> Tensor:
     """(N, R) probabilities, (R,) rating values -> (N,) the mean rating under each distribution."""
     return probs @ values.to(probs.dtype)

@@ -20,6 +20,8 @@ from distill.model import PAD_ID, SequentialRecommender, _Embedding, _Linear
 
 
 class RatingModel(nn.Module):
+    tied_weight_keys = ("trunk.output.weight",)  # the trunk's unused output matrix, tied to its item table
+
     def __init__(self, cfg: ModelConfig, num_items: int, num_levels: int):
         super().__init__()
         if num_levels < 2:

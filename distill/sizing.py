@@ -13,8 +13,10 @@ from distill.config import ModelConfig
 from distill.model import SequentialRecommender, item_bands
 
 
-def count_parameters(cfg: ModelConfig, num_items: int) -> int:
-    """Number of distinct trainable parameters of ``SequentialRecommender(cfg, num_items)``.
+def count_parameters(cfg: ModelConfig, num_items: int, num_levels: int = 0) -> int:
+    """Number of distinct trainable parameters of ``SequentialRecommender(cfg, num_items)`` (with ``num_levels``:
+    of the rating task's ``RatingModel``, which adds a rating embedding ``(R+1)*d`` and a head
+    ``(3d*d + d) + (d*R + R)``).
 
     With d = d_model, f = ffn_dim, V = num_items + 1 (padding row included):
 
@@ -34,7 +36,8 @@ def count_parameters(cfg: ModelConfig, num_items: int) -> int:
     embeddings = items + cfg.max_len * d
     per_block = 4 * d * d + 2 * d * f + 9 * d + f
     output = 0 if cfg.tied_embeddings else vocab * d
-    return embeddings + cfg.num_layers * per_block + 2 * d + output
+    rating = (num_levels + 1) * d + 3 * d * d + d + d * num_levels + num_levels if num_levels else 0
+    return embeddings + cfg.num_layers * per_block + 2 * d + output + rating
 
 
 def count_parameters_meta(cfg: ModelConfig, num_items: int) -> int:

@@ -58,6 +58,7 @@ The package is split by responsibility; import from the package itself
 
 from data_pipeline.soft_labels.decode import decode_positions
 from data_pipeline.soft_labels.encode import encode_rows, sample_soft_labels
+from data_pipeline.soft_labels.rating_rows import decode_rating_positions, encode_rating_rows
 from data_pipeline.soft_labels.reader import (
     bytes_per_position,
     check_shard_provenance,
@@ -78,6 +79,7 @@ from data_pipeline.soft_labels.spec import (
     SoftLabelError,
     StoreSpec,
     make_provenance,
+    rating_store_schema,
     record_name,
     shard_name,
     soft_label_schema,
@@ -105,9 +107,12 @@ __all__ = [
     "record_name",
     "shard_name",
     "soft_label_schema",
+    "rating_store_schema",
     # encode
     "encode_rows",
     "sample_soft_labels",
+    "encode_rating_rows",
+    "decode_rating_positions",
     # writer
     "COMPRESSION",
     "COMPRESSION_LEVEL",

@@ -90,7 +90,7 @@ def _check_ids(
         )
 
 
-def _encode_values(spec: StoreSpec, logits: np.ndarray, loc: _Locator) -> pa.Array:
+def _encode_values(spec: StoreSpec, logits: np.ndarray, loc: _Locator, what: str = "topk_logits") -> pa.Array:
     """(P, k) float32 logits -> flat Arrow array of the store's value type (P*k,)."""
     if spec.value_dtype == "fp32":
         return pa.array(logits.reshape(-1))
@@ -107,7 +107,7 @@ def _encode_values(spec: StoreSpec, logits: np.ndarray, loc: _Locator) -> pa.Arr
     first = _first_bad_position(~np.isfinite(check))
     if first is not None:
         raise SoftLabelError(
-            f"{loc.shard}: topk_logits of {loc.position(first)} overflow {spec.value_dtype} "
+            f"{loc.shard}: {what} of {loc.position(first)} overflow {spec.value_dtype} "
             f"(max |logit| {float(np.abs(logits[first]).max()):.4g}); store fp32 instead"
         )
     return pa.array(encoded.reshape(-1))

@@ -201,7 +201,10 @@ def verify_store(store_url: str, storage_options: Optional[dict[str, Any]] = Non
 
 
 def raw_floor_bytes(spec: StoreSpec) -> int:
-    """Bytes per position of k ids plus k fp16 values with no overhead: ``k * (id bytes + 2)``."""
+    """Bytes per position of k ids plus k fp16 values with no overhead: ``k * (id bytes + 2)``; a rating
+    store's: R fp16 log-probabilities (levels need no ids)."""
+    if spec.num_levels:
+        return 2 * spec.num_levels
     return spec.k * ((2 if spec.id_dtype == "uint16" else 4) + 2)
 
 
@@ -220,8 +223,10 @@ def format_manifest(manifest: dict[str, Any]) -> str:
         f"  teacher:    {manifest['teacher_fingerprint'][:12]}",
         f"  dataset:    {manifest['dataset_fingerprint'][:12]}",
         f"  catalog:    {manifest['num_items']} items (ids {manifest['id_dtype']})",
-        f"  top-k:      k={manifest['k']}, logits {manifest['value_dtype']}, lse float32",
-        "  sampled:    " + (f"{manifest['num_sampled']} draws per position" if manifest["num_sampled"] else "off"),
+        *([f"  ratings:    the whole distribution over {spec.num_levels} levels, log-probabilities {manifest['value_dtype']}"]
+          if spec.num_levels else
+          [f"  top-k:      k={manifest['k']}, logits {manifest['value_dtype']}, lse float32",
+           "  sampled:    " + (f"{manifest['num_sampled']} draws per position" if manifest["num_sampled"] else "off")]),
         "  temperature: applied at training time (raw logits stored)",
         f"  sequences:  {manifest['num_sequences']} (max_len {manifest['max_len']})",
         f"  positions:  {manifest['num_positions']}",

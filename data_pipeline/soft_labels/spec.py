@@ -45,6 +45,9 @@ class StoreSpec:
     ``max_len``: the teacher's maximum sequence length (positions per row <= max_len).
     ``augmented_rows``: the store may hold teacher-labelled augmented rows (an ``augmented``
     column; those rows have soft labels and no hard target: their targets are 0).
+    ``num_levels``: 0 for the next-item task; R > 0 makes it a rating store (``run.task=rating``):
+    each position holds the teacher's whole distribution over the R rating levels (``k == R``, no
+    top-k, no log-normaliser: :func:`rating_store_schema`).
     """
 
     num_items: int
@@ -53,6 +56,11 @@ class StoreSpec:
     num_sampled: int
     max_len: int
     augmented_rows: bool = False
+    num_levels: int = 0
+
+    @property
+    def task(self) -> str:
+        return "rating" if self.num_levels else "next_item"
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -66,6 +74,10 @@ class StoreSpec:
             raise SoftLabelError(f"num_sampled must be in 0..65535, got {self.num_sampled}")
         if self.max_len < 1:
             raise SoftLabelError(f"max_len must be >= 1, got {self.max_len}")
+        if self.num_levels and (self.k != self.num_levels or self.num_sampled or self.augmented_rows):
+            raise SoftLabelError(f"a rating store holds whole distributions: k must equal num_levels ({self.num_levels}), "
+                                 f"with no sampled labels and no augmented rows; got k={self.k}, "
+                                 f"num_sampled={self.num_sampled}, augmented_rows={self.augmented_rows}")
 
     @property
     def id_dtype(self) -> str:
@@ -75,8 +87,9 @@ class StoreSpec:
     def to_dict(self) -> dict[str, Any]:
         # augmented_rows only when set: a plain store's spec (and provenance) reads as before the option.
         d = asdict(self)
-        if not self.augmented_rows:
-            d.pop("augmented_rows")
+        for optional in ("augmented_rows", "num_levels"):  # likewise a next-item store's spec
+            if not d[optional]:
+                d.pop(optional)
         return d
 
     @classmethod
@@ -85,7 +98,8 @@ class StoreSpec:
         missing = [n for n in names if n not in d]
         if missing:
             raise SoftLabelError(f"store spec lacks {', '.join(missing)}: {d!r}")
-        return cls(**{n: d[n] for n in names}, augmented_rows=bool(d.get("augmented_rows", False)))
+        return cls(**{n: d[n] for n in names}, augmented_rows=bool(d.get("augmented_rows", False)),
+                   num_levels=int(d.get("num_levels", 0)))
 
     @classmethod
     def from_config(cls, precompute: Any, num_items: int, max_len: int) -> "StoreSpec":
@@ -124,8 +138,10 @@ def soft_label_schema(spec: StoreSpec) -> pa.Schema:
     ============== ==================================== =========================================
 
     ID is uint16 or int32 (``spec.id_dtype``); VAL is float16, float32, or uint16
-    holding bfloat16 bits (``spec.value_dtype``).
+    holding bfloat16 bits (``spec.value_dtype``). A rating store's rows: :func:`rating_store_schema`.
     """
+    if spec.num_levels:
+        return rating_store_schema(spec)
     ids = _id_arrow_type(spec)
     fields = [
         ("seq_index", pa.int64()),
@@ -146,6 +162,35 @@ def soft_label_schema(spec: StoreSpec) -> pa.Schema:
     if spec.augmented_rows:
         fields.append(("augmented", pa.bool_()))
     return pa.schema(fields)
+
+
+def rating_store_schema(spec: StoreSpec) -> pa.Schema:
+    """The Arrow schema of one rating store row: one user's training sequence of (item, rating level) pairs,
+    ``n`` positions (every pair but the first is an example: its rating given the pairs before it).
+
+    ============== ==================================== =========================================
+    column         type                                 per row
+    ============== ==================================== =========================================
+    seq_index      int64                                index in the global sequence order
+    user           int32                                dense user id
+    example_start  int64                                example id of position 0 (then +1 each)
+    inputs         list<int32>                          (n,) history item ids, oldest first
+    targets        list<int32>                          (n,) the item rated at each position
+    input_levels   list<uint8>                          (n,) the rating level (1..R) of each input
+    target_levels  list<uint8>                          (n,) the rating level (1..R) of each target
+    log_probs      list<fixed_size_list<VAL, R>>        (n, R) the teacher's log p(level) (T = 1)
+    ============== ==================================== =========================================
+    """
+    return pa.schema([
+        ("seq_index", pa.int64()),
+        ("user", pa.int32()),
+        ("example_start", pa.int64()),
+        ("inputs", pa.list_(pa.int32())),
+        ("targets", pa.list_(pa.int32())),
+        ("input_levels", pa.list_(pa.uint8())),
+        ("target_levels", pa.list_(pa.uint8())),
+        ("log_probs", pa.list_(pa.list_(_value_arrow_type(spec), spec.num_levels))),
+    ])
 
 
 def make_provenance(spec: StoreSpec, teacher_fingerprint: str, dataset_fingerprint: str) -> dict[str, Any]:

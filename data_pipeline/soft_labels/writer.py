@@ -321,6 +321,7 @@ def write_manifest(
         "schema_version": SCHEMA_VERSION,
         "teacher_fingerprint": provenance["teacher_fingerprint"],
         "dataset_fingerprint": provenance["dataset_fingerprint"],
+        "task": spec.task,
         "num_items": spec.num_items,
         "k": spec.k,
         "value_dtype": spec.value_dtype,

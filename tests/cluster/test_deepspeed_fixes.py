@@ -18,9 +18,11 @@ LENGTH, UNALIGNED_OFFSET = 262_144, 37_312
 
 @pytest.fixture(scope="module")
 def aio_handle():
-    from deepspeed.ops.op_builder import AsyncIOBuilder
+    # The builder DeepSpeed's swapper uses on this accelerator (and setup's warm-up builds): another one's flags
+    # differ and would rebuild the op (minutes) over the cached one.
+    from deepspeed.accelerator import get_accelerator
 
-    builder = AsyncIOBuilder()
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
     if not builder.is_compatible(verbose=False):
         pytest.skip("DeepSpeed's async I/O op needs libaio-dev (make setup installs it)")
     # DeepSpeed's defaults, as cluster.runtime writes them: block 1 MB, queue 8, overlapped events, one thread.

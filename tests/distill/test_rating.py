@@ -118,3 +118,13 @@ def test_the_rating_model_is_causal_and_scores_every_position_with_a_history():
     # predict() on a history and a target = the training logits at that position.
     pred = model.predict(items[:, :-1], levels[:, :-1], items[:, -1])
     assert torch.allclose(pred, logits[:, -1], atol=1e-5)
+
+
+def test_the_parameter_formula_counts_the_rating_model():
+    from distill.sizing import count_parameters
+
+    for cfg in (ModelConfig(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, max_len=8),
+                ModelConfig(d_model=24, num_layers=1, num_heads=2, ffn_dim=48, max_len=10,
+                            item_dims=[{"items": 10, "dim": 24}, {"dim": 8}])):
+        model = RatingModel(cfg, num_items=40, num_levels=5)
+        assert count_parameters(cfg, 40, 5) == sum(p.numel() for p in model.parameters())
