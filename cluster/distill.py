@@ -181,7 +181,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             if rank == 0:
                 info = {"role": "baseline" if baseline else "student", "params": params, "epoch": epoch + 1, "valid": metrics,
                         "dataset_fingerprint": dataset["fingerprint"],
-                        "distill": None if baseline else {**dcfg.model_dump(mode="json"), "teacher_fingerprint": soft_manifest["teacher_fingerprint"]}}
+                        "distill": None if baseline else {**dcfg.model_dump(mode="json"), "teacher_fingerprint": soft_manifest["teacher_fingerprint"]},
+                        **({"task": "rating", "rating_values": dataset["rating_values"]} if task.name == "rating" else {})}
                 save_model(out_url, model.state_dict(), mcfg, num_items, info, storage)
         state.update(epoch=epoch + 1, step=0)
         if rank == 0:

@@ -90,7 +90,7 @@ def task_problems(cfg: Config) -> list[Problem]:
     if cfg.precompute.num_sampled:
         problems.append(Problem("precompute", "precompute.num_sampled has no use for run.task=rating (the store keeps the "
                                               "whole rating distribution); set it to 0"))
-    if "loss" in cfg.distill.model_fields_set:
+    if cfg.distill.loss != type(cfg.distill).model_fields["loss"].default:  # the default stands for "the task's own"
         problems.append(Problem("distill", f"distill.loss={cfg.distill.loss} is a next-item loss; run.task=rating distils "
                                            "by temperature KL of the rating distributions mixed with CE (distill.alpha, "
                                            "distill.temperature): remove distill.loss"))

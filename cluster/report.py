@@ -91,14 +91,14 @@ def _quality_vs_size(models: dict[str, Any]):
     return fig
 
 
-def _validation_curves(histories: dict[str, list]):
+def _validation_curves(histories: dict[str, list], metric: str = "ndcg@10"):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, history in histories.items():
-        ax.plot([h["epoch"] for h in history], [h["val_ndcg@10"] for h in history], marker="o", label=LABELS[name],
+        ax.plot([h["epoch"] for h in history], [h[f"val_{metric}"] for h in history], marker="o", label=LABELS[name],
                 color=COLOURS[name])
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation NDCG@10")
-    ax.set_title("Validation NDCG@10 per epoch")
+    ax.set_ylabel(f"validation {metric.upper()}")
+    ax.set_title(f"Validation {metric.upper()} per epoch")
     ax.legend()
     ax.grid(alpha=0.3)
     return fig
@@ -128,29 +128,28 @@ def run(cfg: Config) -> str:
         if saved:
             histories[name] = saved["history"]
     timings = _read_json(fsio.join(layout.report, "timings.json"), storage) or {}
+    rating = metrics.get("task") == "rating"
+    metric = "nll" if rating else "ndcg@10"  # what validation selects on
 
-    _save_png(_quality_vs_size(models), fsio.join(layout.report, "quality_vs_params.png"), storage)
-    plots = ["quality_vs_params.png"]
+    plots = []
+    if not rating:
+        _save_png(_quality_vs_size(models), fsio.join(layout.report, "quality_vs_params.png"), storage)
+        plots.append("quality_vs_params.png")
     if histories:
-        _save_png(_validation_curves(histories), fsio.join(layout.report, "validation_ndcg.png"), storage)
-        plots.append("validation_ndcg.png")
+        _save_png(_validation_curves(histories, metric), fsio.join(layout.report, f"validation_{metric.split('@')[0]}.png"), storage)
+        plots.append(f"validation_{metric.split('@')[0]}.png")
     if timings:
         _save_png(_stage_times(timings), fsio.join(layout.report, "stage_times.png"), storage)
         plots.append("stage_times.png")
 
     unavailable = metrics.get("unavailable", {})
     gain = (metrics.get("gains") or {}).get("student_kd_over_baseline")
-    line = verdict(models, unavailable=unavailable, gain=gain)
-    rows = [
-        "| model | HR@10 | NDCG@10 | HR@20 | NDCG@20 | parameters | bytes | latency p50 / p99 (ms per 256 requests) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in models.items():
-        lat = r["latency"]
-        rows.append(
-            f"| {LABELS.get(name, name)} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r.get('hr@20', float('nan')):.4f} | "
-            f"{r.get('ndcg@20', float('nan')):.4f} | {r['params']:,} | {r['bytes']:,} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} |"
-        )
+    if rating:
+        from cluster.report_rating import rating_table, rating_verdict
+
+        line, rows = rating_verdict(metrics), rating_table(metrics)
+    else:
+        line, rows = verdict(models, unavailable=unavailable, gain=gain), _ranking_table(models)
     frontier_lines = _frontier_section(layout, storage) + _serving_section(layout, storage, models)
     text = "\n".join(
         [
@@ -158,13 +157,13 @@ def run(cfg: Config) -> str:
             "",
             f"**{line}.**",
             "",
-            *_context(cfg, layout, storage, metrics, histories),
+            *_context(cfg, layout, storage, metrics, histories, metric),
             "",
-            f"Test split; {metrics.get('protocol', '')}. Latency measured on `{metrics.get('device', 'cpu')}`.",
+            f"Test split; {metrics.get('protocol', '')}." + ("" if rating else f" Latency measured on `{metrics.get('device', 'cpu')}`."),
             "",
             *rows,
             "",
-            *[f"- {LABELS.get(name, name)}: not scored, {why}" for name, why in unavailable.items()],
+            *([] if rating else [f"- {LABELS.get(name, name)}: not scored, {why}" for name, why in unavailable.items()]),
             "",
             *_stage_table(timings),
             *[f"![{p}]({p})" for p in plots],
@@ -176,7 +175,22 @@ def run(cfg: Config) -> str:
     return line
 
 
-def _context(cfg: Config, layout: RunLayout, storage, metrics: dict, histories: dict[str, list]) -> list[str]:
+def _ranking_table(models: dict[str, Any]) -> list[str]:
+    rows = [
+        "| model | HR@10 | NDCG@10 | HR@20 | NDCG@20 | parameters | bytes | latency p50 / p99 (ms per 256 requests) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in models.items():
+        lat = r["latency"]
+        rows.append(
+            f"| {LABELS.get(name, name)} | {r['hr@10']:.4f} | {r['ndcg@10']:.4f} | {r.get('hr@20', float('nan')):.4f} | "
+            f"{r.get('ndcg@20', float('nan')):.4f} | {r['params']:,} | {r['bytes']:,} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} |"
+        )
+    return rows
+
+
+def _context(cfg: Config, layout: RunLayout, storage, metrics: dict, histories: dict[str, list],
+             metric: str = "ndcg@10") -> list[str]:
     """What a reader needs to judge the numbers: the data, the models, the training, the labels, the code."""
     from data_pipeline import soft_labels
     from data_pipeline.dataset import load_manifest
@@ -191,18 +205,22 @@ def _context(cfg: Config, layout: RunLayout, storage, metrics: dict, histories: 
     sizes = ", ".join(f"{LABELS[n]} {metrics['models'][n]['params']:,}" for n in ("teacher", "student_kd", "student_baseline")
                       if n in metrics["models"])
     lines.append(f"- **parameters**: {sizes or 'no model scored'}")
-    epochs = ", ".join(f"{LABELS[n]} {len(h)} (best {1 + max(range(len(h)), key=lambda i: h[i]['val_ndcg@10'])})"
+    sign = -1 if metric == "nll" else 1  # the best epoch: largest NDCG, smallest NLL
+    epochs = ", ".join(f"{LABELS[n]} {len(h)} (best {1 + max(range(len(h)), key=lambda i: sign * h[i][f'val_{metric}'])})"
                        for n, h in histories.items() if h)
     if epochs:
         lines.append(f"- **epochs run** (best on validation): {epochs}")
     dcfg = cfg.distill
-    lines.append(f"- **distillation**: loss `{dcfg.loss}`, alpha {dcfg.alpha} (weight of the hard label), temperature "
+    loss = "temperature KL of the rating distributions" if cfg.run.task == "rating" else f"`{dcfg.loss}`"
+    lines.append(f"- **distillation**: loss {loss}, alpha {dcfg.alpha} (weight of the hard label), temperature "
                  f"{dcfg.temperature}; student lr {cfg.student.train.lr}, batch {cfg.student.train.batch_size}, "
                  f"{cfg.student.train.lr_schedule} schedule")
     try:
         store = soft_labels.load_store_manifest(layout.soft_labels, storage)
         aug = store.get("augmentation")
-        lines.append(f"- **soft labels**: top-{store['k']} `{store['value_dtype']}` + log-normaliser, "
+        labels = (f"the whole distribution over {store['k']} rating levels `{store['value_dtype']}`" if store.get("task") == "rating"
+                  else f"top-{store['k']} `{store['value_dtype']}` + log-normaliser")
+        lines.append(f"- **soft labels**: {labels}, "
                      f"{store['bytes_per_position']:.0f} bytes per position, {store['num_positions']:,} positions"
                      + (f" ({aug['rows']:,} augmented rows, {aug['settings']})" if aug else ""))
     except Exception:  # noqa: BLE001
