@@ -27,7 +27,7 @@ from distill.metrics import paired_bootstrap_delta
 from distill.rating import per_example_errors, rating_metrics
 from distill.rating_training import rating_probs, split_examples
 
-STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # pseudo-counts of the mean baselines' prior, chosen on validation
+STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)  # pseudo-counts of the mean baselines' prior, chosen on validation
 COMPARED = ("rmse", "mae", "nll", "accuracy")
 
 

@@ -35,7 +35,8 @@ def _delta(d: dict[str, float]) -> str:
 
 def rating_table(metrics: dict[str, Any]) -> list[str]:
     rows = ["| model | RMSE | MAE | NLL | accuracy | ECE | parameters |", "|---|---|---|---|---|---|---|"]
-    for name, r in metrics["models"].items():
+    ordered = [n for n in LABELS if n in metrics["models"]] + [n for n in metrics["models"] if n not in LABELS]
+    for name, r in ((n, metrics["models"][n]) for n in ordered):
         smoothing = f" (smoothing {r['smoothing']:g})" if "smoothing" in r else ""
         rows.append(f"| {LABELS.get(name, name)}{smoothing} | {r['rmse']:.4f} | {r['mae']:.4f} | {r['nll']:.4f} | "
                     f"{r['accuracy']:.4f} | {r['ece']:.4f} | {r['params']:,} |")

@@ -108,7 +108,7 @@ def decode_rating_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch
     if column is None or len(column) == 0:
         values = np.zeros(0, np.float32)
     else:
-        values = column.flatten().flatten().to_numpy(zero_copy_only=False)
+        values = np.require(column.flatten().flatten().to_numpy(zero_copy_only=False), requirements="W")  # torch wants writable
     if spec.value_dtype == "bf16":
         log_probs = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
     else:

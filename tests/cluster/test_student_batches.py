@@ -114,3 +114,39 @@ def test_batch_from_store_marks_the_positions_of_augmented_rows():
     # The augmented row's real positions have target 0: no hard target reaches the loss from it.
     real_targets = batch.targets[batch.inputs != 0]
     assert (real_targets[batch.augmented] == 0).all() and (real_targets[~batch.augmented] != 0).all()
+
+
+def test_rating_batch_from_store_rebuilds_whole_sequences_aligned_with_the_labels():
+    from cluster.student_batches import rating_batch_from_store
+    from distill.rating_model import RatingModel
+    from distill.config import ModelConfig
+
+    spec = sl.StoreSpec(num_items=30, k=5, value_dtype="fp32", num_sampled=0, max_len=8, num_levels=5)
+    rng = np.random.default_rng(1)
+    sequences = [(rng.integers(1, 31, n + 1), rng.integers(1, 6, n + 1)) for n in (4, 1, 7)]
+    log_probs = [np.log(rng.dirichlet(np.ones(5), len(items) - 1)).astype(np.float32) for items, _ in sequences]
+    n = np.array([len(i) - 1 for i, _ in sequences])
+    table = sl.encode_rating_rows(spec, np.arange(3), np.arange(3), np.cumsum(n) - n, [i[:-1] for i, _ in sequences],
+                                  [i[1:] for i, _ in sequences], [v[:-1] for _, v in sequences], [v[1:] for _, v in sequences],
+                                  log_probs, "part-00000.parquet")
+    max_len = 3  # shorter than two rows: each keeps its last 3 positions (4 pairs), labels alike
+    batch = rating_batch_from_store(table, spec, max_len)
+    assert torch.equal(batch.inputs, left_pad([i for i, _ in sequences], max_len + 1))
+    assert torch.equal(batch.targets, left_pad([v for _, v in sequences], max_len + 1))
+    kept = np.concatenate([lp[-max_len:] for lp in log_probs])
+    np.testing.assert_allclose(batch.soft["log_probs"].numpy(), kept)
+    # The model's positions, row-major, are the labels' positions: targets are the kept target levels.
+    model = RatingModel(ModelConfig(d_model=8, num_layers=1, num_heads=1, ffn_dim=16, max_len=max_len), 30, 5)
+    logits, targets, valid = model.sequence_logits(batch.inputs, batch.targets)
+    assert int(valid.sum()) == len(kept)
+    assert targets[valid].tolist() == [int(x) - 1 for _, v in sequences for x in v[1:][-max_len:]]
+
+
+def test_rating_batch_from_dataset_skips_single_ratings_and_keeps_the_window():
+    from cluster.student_batches import rating_batch_from_dataset
+
+    table = pa.table({"user": [1, 2, 3], "items": [[4, 5, 6, 7], [8], [9, 10]], "levels": [[1, 2, 3, 4], [5], [2, 2]]})
+    batch = rating_batch_from_dataset(table, max_len=2)
+    assert batch.inputs.tolist() == [[5, 6, 7], [0, 9, 10]]
+    assert batch.targets.tolist() == [[2, 3, 4], [0, 2, 2]]
+    assert batch.soft is None
