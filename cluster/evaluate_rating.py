@@ -5,8 +5,9 @@ MAE of the expected rating, NLL and accuracy of the predicted distribution, and 
 calibration error. The mean baselines predict a smoothed histogram of ratings: of all training
 ratings (global mean), of the user's earlier ratings (user mean), of the item's training ratings
 (item mean); their smoothing strength is selected on the validation split. The distilled student
-is compared with its twin, and the teacher with the best mean baseline, by paired bootstrap over
-the test examples.
+is compared with its twin, and the teacher (and a teacher ensemble, ``teacher.ensemble``: the mixture
+of the members' distributions, which labelled the store) with the best mean baseline, by paired
+bootstrap over the test examples.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from data_pipeline import fsio
 from data_pipeline.dataset import read_split
 from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
 from data_pipeline.layout import RunLayout
+from distill.ensemble import mixture_log_probs
 from distill.metrics import paired_bootstrap_delta
 from distill.rating import per_example_errors, rating_metrics
 from distill.rating_training import rating_probs, split_examples
@@ -104,9 +106,22 @@ def run(cfg, plan) -> dict[str, Any]:
         results[name] = {**rating_metrics(probs[name], true_levels, value_tensor),
                          "params": sum(p.numel() for p in model.parameters()), "fingerprint": meta["fingerprint"]}
 
+    if cfg.teacher.ensemble and "teacher" in probs:
+        # The teacher that labelled the store: the mixture of the run's teacher and teacher.ensemble's members.
+        members, params = [probs["teacher"]], results["teacher"]["params"]
+        for url in cfg.teacher.ensemble:
+            model, meta = load_model(url, storage)
+            check_export_fits_dataset(meta, manifest, url)
+            members.append(rating_probs(model, test, cfg.eval.batch_size))
+            params += sum(p.numel() for p in model.parameters())
+        probs["teacher_ensemble"] = mixture_log_probs(m.log() for m in members).exp()
+        results["teacher_ensemble"] = {**rating_metrics(probs["teacher_ensemble"], true_levels, value_tensor), "params": params,
+                                       "members": len(members)}
+
     errors = {name: per_example_errors(p, true_levels, value_tensor) for name, p in probs.items()}
     best_mean = min(("global_mean", "user_mean", "item_mean"), key=lambda n: results[n]["rmse"])
-    pairs = {"student_kd_vs_baseline": ("student_kd", "student_baseline"), "teacher_vs_best_mean": ("teacher", best_mean)}
+    pairs = {"student_kd_vs_baseline": ("student_kd", "student_baseline"), "teacher_vs_best_mean": ("teacher", best_mean),
+             "teacher_ensemble_vs_best_mean": ("teacher_ensemble", best_mean)}
     comparisons = {}
     for label, (a, b) in pairs.items():
         if a in errors and b in errors:

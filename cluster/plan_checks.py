@@ -82,8 +82,6 @@ def task_problems(cfg: Config) -> list[Problem]:
     if cfg.run.task != "rating":
         return []
     problems = []
-    if cfg.teacher.ensemble:
-        problems.append(Problem("precompute", "teacher.ensemble labels the next-item task only; remove it for run.task=rating"))
     if cfg.precompute.augment.ratio > 0:
         problems.append(Problem("precompute", "precompute.augment labels perturbed next-item sequences; set its ratio to 0 "
                                               "for run.task=rating"))
@@ -141,6 +139,10 @@ def ensemble_members(cfg: Config, teacher: Optional[dict[str, Any]], dataset: Op
                         or meta.get("dataset_fingerprint") not in (None, dataset["fingerprint"])):
             problems.append(Problem("precompute", f"teacher.ensemble: the model at {url} was trained on another dataset "
                                                   f"({meta['num_items']} items, dataset {str(meta.get('dataset_fingerprint'))[:12]}…)"))
+        if dataset and meta.get("rating_values") != dataset.get("rating_values"):
+            problems.append(Problem("precompute", f"teacher.ensemble: the model at {url} is a "
+                                                  f"{'rating' if meta.get('rating_values') else 'next-item'} model, the "
+                                                  f"dataset is prepared for the {dataset.get('task', 'next_item')} task"))
         if teacher and meta["model"]["max_len"] != teacher["model"]["max_len"]:
             problems.append(Problem("precompute", f"teacher.ensemble: the model at {url} reads {meta['model']['max_len']} items "
                                                   f"of history, the run's teacher {teacher['model']['max_len']}: an ensemble "

@@ -41,8 +41,8 @@ class RatingLabeller:
     """The rating task's labeller for :func:`cluster.precompute.run_precompute`."""
 
     def __init__(self, teacher, rows: RatingRows, spec: store.StoreSpec):
-        if not hasattr(teacher, "rating_log_probs"):
-            raise ValueError("the rating task's precompute needs one rating teacher (teacher ensembles label the next-item task)")
+        if teacher.meta.get("rating_values") is None:
+            raise ValueError("the rating task's precompute needs a rating teacher; this export is a next-item model")
         self.teacher, self.rows, self.spec = teacher, rows, spec
 
     def dummy_forward(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from cluster.evaluate_rating import COMPARED
 
 LABELS = {"global_mean": "global mean", "user_mean": "user mean", "item_mean": "item mean", "teacher": "teacher",
-          "student_kd": "distilled student", "student_baseline": "twin (no teacher)"}
+          "teacher_ensemble": "teacher ensemble", "student_kd": "distilled student", "student_baseline": "twin (no teacher)"}
 
 
 def rating_verdict(metrics: dict[str, Any]) -> str:
@@ -16,14 +16,15 @@ def rating_verdict(metrics: dict[str, Any]) -> str:
     models, comparisons = metrics["models"], metrics.get("comparisons", {})
     parts = []
     best = metrics.get("best_mean_baseline")
-    if "teacher" in models and best:
-        gain = 1 - models["teacher"]["rmse"] / models[best]["rmse"]
-        parts.append(f"teacher RMSE {models['teacher']['rmse']:.4f}, {100 * gain:+.1f}% better than the {LABELS[best]}")
+    teacher = "teacher_ensemble" if "teacher_ensemble" in models else "teacher"  # the one that labelled the store
+    if teacher in models and best:
+        gain = 1 - models[teacher]["rmse"] / models[best]["rmse"]
+        parts.append(f"{LABELS[teacher]} RMSE {models[teacher]['rmse']:.4f}, {100 * gain:+.1f}% better than the {LABELS[best]}")
     else:
         parts.append("no teacher scored yet")
     kd = comparisons.get("student_kd_vs_baseline")
     if kd:
-        size = (f" at {100 * models['student_kd']['params'] / models['teacher']['params']:.0f}% of the teacher's parameters"
+        size = (f" at {100 * models['student_kd']['params'] / models['teacher']['params']:.0f}% of one teacher's parameters"
                 if "teacher" in models else "")
         parts.append(f"distilled student{size} vs its twin: RMSE {_delta(kd['rmse'])}, NLL {_delta(kd['nll'])}")
     return "; ".join(parts)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from data_pipeline import fsio
 from distill.config import ModelConfig
 from data_pipeline.exports import WEIGHTS, ensemble_fingerprint, load_export, read_export_meta, verify_export
-from distill.ensemble import ensemble_log_probs
+from distill.ensemble import ensemble_log_probs, mixture_log_probs
 from cluster.memory_plan import BLOCKS_IN_FLIGHT, largest_block_params
 from cluster.models import build_model, load_weights
 
@@ -160,6 +160,10 @@ class EnsembleTeacher:
 
     def score_last(self, histories: torch.Tensor) -> torch.Tensor:
         return ensemble_log_probs(t.score_last(histories) for t in self.teachers)
+
+    def rating_log_probs(self, items: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Rating teachers: the mixture of the members' rating distributions (B, L-1, R). Collective."""
+        return mixture_log_probs(t.rating_log_probs(items, levels) for t in self.teachers)
 
 
 def host_teacher(export_urls: list[str], storage_options=None, zero_stage: int = 3, bf16: bool = False,

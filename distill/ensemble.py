@@ -22,18 +22,22 @@ def ensemble_log_probs(scores: Iterable[torch.Tensor]) -> torch.Tensor:
     is a log-probability vector (its logsumexp over the real items is 0), usable wherever raw
     teacher logits are: top-k, the log-normaliser, sampling.
     """
+    mixed = mixture_log_probs(torch.log_softmax(member[..., 1:].float(), dim=-1) for member in scores)
+    pad = torch.full_like(mixed[..., :1], torch.finfo(mixed.dtype).min)
+    return torch.cat([pad, mixed], dim=-1)
+
+
+def mixture_log_probs(log_probs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``log(mean_m p_m)`` of M members' (..., R) log-probabilities (e.g. rating distributions), folded in one at a time."""
     mixed, count, shape = None, 0, None
-    for member in scores:
-        log_p = torch.log_softmax(member[..., 1:].float(), dim=-1)
+    for log_p in log_probs:
         if mixed is None:
-            mixed, shape = log_p, tuple(member.shape)
-        elif tuple(member.shape) != shape:
-            raise ValueError(f"ensemble members' scores differ in shape: {shape} and {tuple(member.shape)}")
+            mixed, shape = log_p.float(), tuple(log_p.shape)
+        elif tuple(log_p.shape) != shape:
+            raise ValueError(f"ensemble members' scores differ in shape: {shape} and {tuple(log_p.shape)}")
         else:
-            mixed = torch.logaddexp(mixed, log_p)
+            mixed = torch.logaddexp(mixed, log_p.float())
         count += 1
     if mixed is None:
         raise ValueError("an ensemble needs at least one member's scores")
-    mixed = mixed - math.log(count)
-    pad = torch.full_like(mixed[..., :1], torch.finfo(mixed.dtype).min)
-    return torch.cat([pad, mixed], dim=-1)
+    return mixed - math.log(count)

@@ -135,3 +135,20 @@ def test_paired_bootstrap_gain_on_many_users_resamples_in_chunks():
     out = paired_bootstrap_gain(a, b, resamples=1000)
     assert out["resamples"] == 1000 and out["ci95_low"] <= out["gain"] <= out["ci95_high"]
     assert abs(out["gain"] - 0.1) < 1e-9 and out["ci95_high"] - out["ci95_low"] < 1e-9  # a is exactly 1.1 b
+
+
+def test_paired_bootstrap_delta_of_means_and_of_rmse():
+    from distill.metrics import paired_bootstrap_delta
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0, 2, 400)
+    a = b - 0.3 + rng.normal(0, 0.05, 400)  # a is reliably lower
+    d = paired_bootstrap_delta(a, b)
+    assert d["delta"] == pytest.approx(a.mean() - b.mean())
+    assert d["ci95_low"] <= d["delta"] <= d["ci95_high"] < 0
+    r = paired_bootstrap_delta(a**2, b**2, "rmse")
+    assert r["delta"] == pytest.approx(np.sqrt((a**2).mean()) - np.sqrt((b**2).mean()))
+    same = paired_bootstrap_delta(b, b)
+    assert same["delta"] == same["ci95_low"] == same["ci95_high"] == 0  # paired: identical models never differ
+    with pytest.raises(ValueError, match="statistic"):
+        paired_bootstrap_delta(a, b, "median")

@@ -128,3 +128,17 @@ def test_the_parameter_formula_counts_the_rating_model():
                             item_dims=[{"items": 10, "dim": 24}, {"dim": 8}])):
         model = RatingModel(cfg, num_items=40, num_levels=5)
         assert count_parameters(cfg, 40, 5) == sum(p.numel() for p in model.parameters())
+
+
+def test_rating_terms_mix_to_the_rating_loss_and_an_empty_share_sums_to_zero():
+    from distill.rating import rating_loss, rating_terms
+
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(7, 5), torch.log_softmax(torch.randn(7, 5), -1)
+    targets = torch.randint(0, 5, (7,))
+    terms = rating_terms(logits, targets, teacher, alpha=0.3, temperature=2.0)
+    mixed = 0.3 * terms["hard"][0] / terms["hard"][1] + 0.7 * terms["kd"][0] / terms["kd"][1]
+    torch.testing.assert_close(mixed, rating_loss(logits, targets, teacher, 0.3, 2.0))
+    assert set(rating_terms(logits, targets, None, alpha=1.0)) == {"hard"}
+    empty = rating_terms(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, 5), alpha=0.3)
+    assert all(float(total) == 0.0 and float(count) == 0.0 for total, count in empty.values())
