@@ -5,7 +5,8 @@ baselines on a rated dataset, every choice made on validation and the result rep
 
 1. Teachers: each setting of ``--teacher-variants`` is trained at seed 0 and the one with the best
    validation NLL is kept; it is trained at ``--seeds`` more seeds, and the mixture of all of them
-   (``teacher.ensemble``) labels the store (``--no-ensemble``: the single teacher does).
+   (``teacher.ensemble``) labels the store (``--no-ensemble``: the single teacher does; ``--ensemble-variants``:
+   the other variants' seed-0 teachers join the mixture, with a store and students of its own).
 2. Students at the config's size: the distilled one at each (alpha, temperature) of ``--kd-grid``, the
    twin at each learning rate of ``--lrs`` (the distilled ones at the config's lr, each also at these lrs
    when ``--kd-lrs``); each family's best validation NLL is kept. Every student trains from copies of the
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--teacher-variants", default="base=", help="name=override,override;... (seed-0 teachers)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="more seeds of the chosen teacher")
     parser.add_argument("--no-ensemble", action="store_true", help="label with the seed-0 teacher alone")
+    parser.add_argument("--ensemble-variants", action="store_true",
+                        help="the other variants' seed-0 teachers join the ensemble too (a more diverse mixture)")
     parser.add_argument("--kd-grid", default="0.2:2,0.5:2,0.2:1,0.0:2", help="alpha:temperature,...")
     parser.add_argument("--lrs", type=float, nargs="*", default=[0.003, 0.001], help="the twin's learning rates")
     parser.add_argument("--kd-lrs", action="store_true", help="also try every kd setting at every lr of --lrs")
@@ -90,11 +93,14 @@ def main() -> None:
         _timed(seconds, "train_teacher", train_teacher.run, cfg)
         members.append(RunLayout(cfg.run.run_dir).teacher)
         record["teachers"][f"{chosen}-s{seed}"] = {"overrides": variants[chosen], "valid": _val(members[-1])}
+    if args.ensemble_variants and not args.no_ensemble:
+        members += [RunLayout(str(root / f"teacher-{name}-s0")).teacher for name in variants if name != chosen]
     teacher_url = RunLayout(str(root / f"teacher-{chosen}-s0")).teacher
     labels = [f"teacher.checkpoint={teacher_url}", f"teacher.ensemble=[{','.join(members)}]", *variants[chosen]]
 
     # 2. The store, then the students, each family chosen on validation NLL.
-    main_dir = root / "main"
+    family = "-variants" if args.ensemble_variants else ""  # another ensemble: its own store and students
+    main_dir = root / f"main{family}"
     cfg = _config(args, main_dir, *labels)
     _timed(seconds, "prepare", prepare.run, cfg)
     _timed(seconds, "precompute", precompute.run, cfg)
@@ -102,14 +108,14 @@ def main() -> None:
     kd_lrs = args.lrs if args.kd_lrs else [None]
     for (alpha, temperature), lr in itertools.product(kd_settings, kd_lrs):
         name = f"kd-a{alpha:g}-t{temperature:g}" + (f"-lr{lr:g}" if lr else "")
-        run_dir = root / "students" / name
+        run_dir = root / f"students{family}" / name
         _copy_inputs(main_dir, run_dir)
         extra = [f"distill.alpha={alpha}", f"distill.temperature={temperature}", *([f"student.train.lr={lr}"] if lr else [])]
         student = _timed(seconds, "distill", distill.run, _config(args, run_dir, *labels, *extra))
         record["students"][name] = {"overrides": extra, "valid": student["valid"], "epoch": student["epoch"], "role": "kd"}
     for lr in args.lrs:
         name = f"twin-lr{lr:g}"
-        run_dir = root / "students" / name
+        run_dir = root / f"students{family}" / name
         _copy_inputs(main_dir, run_dir)
         twin = _timed(seconds, "distill_baseline", distill.run, _config(args, run_dir, *labels, f"student.train.lr={lr}"),
                       baseline=True)
@@ -123,7 +129,7 @@ def main() -> None:
         target = main_dir / folder
         if target.exists():
             shutil.rmtree(target)
-        source = RunLayout(str(root / "students" / best[role]))
+        source = RunLayout(str(root / f"students{family}" / best[role]))
         shutil.copytree(source.student if role == "kd" else source.baseline, target)
     metrics = _timed(seconds, "evaluate", evaluate.run, cfg)
     line = report.run(cfg)

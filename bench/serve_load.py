@@ -166,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = {"export": plan.export_url, "params": info["params"], "fingerprint": info["fingerprint"],
                             "device": info["device"], "deployment": plan.deployment, "levels": []}
             print(f"serving {name}: {info['params']:,} parameters on {info['device']} ({plan.export_url})", flush=True)
-        same_resources = {k: v for k, v in plan.deployment.items() if k != "user_config"}  # it has no batching to configure
-        serve.run(_empty_deployment().options(**same_resources).bind(), name="empty", route_prefix="/empty")
+        # The same deployment settings, but no CPU reserved: it does no model work, and where the two models'
+        # replicas hold every CPU (2 cores) a reservation would leave it unscheduled for ever.
+        same_settings = {k: v for k, v in plan.deployment.items() if k not in ("user_config", "ray_actor_options")}
+        empty = _empty_deployment().options(**same_settings, ray_actor_options={"num_cpus": 0})
+        serve.run(empty.bind(), name="empty", route_prefix="/empty")
         bodies = _bodies(base, 2000)
         levels = [int(c) for c in args.levels.split(",")]
         ceiling = [asyncio.run(closed_loop(f"http://127.0.0.1:{port}/empty", bodies, c, requests_per_level(c, args.min_requests)))
