@@ -1,4 +1,13 @@
-"""Fixes for two DeepSpeed 0.19.8 faults: NVMe optimizer offload's gradient I/O, and JIT builds under "9.0a".
+"""Fixes for three DeepSpeed 0.19.8 faults: NVMe optimizer offload's gradient I/O, JIT builds under "9.0a", and
+setting a ZeRO-3 parameter whose size the worker count does not divide.
+
+**Setting a full parameter.** ZeRO-3 pads a parameter of n values to ``ceil(n / W)`` per worker, so the last
+worker's partition reaches past the parameter's end (5 rating levels on 2 workers: 3 + 3 for 5 values).
+``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` (the portable checkpoint's resume) cut
+that partition out of the full value with ``narrow``, which fails past the end: ``start (3) + length (3)
+exceeds dimension size (5)``, so a rating teacher could not resume. :func:`set_full_hp_param` copies the
+values that exist and leaves the padding as it is (found resuming a rating teacher; tested in
+``tests/cluster/test_deepspeed_fixes.py``).
 
 **JIT builds.** DeepSpeed's op builder sorts the architectures of ``TORCH_CUDA_ARCH_LIST`` by parsing each
 as integers, so an arch-specific entry such as ``9.0a`` (Hopper's sm_90a, which PyTorch accepts and some
@@ -95,14 +104,30 @@ def sanitize_cuda_arch_list(environ: Any = None) -> None:
     environ["TORCH_CUDA_ARCH_LIST"] = ";".join(entries)
 
 
+def set_full_hp_param(self, value: torch.Tensor, param: Any, optim_state_key: Any = None) -> None:
+    """DeepSpeed's ``DeepSpeedZeroOptimizer_Stage3.set_full_hp_param`` for any partition, the padded last included."""
+    if not param.requires_grad:
+        return
+    if value.numel() != param.ds_numel:
+        raise ValueError(f"a full value of {value.numel()} elements for a parameter of {param.ds_numel}")
+    partition, group_idx = self._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                             optim_state_key=optim_state_key)
+    start = partition.numel() * self._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + partition.numel()]  # shorter than the partition on the padded last rank
+    partition.data.view(-1)[: piece.numel()].copy_(piece.data)
+    if self._swappable_optimizer_subgroup(group_idx):
+        self._optimizer_states_and_gradient_swap_out(group_idx)
+
+
 def apply() -> None:
     """Route DeepSpeed's swapped-gradient reads and writes through :func:`read_parts` / :func:`write_parts`,
-    and make ``TORCH_CUDA_ARCH_LIST`` one DeepSpeed's JIT builder can read."""
+    set full parameters with :func:`set_full_hp_param`, and make ``TORCH_CUDA_ARCH_LIST`` one DeepSpeed's JIT builder can read."""
     global _applied
     sanitize_cuda_arch_list()
     if _applied:
         return
     from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
 
     def swap_in_pinned_gradients(self, aio_handle, parameter, gradient_tensor):
@@ -116,6 +141,7 @@ def apply() -> None:
             # As DeepSpeed does: the in-memory fragments keep the updated values for the next swap-in.
             swap_info.write_unswapped_gradients(src_buffer=parameter.grad)
 
+    DeepSpeedZeroOptimizer_Stage3.set_full_hp_param = set_full_hp_param
     PartitionedOptimizerSwapper._swap_in_pinned_gradients = swap_in_pinned_gradients
     OptimizerSwapper._writeback_gradients = writeback_gradients
     _applied = True

@@ -23,8 +23,8 @@ from data_pipeline.layout import RunLayout
 from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
 from distill.metrics import paired_bootstrap_gain
-from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
-from cluster.models import load_model, load_scorers, mixture_scorer
+from data_pipeline.exports import ExportError
+from cluster.models import load_available, load_scorers, mixture_scorer
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,9 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     popularity = popularity_scorer(counts)
     results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
-    unavailable: dict[str, str] = {}
     scorers = {}
-    for name, folder in model_exports(cfg).items():
-        try:
-            model, meta = load_model(folder, storage)
-        except ExportMissing:
-            unavailable[name] = "not trained yet"
-            continue
-        except ExportError as exc:
-            unavailable[name] = f"damaged: {exc}"
-            continue
-        check_export_fits_dataset(meta, manifest, folder)
+    loaded, unavailable = load_available(model_exports(cfg), manifest, storage)
+    for name, (folder, model, meta) in loaded.items():
         model.to(device)
         scorer = model_scorer(model, meta["model"]["max_len"])
         scores = evaluate_split(scorer, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)

@@ -19,10 +19,10 @@ import pyarrow as pa
 import torch
 
 from cluster.common import code_version, model_exports
-from cluster.models import load_model
+from cluster.models import load_available, load_model
 from data_pipeline import fsio
 from data_pipeline.dataset import read_split
-from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset
+from data_pipeline.exports import ExportError, check_export_fits_dataset
 from data_pipeline.layout import RunLayout
 from distill.ensemble import mixture_log_probs
 from distill.metrics import paired_bootstrap_delta
@@ -89,17 +89,8 @@ def run(cfg, plan) -> dict[str, Any]:
         probs[name] = torch.from_numpy(p)
         results[name] = {**rating_metrics(probs[name], true_levels, value_tensor), "params": 0,
                          **({"smoothing": strengths[name]} if name in strengths else {})}
-    unavailable: dict[str, str] = {}
-    for name, folder in model_exports(cfg).items():
-        try:
-            model, meta = load_model(folder, storage)
-        except ExportMissing:
-            unavailable[name] = "not trained yet"
-            continue
-        except ExportError as exc:
-            unavailable[name] = f"damaged: {exc}"
-            continue
-        check_export_fits_dataset(meta, manifest, folder)
+    loaded, unavailable = load_available(model_exports(cfg), manifest, storage)
+    for name, (folder, model, meta) in loaded.items():
         if meta.get("rating_values") is None:
             raise ExportError(f"{folder} holds a next-item model; run.task=rating evaluates rating models")
         probs[name] = rating_probs(model, test, cfg.eval.batch_size)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from data_pipeline.exports import ExportError, load_export, save_export
+from data_pipeline.exports import ExportError, ExportMissing, check_export_fits_dataset, load_export, save_export
 from distill.config import ModelConfig
 from distill.model import SequentialRecommender
 from distill.rating_model import RatingModel
@@ -76,3 +76,23 @@ def mixture_scorer(scorers: list):
         return ensemble_log_probs(score(histories) for score in scorers)
 
     return mixture
+
+
+def load_available(exports: dict[str, str], dataset: dict[str, Any], storage_options=None):
+    """The exports among ``exports`` (name -> folder) that can be scored: name -> (folder, model, meta), each checked
+    against the dataset (a model of another dataset is an error); and name -> why each other one cannot
+    ("not trained yet", or "damaged: ...")."""
+    loaded: dict[str, tuple[str, torch.nn.Module, dict[str, Any]]] = {}
+    unavailable: dict[str, str] = {}
+    for name, folder in exports.items():
+        try:
+            model, meta = load_model(folder, storage_options)
+        except ExportMissing:
+            unavailable[name] = "not trained yet"
+            continue
+        except ExportError as exc:
+            unavailable[name] = f"damaged: {exc}"
+            continue
+        check_export_fits_dataset(meta, dataset, folder)
+        loaded[name] = (folder, model, meta)
+    return loaded, unavailable

@@ -82,6 +82,10 @@ def load(engine: Any, model: torch.nn.Module, directory: str) -> dict[str, Any]:
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from cluster import deepspeed_fixes
+
+    deepspeed_fixes.apply()  # DeepSpeed's setter fails on a padded last partition (see the module)
+
     with open(os.path.join(directory, META_FILE)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:

@@ -52,6 +52,24 @@ class _Locator:
         return f"row {r} (seq_index {int(self.seq_index[r])}, example_start {int(self.example_start[r])})"
 
 
+def _row_lengths(shard_name: str, spec: StoreSpec, seq_index: np.ndarray, example_start: np.ndarray,
+                 per_row: dict[str, Sequence[Any]], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, "_Locator"]:
+    """Every per-position list of a row (``names``) has the row's ``targets`` length n_i, at most max_len:
+    returns (n, offsets, a locator for error messages)."""
+    n = _lengths(per_row["targets"])
+    offsets = _offsets(n)
+    loc = _Locator(shard_name, seq_index, example_start, offsets)
+    for name in names:
+        other = _lengths(per_row[name])
+        if np.any(other != n):
+            r = int(np.flatnonzero(other != n)[0])
+            raise SoftLabelError(f"{shard_name}: {name} of {loc.row(r)} has {other[r]} positions, targets has {n[r]}")
+    if np.any(n > spec.max_len):
+        r = int(np.flatnonzero(n > spec.max_len)[0])
+        raise SoftLabelError(f"{shard_name}: {loc.row(r)} has {n[r]} positions, more than max_len={spec.max_len}")
+    return n, offsets, loc
+
+
 def _first_bad_position(bad: np.ndarray) -> Optional[int]:
     """Index of the first position with any True in ``bad`` ((P,) or (P, ...)), or None."""
     per_position = bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad
@@ -189,18 +207,7 @@ def encode_rows(
     if seq_index[0] < 0:
         raise SoftLabelError(f"{shard_name}: seq_index starts at {int(seq_index[0])}, must be >= 0")
 
-    # Row lengths: every per-position list of a row must have the same n_i.
-    n = _lengths(targets)
-    offsets = _offsets(n)
-    loc = _Locator(shard_name, seq_index, example_start, offsets)
-    for name in ("inputs", "topk_ids", "topk_logits", "lse"):
-        other = _lengths(per_row[name])
-        if np.any(other != n):
-            r = int(np.flatnonzero(other != n)[0])
-            raise SoftLabelError(f"{shard_name}: {name} of {loc.row(r)} has {other[r]} positions, targets has {n[r]}")
-    if np.any(n > spec.max_len):
-        r = int(np.flatnonzero(n > spec.max_len)[0])
-        raise SoftLabelError(f"{shard_name}: {loc.row(r)} has {n[r]} positions, more than max_len={spec.max_len}")
+    n, offsets, loc = _row_lengths(shard_name, spec, seq_index, example_start, per_row, ("inputs", "topk_ids", "topk_logits", "lse"))
     for name in ("topk_ids", "topk_logits"):
         # One shape check per row (not per position) so the error can name the row.
         shapes = [np.shape(a) for a in per_row[name]]

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from data_pipeline.soft_labels.encode import _Locator, _check_finite, _check_ids, _concat, _encode_values, _first_bad_position, _lengths, _list, _offsets
+from data_pipeline.soft_labels.encode import (_check_finite, _check_ids, _concat, _encode_values, _first_bad_position, _list,
+                                              _offsets, _row_lengths)
 from data_pipeline.soft_labels.spec import SoftLabelError, StoreSpec, rating_store_schema
 
 # A distribution's probabilities must sum to 1 within this (log-probs stored in fp16 lose about 1e-3 each).
@@ -56,17 +57,8 @@ def encode_rating_rows(
         raise SoftLabelError(f"{shard_name}: no rows to encode")
     if np.any(np.diff(seq_index) != 1):
         raise SoftLabelError(f"{shard_name}: seq_index must be consecutive within a shard")
-    n = _lengths(targets)
-    offsets = _offsets(n)
-    loc = _Locator(shard_name, seq_index, example_start, offsets)
-    for name in ("inputs", "input_levels", "target_levels", "log_probs"):
-        other = _lengths(per_row[name])
-        if np.any(other != n):
-            r = int(np.flatnonzero(other != n)[0])
-            raise SoftLabelError(f"{shard_name}: {name} of {loc.row(r)} has {other[r]} positions, targets has {n[r]}")
-    if np.any(n > spec.max_len):
-        r = int(np.flatnonzero(n > spec.max_len)[0])
-        raise SoftLabelError(f"{shard_name}: {loc.row(r)} has {n[r]} positions, more than max_len={spec.max_len}")
+    n, offsets, loc = _row_lengths(shard_name, spec, seq_index, example_start, per_row,
+                                   ("inputs", "input_levels", "target_levels", "log_probs"))
     R = spec.num_levels
     shapes = [np.shape(a) for a in log_probs]
     bad = [r for r, s in enumerate(shapes) if len(s) != 2 or s[1] != R]
