@@ -238,20 +238,21 @@ def run(cfg: Config, baseline: bool = False, plan: Optional[RunPlan] = None) -> 
     print(f"{name}: {stage.action}; workers {stage.workers}; {sum(b.num_rows for b in blocks):,} rows in {len(blocks)} "
           f"row groups, global batch {cfg.student.train.batch_size} over {cfg.distill.num_virtual_shards} virtual shards "
           f"(fill {plan.layout.fill.get('baseline' if baseline else 'distill', float('nan')):.0%}) -> {stage.writes}", flush=True)
-    ensure_ray(cfg)
-    require_resources(cfg, elastic=True)
-    trainer = TorchTrainer(
-        student_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": None if baseline else plan.store,
-                           "teacher_url": plan.teacher_url},
-        scaling_config=scaling_config(cfg, elastic=True),
-        torch_config=torch_config(cfg),
-        run_config=run_config(cfg, name="baseline" if baseline else "student"),
-    )
     out = layout.baseline if baseline else layout.student
-    teacher_fp = None if baseline else student_source(plan.store["teacher_fingerprint"], cfg, plan.store)
     role = "baseline" if baseline else "student"
-    fit(trainer, lambda: training_complete(out, cfg, role, teacher_fp), cfg, role)
+    if stage.action != "done":  # a finished training (its history says so) starts nothing
+        ensure_ray(cfg)
+        require_resources(cfg, elastic=True)
+        trainer = TorchTrainer(
+            student_train_loop,
+            train_loop_config={"config": cfg.to_dict(), "baseline": baseline, "soft_manifest": None if baseline else plan.store,
+                               "teacher_url": plan.teacher_url},
+            scaling_config=scaling_config(cfg, elastic=True),
+            torch_config=torch_config(cfg),
+            run_config=run_config(cfg, name="baseline" if baseline else "student"),
+        )
+        teacher_fp = None if baseline else student_source(plan.store["teacher_fingerprint"], cfg, plan.store)
+        fit(trainer, lambda: training_complete(out, cfg, role, teacher_fp), cfg, role)
     meta = read_export_meta(out, cfg.data.storage_options)
     metric = training_task(cfg.run.task).metric
     print(

@@ -311,17 +311,18 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     save_resolved_config(cfg)
     print(f"train-teacher: {stage.action}; workers {stage.workers}; stage fingerprint {stage.fingerprints['stage']}, "
           f"{cfg.teacher.train.epochs} epochs -> {stage.writes}", flush=True)
-    ensure_ray(cfg)
-    require_resources(cfg)
-    trainer = TorchTrainer(
-        teacher_train_loop,
-        train_loop_config={"config": cfg.to_dict()},
-        scaling_config=scaling_config(cfg),
-        torch_config=torch_config(cfg),
-        # Ray keeps the best checkpoints by this score (val_select: the task's selection metric, larger is better).
-        run_config=run_config(cfg, name="teacher", score_attribute="val_ndcg@10" if cfg.run.task == "next_item" else "val_select"),
-    )
-    fit(trainer, lambda: training_complete(layout.teacher, cfg, "teacher"), cfg, "teacher")
+    if stage.action != "done":  # a finished training (its history says so) starts nothing
+        ensure_ray(cfg)
+        require_resources(cfg)
+        trainer = TorchTrainer(
+            teacher_train_loop,
+            train_loop_config={"config": cfg.to_dict()},
+            scaling_config=scaling_config(cfg),
+            torch_config=torch_config(cfg),
+            # Ray keeps the best checkpoints by this score (val_select: the task's selection metric, larger is better).
+            run_config=run_config(cfg, name="teacher", score_attribute="val_ndcg@10" if cfg.run.task == "next_item" else "val_select"),
+        )
+        fit(trainer, lambda: training_complete(layout.teacher, cfg, "teacher"), cfg, "teacher")
     meta = read_export_meta(layout.teacher, cfg.data.storage_options)
     metric = training_task(cfg.run.task).metric
     print(

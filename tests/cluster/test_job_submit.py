@@ -104,6 +104,12 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     for name in ("prepare", "train-teacher", "precompute", "distill", "distill --baseline"):
         assert f"[pipeline] {name}: already done, skipping" in again.stdout
+    # A finished stage run on its own reads its export and starts no training.
+    for stage in (["train-teacher"], ["distill"], ["distill", "--baseline"]):
+        direct = subprocess.run([sys.executable, "-m", "cluster.cli", *stage, "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"],
+                                capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert direct.returncode == 0, direct.stdout[-4000:] + direct.stderr[-2000:]
+        assert ": done;" in direct.stdout and "worker group" not in direct.stdout + direct.stderr, direct.stdout[-2000:]
 
 
 def test_serve_deploy_of_the_written_config_serves_the_model(ray_head, tmp_path):
