@@ -77,14 +77,11 @@ def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
 
 def task_problems(cfg: Config) -> list[Problem]:
     """Settings the rating task (``run.task=rating``) has no use for, refused rather than ignored: its store keeps the
-    teacher's whole distribution over the few rating levels (no top-k, no sampled labels, no augmented rows) and
-    its loss is the temperature KL of those distributions mixed with the cross-entropy."""
+    teacher's whole distribution over the few rating levels (no top-k, no sampled labels) and its loss is the
+    temperature KL of those distributions mixed with the cross-entropy."""
     if cfg.run.task != "rating":
         return []
     problems = []
-    if cfg.precompute.augment.ratio > 0:
-        problems.append(Problem("precompute", "precompute.augment labels perturbed next-item sequences; set its ratio to 0 "
-                                              "for run.task=rating"))
     if cfg.precompute.num_sampled:
         problems.append(Problem("precompute", "precompute.num_sampled has no use for run.task=rating (the store keeps the "
                                               "whole rating distribution); set it to 0"))

@@ -326,11 +326,12 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
                            device=ctx.device(runtime.use_gpu))
     check_export_fits_dataset(teacher.meta, manifest, teacher_url)
     train, max_len = read_split(layout.data, "train", storage, manifest), teacher.model_cfg.max_len
-    if cfg.run.task == "rating":  # the teacher's whole distribution over rating levels (no top-k, no augmentation)
-        rating = rating_rows(train, max_len)
-        positions, num_real, augmented_rows = rating.positions, len(rating.items), False
-        spec = store.StoreSpec(num_items=manifest["num_items"], k=len(manifest["rating_values"]), value_dtype=pcfg.dtype,
-                               num_sampled=0, max_len=max_len, num_levels=len(manifest["rating_values"]))
+    if cfg.run.task == "rating":  # the teacher's whole distribution over rating levels (no top-k)
+        levels = len(manifest["rating_values"])
+        rating = rating_rows(train, max_len, pcfg.augment, manifest["num_items"], levels, cfg.run.seed)
+        positions, num_real, augmented_rows = rating.positions, rating.num_real, rating.augmented_rows
+        spec = store.StoreSpec(num_items=manifest["num_items"], k=levels, value_dtype=pcfg.dtype, num_sampled=0,
+                               max_len=max_len, num_levels=levels, augmented_rows=augmented_rows)
         labeller = RatingLabeller(teacher, rating, spec)
     else:
         users, sequences = training_sequences_with_users(train, max_len)

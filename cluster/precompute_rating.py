@@ -5,18 +5,23 @@ rating levels at every training position, into a rating store
 The work is planned, dealt to ranks, run in lockstep and committed exactly as for the next-item
 task (:mod:`cluster.precompute`); only what the teacher computes and what a row holds differ,
 which is this module's :class:`RatingLabeller`. A row is one user's most recent ``max_len + 1``
-training (item, rating) pairs; its positions are every pair but the first.
+training (item, rating) pairs; its positions are every pair but the first. With
+``precompute.augment`` perturbed copies of those rows follow (:func:`data_pipeline.augment.augment_rating_sequences`),
+marked as augmented: the teacher labels them like the others, and the student's hard-label loss
+skips them (their levels are history features, not targets).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from data_pipeline import soft_labels as store
+from data_pipeline.augment import augment_rating_sequences
 from distill.rating_training import rating_sequences_with_users
 from distill.sequences import left_pad
 
@@ -26,15 +31,28 @@ class RatingRows:
     users: np.ndarray  # (R,)
     items: list[np.ndarray]  # whole sequences, oldest first
     levels: list[np.ndarray]  # their rating levels 1..num_levels
+    num_real: int  # rows 0..num_real-1 are training sequences, the rest augmented
+    augmented_rows: bool = False  # the store has the augmented column (augmentation on, even if it made 0 rows)
 
     @property
     def positions(self) -> np.ndarray:
         return np.fromiter((len(s) - 1 for s in self.items), dtype=np.int64, count=len(self.items))
 
+    @property
+    def augmented(self) -> Optional[np.ndarray]:
+        return (np.arange(len(self.items)) >= self.num_real) if self.augmented_rows else None
 
-def rating_rows(train: pa.Table, max_len: int) -> RatingRows:
+
+def rating_rows(train: pa.Table, max_len: int, augment=None, num_items: int = 0, num_levels: int = 0, seed: int = 0) -> RatingRows:
+    """Each user's training pairs, then ``augment.ratio`` perturbed copies per sequence when augmentation is on."""
     users, sequences = rating_sequences_with_users(train, max_len)
-    return RatingRows(users, [items for items, _ in sequences], [levels for _, levels in sequences])
+    items, levels = [s for s, _ in sequences], [v for _, v in sequences]
+    if augment is None or augment.ratio == 0:
+        return RatingRows(users, items, levels, len(sequences))
+    sources, rows = augment_rating_sequences(sequences, num_items, num_levels, round(augment.ratio * len(sequences)),
+                                             augment.ops, augment.rate, seed, max_len + 1)
+    return RatingRows(np.concatenate([users, users[sources]]), items + [s for s, _ in rows], levels + [v for _, v in rows],
+                      len(sequences), True)
 
 
 class RatingLabeller:
@@ -67,4 +85,5 @@ class RatingLabeller:
             self.spec, seq_index=rows, users=r.users[rows], example_start=shard.plan.example_start,
             inputs=[r.items[i][:-1] for i in rows], targets=[r.items[i][1:] for i in rows],
             input_levels=[r.levels[i][:-1] for i in rows], target_levels=[r.levels[i][1:] for i in rows],
-            log_probs=[a for batch in shard.batches for a in batch], shard_name=store.shard_name(shard.plan.index))
+            log_probs=[a for batch in shard.batches for a in batch], shard_name=store.shard_name(shard.plan.index),
+            augmented=None if r.augmented is None else r.augmented[rows])

@@ -142,13 +142,16 @@ def batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:
 def rating_batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int) -> StudentBatch:
     """A rating store batch as whole sequences: ``inputs`` the (B, W) items and ``targets`` their (B, W) levels,
     left-padded, W <= max_len + 1 (the student's window); ``soft["log_probs"]`` (P, R) the teacher's
-    distributions of the positions kept, row-major (:meth:`distill.rating_model.RatingModel.sequence_logits`'s order)."""
+    distributions of the positions kept, row-major (:meth:`distill.rating_model.RatingModel.sequence_logits`'s order);
+    ``augmented`` (P,) alike when the store has augmented rows (their levels are inputs, not labels)."""
     soft = store.decode_rating_positions(table, spec)
     offsets = soft.pop("row_offsets").numpy()
     lengths = np.diff(offsets)
     if (lengths > max_len).any():  # keep each row's last max_len positions, as the window below does
         row_of = np.repeat(np.arange(len(lengths)), lengths)
-        soft["log_probs"] = soft["log_probs"][torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])]
+        keep = torch.from_numpy(np.arange(offsets[-1]) >= (offsets[1:] - max_len)[row_of])
+        soft = {name: t[keep] for name, t in soft.items()}
+    augmented = soft.pop("augmented", None)
     # A row's sequence is its first input followed by its targets (targets[t] is inputs[t + 1]).
     sequences = []
     for first, rest in (("inputs", "targets"), ("input_levels", "target_levels")):
@@ -156,7 +159,8 @@ def rating_batch_from_store(table: pa.Table, spec: store.StoreSpec, max_len: int
         sequences.append(np.insert(values.astype(np.int64), offsets[:-1], first_values[offsets[:-1]]))
     full_offsets = offsets + np.arange(len(offsets))
     return StudentBatch(inputs=_padded(sequences[0], full_offsets, max_len + 1),
-                        targets=_padded(sequences[1], full_offsets, max_len + 1), soft=soft, rows=_row_ids(table, "seq_index"))
+                        targets=_padded(sequences[1], full_offsets, max_len + 1), soft=soft, rows=_row_ids(table, "seq_index"),
+                        augmented=augmented)
 
 
 def rating_batch_from_dataset(table: pa.Table, max_len: int) -> StudentBatch:

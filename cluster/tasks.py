@@ -97,7 +97,8 @@ def _rating() -> TrainingTask:
     def student_terms(forward, batch, alpha, dcfg, kd_options, device):
         logits, targets = forward(batch.inputs.to(device), batch.targets.to(device))
         teacher = batch.soft["log_probs"].to(device) if batch.soft else None
-        return rating_terms(logits, targets, teacher, alpha, dcfg.temperature)
+        augmented = batch.augmented.to(device) if batch.augmented is not None else None
+        return rating_terms(logits, targets, teacher, alpha, dcfg.temperature, augmented)
 
     def validate(model, valid, dataset, eval_cfg, batch_size, rank, world, device, max_len):
         return distributed_rating_eval(model, valid, dataset["rating_values"], batch_size, rank, world, device)

@@ -5,6 +5,10 @@ inputs the data does not have (cropped, thinned, locally reordered or partly sub
 histories, as in CL4SRec / CoSeRec's augmentations): ``precompute`` labels every position of
 them and stores them beside the real rows, marked as augmented, with no hard target. A pure
 function of its arguments: a resumed precompute remakes exactly the same rows.
+
+The rating task's rows are (item, rating level) pairs: :func:`augment_rating_sequences` moves
+each pair as one (an item keeps its rating when cropped, dropped or reordered; a substituted
+pair is another training (item, level) pair, drawn by frequency).
 """
 
 from __future__ import annotations
@@ -100,3 +104,18 @@ def augment_sequences(
         seq = np.asarray(sequences[source], dtype=np.int64)[-max_len:]
         rows.append(OPS[ops[op]](seq, rate, rng, popularity) if len(seq) >= 2 else seq)
     return sources.astype(np.int64), rows
+
+
+def augment_rating_sequences(
+    sequences: Sequence[tuple[np.ndarray, np.ndarray]], num_items: int, num_levels: int, count: int, ops: Sequence[str],
+    rate: float, seed: int, max_len: int,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """:func:`augment_sequences` for the rating task: ``sequences`` are (items, levels 1..num_levels)
+    pairs of arrays; the rows come back as such pairs, cut to their last ``max_len`` pairs.
+
+    Each pair is coded as one id ``item * (num_levels + 1) + level``, so the ops move pairs whole and
+    ``substitute`` draws real training pairs by their frequency."""
+    base = num_levels + 1
+    codes = [np.asarray(items, np.int64) * base + np.asarray(levels, np.int64) for items, levels in sequences]
+    sources, rows = augment_sequences(codes, (num_items + 1) * base - 1, count, ops, rate, seed, max_len)
+    return sources, [(row // base, row % base) for row in rows]

@@ -76,7 +76,8 @@ class AugmentConfig(Section):
     ``crop`` keeps a random contiguous window; ``mask`` drops a share ``rate`` of its items (the
     model has no mask token); ``reorder`` shuffles a random window of ``rate`` of its length;
     ``substitute`` replaces a share ``rate`` of its items by items drawn by training popularity.
-    The rows carry the teacher's labels at every position and no hard target.
+    The rows carry the teacher's labels at every position and no hard target. For the rating
+    task each (item, rating) pair moves whole, and ``substitute`` draws training pairs by frequency.
     """
 
     ratio: float = Field(0.0, ge=0, le=16, description="Augmented rows per training sequence (0 = off).")

@@ -48,16 +48,21 @@ def rating_loss(student_logits: Tensor, targets: Tensor, teacher_log_probs: Opti
 
 
 def rating_terms(student_logits: Tensor, targets: Tensor, teacher_log_probs: Optional[Tensor], alpha: float,
-                 temperature: float = 1.0) -> dict[str, tuple[Tensor, Tensor]]:
+                 temperature: float = 1.0, augmented: Optional[Tensor] = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The hard-label and KD terms of :func:`rating_loss` apart, each as ``(sum over positions, count)``, the
     form :func:`distill.training.mixed_loss` mixes across workers: ``{"hard"}`` when alpha > 0, ``{"kd"}``
-    when alpha < 1 (``teacher_log_probs`` (P, R) required then)."""
+    when alpha < 1 (``teacher_log_probs`` (P, R) required then). ``augmented`` (P,) bool marks positions
+    of teacher-labelled augmented rows: the KD term covers them, the hard term never does."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     count = torch.tensor(float(len(targets)), device=student_logits.device)
     terms = {}
     if alpha > 0:
-        terms["hard"] = (F.cross_entropy(student_logits.float(), targets, reduction="sum"), count)
+        real = torch.ones_like(targets, dtype=torch.bool) if augmented is None else ~augmented.to(torch.bool)
+        if real.shape != targets.shape:
+            raise ValueError(f"augmented must be (P,) = {tuple(targets.shape)}, got {tuple(real.shape)}")
+        hard = F.cross_entropy(student_logits.float(), targets, reduction="none")
+        terms["hard"] = ((hard * real).sum(), real.sum().to(count.dtype))
     if alpha < 1:
         if teacher_log_probs is None:
             raise ValueError("alpha < 1 needs the teacher's log-probabilities")

@@ -8,7 +8,7 @@ with no top-k and no log-normaliser.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,12 +34,14 @@ def encode_rating_rows(
     target_levels: Sequence[np.ndarray],
     log_probs: Sequence[np.ndarray],
     shard_name: str,
+    augmented: Optional[np.ndarray] = None,
 ) -> pa.Table:
     """Validate and encode R rows into a table of :func:`rating_store_schema`.
 
     Per row ``i`` with ``n_i`` positions: ``inputs[i]``, ``targets[i]`` (n_i,) item ids;
     ``input_levels[i]``, ``target_levels[i]`` (n_i,) rating levels in 1..num_levels;
-    ``log_probs[i]`` (n_i, num_levels) the teacher's log-probabilities. Raises
+    ``log_probs[i]`` (n_i, num_levels) the teacher's log-probabilities; ``augmented`` (R,) bool,
+    required iff ``spec.augmented_rows``: the row is a teacher-labelled perturbed copy. Raises
     :class:`SoftLabelError` naming the shard and the example id of the first bad position:
     ids outside the catalog, levels outside 1..R, NaN/inf, distributions that do not sum to 1.
     """
@@ -53,6 +55,13 @@ def encode_rating_rows(
     for name, values in per_row.items():
         if len(values) != len(seq_index):
             raise SoftLabelError(f"{shard_name}: {name} has {len(values)} rows but seq_index has {len(seq_index)}")
+    if (augmented is not None) != spec.augmented_rows:
+        raise SoftLabelError(f"{shard_name}: augmented flags {'given' if augmented is not None else 'missing'} "
+                             f"but the spec has augmented_rows={spec.augmented_rows}")
+    if augmented is not None:
+        augmented = np.asarray(augmented, dtype=bool).reshape(-1)
+        if len(augmented) != len(seq_index):
+            raise SoftLabelError(f"{shard_name}: augmented has {len(augmented)} rows but seq_index has {len(seq_index)}")
     if len(seq_index) == 0:
         raise SoftLabelError(f"{shard_name}: no rows to encode")
     if np.any(np.diff(seq_index) != 1):
@@ -89,11 +98,14 @@ def encode_rating_rows(
         "log_probs": _list(offsets, pa.FixedSizeListArray.from_arrays(_encode_values(spec, flat_log_probs, loc, "log_probs"), R),
                            shard_name),
     }
+    if augmented is not None:
+        columns["augmented"] = pa.array(augmented, pa.bool_())
     return pa.Table.from_pydict(columns, schema=rating_store_schema(spec))
 
 
 def decode_rating_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch.Tensor]:
-    """A rating store table's rows as per-position tensors: ``log_probs`` (P, R) float32 and ``row_offsets`` (R+1,)."""
+    """A rating store table's rows as per-position tensors: ``log_probs`` (P, R) float32 and ``row_offsets`` (R+1,);
+    a store with augmented rows adds ``augmented`` (P,) bool (the position is in a teacher-labelled perturbed row)."""
     lengths = pc.list_value_length(table.column("targets")).to_numpy(zero_copy_only=False) if table.num_rows else []
     row_offsets = torch.from_numpy(_offsets(np.asarray(lengths, dtype=np.int64)))
     column = table.column("log_probs").combine_chunks() if table.num_rows else None
@@ -105,4 +117,8 @@ def decode_rating_positions(table: pa.Table, spec: StoreSpec) -> dict[str, torch
         log_probs = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
     else:
         log_probs = torch.from_numpy(values).float()
-    return {"log_probs": log_probs.reshape(int(row_offsets[-1]), spec.num_levels), "row_offsets": row_offsets}
+    out = {"log_probs": log_probs.reshape(int(row_offsets[-1]), spec.num_levels), "row_offsets": row_offsets}
+    if spec.augmented_rows:
+        rows = table.column("augmented").to_numpy(zero_copy_only=False).astype(bool)
+        out["augmented"] = torch.from_numpy(np.repeat(rows, np.asarray(lengths, dtype=np.int64)))
+    return out

@@ -44,7 +44,8 @@ class StoreSpec:
     ``num_sampled``: draws per position for sampled soft labels (0 = none).
     ``max_len``: the teacher's maximum sequence length (positions per row <= max_len).
     ``augmented_rows``: the store may hold teacher-labelled augmented rows (an ``augmented``
-    column; those rows have soft labels and no hard target: their targets are 0).
+    column; those rows have soft labels and no hard target: their targets are 0; in a rating
+    store their levels are kept, as the history's features, and no loss takes them as labels).
     ``num_levels``: 0 for the next-item task; R > 0 makes it a rating store (``run.task=rating``):
     each position holds the teacher's whole distribution over the R rating levels (``k == R``, no
     top-k, no log-normaliser: :func:`rating_store_schema`).
@@ -74,10 +75,9 @@ class StoreSpec:
             raise SoftLabelError(f"num_sampled must be in 0..65535, got {self.num_sampled}")
         if self.max_len < 1:
             raise SoftLabelError(f"max_len must be >= 1, got {self.max_len}")
-        if self.num_levels and (self.k != self.num_levels or self.num_sampled or self.augmented_rows):
+        if self.num_levels and (self.k != self.num_levels or self.num_sampled):
             raise SoftLabelError(f"a rating store holds whole distributions: k must equal num_levels ({self.num_levels}), "
-                                 f"with no sampled labels and no augmented rows; got k={self.k}, "
-                                 f"num_sampled={self.num_sampled}, augmented_rows={self.augmented_rows}")
+                                 f"with no sampled labels; got k={self.k}, num_sampled={self.num_sampled}")
 
     @property
     def id_dtype(self) -> str:
@@ -179,8 +179,10 @@ def rating_store_schema(spec: StoreSpec) -> pa.Schema:
     input_levels   list<uint8>                          (n,) the rating level (1..R) of each input
     target_levels  list<uint8>                          (n,) the rating level (1..R) of each target
     log_probs      list<fixed_size_list<VAL, R>>        (n, R) the teacher's log p(level) (T = 1)
+    augmented      bool                  (augmented_rows only) a teacher-labelled perturbed row: KD only
     ============== ==================================== =========================================
     """
+    augmented = [("augmented", pa.bool_())] if spec.augmented_rows else []
     return pa.schema([
         ("seq_index", pa.int64()),
         ("user", pa.int32()),
@@ -190,6 +192,7 @@ def rating_store_schema(spec: StoreSpec) -> pa.Schema:
         ("input_levels", pa.list_(pa.uint8())),
         ("target_levels", pa.list_(pa.uint8())),
         ("log_probs", pa.list_(pa.list_(_value_arrow_type(spec), spec.num_levels))),
+        *augmented,
     ])
 
 

@@ -3,6 +3,8 @@ evaluation and report), on the embedded synthetic rated data; and the plan refus
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from cluster.plan import PlanError, build_plan
 from conftest import ROOT
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
-from data_pipeline.dataset import load_manifest
+from data_pipeline.dataset import load_manifest, read_split
 from data_pipeline.layout import RunLayout
 
 pytestmark = pytest.mark.integration
@@ -101,8 +103,46 @@ def test_a_run_of_the_other_task_on_these_files_is_refused_before_anything_runs(
 
 
 def test_settings_the_rating_task_has_no_use_for_are_refused(tmp_path):
-    cfg = rated_config(tmp_path, "precompute.num_sampled=8", "distill.loss=dkd", "precompute.augment.ratio=1")
+    cfg = rated_config(tmp_path, "precompute.num_sampled=8", "distill.loss=dkd")
     with pytest.raises(PlanError) as refused:
         build_plan(cfg).check()
-    for words in ("precompute.num_sampled has no use", "distill.loss=dkd is a next-item loss", "precompute.augment"):
+    for words in ("precompute.num_sampled has no use", "distill.loss=dkd is a next-item loss"):
         assert words in str(refused.value)
+
+
+def test_teacher_labelled_augmentation_adds_rows_the_student_learns_from_by_kd_only(rated_run, tmp_path):
+    """The same data and teacher, a store with one perturbed copy per sequence: the augmented rows hold real
+    (item, rating) pairs, the teacher's own distributions, and a distilled student trains on them."""
+    source = RunLayout(rated_run.run.run_dir)
+    cfg = rated_config(tmp_path / "run", "precompute.augment.ratio=1", "student.train.epochs=1")
+    layout = RunLayout(cfg.run.run_dir)
+    shutil.copytree(source.data, layout.data)
+    shutil.copytree(source.teacher, layout.teacher)
+    assert build_plan(cfg).stage("train-teacher").action == "done"
+    precompute.run(cfg)
+    manifest = store.load_store_manifest(layout.soft_labels)
+    real = store.load_store_manifest(source.soft_labels)["num_sequences"]
+    assert manifest["augmentation"]["settings"] == cfg.precompute.augment.settings() and manifest["augmentation"]["rows"] == real
+    assert manifest["num_sequences"] == 2 * real and manifest["augmentation"]["first_seq"] == real
+    spec = store.manifest_spec(manifest)
+    assert spec.augmented_rows and spec.num_levels == 5
+    train = read_split(layout.data, "train")
+    pairs = {(i, v) for items, levels in zip(train.column("items").to_pylist(), train.column("levels").to_pylist())
+             for i, v in zip(items, levels)}
+    teacher, _ = load_model(layout.teacher)
+    augmented_tables = [store.read_shard(layout.soft_labels, manifest, s["index"]) for s in manifest["shards"]
+                        if s["first_seq"] >= real]
+    assert sum(t.num_rows for t in augmented_tables) == real
+    for table in augmented_tables:
+        assert all(table.column("augmented").to_pylist())
+        decoded = store.decode_rating_positions(table, spec)
+        assert bool(decoded["augmented"].all())
+        for r, row in enumerate(table.slice(0, 4).to_pylist()):
+            items, levels = [row["inputs"][0], *row["targets"]], [row["input_levels"][0], *row["target_levels"]]
+            assert all(pair in pairs for pair in zip(items, levels))  # pairs someone gave in training
+            logits, _, valid = teacher.sequence_logits(torch.tensor([items]), torch.tensor([levels]))
+            stored = decoded["log_probs"][decoded["row_offsets"][r]:decoded["row_offsets"][r + 1]]
+            torch.testing.assert_close(stored, torch.log_softmax(logits[valid], -1), atol=3e-3, rtol=1e-3)
+    distill.run(cfg)
+    history = fsio.read_json(fsio.join(layout.student, "history.json"))
+    assert history["complete"] and np.isfinite(history["history"][-1]["val_nll"])

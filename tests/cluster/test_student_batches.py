@@ -140,6 +140,16 @@ def test_rating_batch_from_store_rebuilds_whole_sequences_aligned_with_the_label
     logits, targets, valid = model.sequence_logits(batch.inputs, batch.targets)
     assert int(valid.sum()) == len(kept)
     assert targets[valid].tolist() == [int(x) - 1 for _, v in sequences for x in v[1:][-max_len:]]
+    assert batch.augmented is None
+
+    # A store with augmented rows: their positions are marked, aligned with the labels kept.
+    marked = sl.StoreSpec(num_items=30, k=5, value_dtype="fp32", num_sampled=0, max_len=8, num_levels=5, augmented_rows=True)
+    table = sl.encode_rating_rows(marked, np.arange(3), np.arange(3), np.cumsum(n) - n, [i[:-1] for i, _ in sequences],
+                                  [i[1:] for i, _ in sequences], [v[:-1] for _, v in sequences], [v[1:] for _, v in sequences],
+                                  log_probs, "part-00000.parquet", augmented=np.array([True, False, True]))
+    batch = rating_batch_from_store(table, marked, max_len)
+    assert batch.augmented.tolist() == [True] * 3 + [False] * 1 + [True] * 3 and "augmented" not in batch.soft
+    np.testing.assert_allclose(batch.soft["log_probs"].numpy(), kept)
 
 
 def test_rating_batch_from_dataset_skips_single_ratings_and_keeps_the_window():

@@ -75,3 +75,23 @@ def test_bad_arguments_are_refused_and_nothing_to_augment_gives_nothing():
         augment_sequences(_sequences(), NUM_ITEMS, 3, ["crop"], 1.0, 0, 50)
     sources, rows = augment_sequences([np.array([4])], NUM_ITEMS, 3, ["crop"], 0.3, 0, 50)
     assert rows == [] and len(sources) == 0
+
+
+def test_rating_rows_move_each_item_with_its_rating_and_substitutes_are_real_training_pairs():
+    from data_pipeline.augment import augment_rating_sequences
+
+    rng = np.random.default_rng(3)
+    items = _sequences(30, seed=3)
+    sequences = [(s, rng.integers(1, 6, len(s))) for s in items]
+    pairs = {(int(i), int(v)) for s, levels in sequences for i, v in zip(s, levels)}
+    for op in ("crop", "mask", "reorder", "substitute"):
+        sources, rows = augment_rating_sequences(sequences, NUM_ITEMS, 5, 60, [op], rate=0.3, seed=2, max_len=12)
+        for source, (row_items, row_levels) in zip(sources, rows):
+            assert len(row_items) == len(row_levels) <= 12 and row_levels.min() >= 1 and row_levels.max() <= 5
+            own = dict(zip(sequences[source][0].tolist(), sequences[source][1].tolist()))
+            for item, level in zip(row_items.tolist(), row_levels.tolist()):
+                assert (item, level) in pairs, (op, item, level)  # a pair someone gave in training
+                if op != "substitute":  # the user's own items, each with the user's rating
+                    assert own[item] == level, (op, item, level)
+        if op == "substitute":  # some pairs are not the user's own
+            assert any(dict(zip(*sequences[s])).get(int(i)) != int(v) for s, (r, lv) in zip(sources, rows) for i, v in zip(r, lv))

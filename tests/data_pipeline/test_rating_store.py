@@ -65,3 +65,21 @@ def test_bad_rating_rows_are_refused_naming_the_example():
     broken[1][0, 3] = np.nan
     with pytest.raises(sl.SoftLabelError, match=r"log_probs of example 3 .*NaN"):
         encode(spec, rows, log_probs=broken)
+
+
+def test_a_rating_store_with_augmented_rows_marks_their_positions_and_requires_the_flags():
+    spec = sl.StoreSpec(num_items=40, k=5, value_dtype="fp16", num_sampled=0, max_len=10, num_levels=5, augmented_rows=True)
+    assert sl.StoreSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["augmented_rows"] is True
+    rows = rating_rows([3, 1, 2])
+    table = encode(spec, rows, augmented=np.array([False, True, True]))
+    assert table.schema == sl.rating_store_schema(spec) and "augmented" in table.schema.names
+    decoded = sl.decode_rating_positions(table, spec)
+    assert decoded["augmented"].tolist() == [False] * 3 + [True] * 3
+    assert sl.decode_rating_positions(table.slice(2, 1), spec)["augmented"].tolist() == [True, True]
+    with pytest.raises(sl.SoftLabelError, match="augmented flags missing but the spec has augmented_rows=True"):
+        encode(spec, rows)
+    plain = sl.StoreSpec(num_items=40, k=5, value_dtype="fp16", num_sampled=0, max_len=10, num_levels=5)
+    with pytest.raises(sl.SoftLabelError, match="augmented flags given"):
+        encode(plain, rows, augmented=np.zeros(3, bool))
+    with pytest.raises(sl.SoftLabelError, match="augmented has 2 rows"):
+        encode(spec, rows, augmented=np.zeros(2, bool))

@@ -142,3 +142,24 @@ def test_rating_terms_mix_to_the_rating_loss_and_an_empty_share_sums_to_zero():
     assert set(rating_terms(logits, targets, None, alpha=1.0)) == {"hard"}
     empty = rating_terms(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0, 5), alpha=0.3)
     assert all(float(total) == 0.0 and float(count) == 0.0 for total, count in empty.values())
+
+
+def test_augmented_positions_reach_the_kd_term_and_never_the_hard_label_term():
+    from distill.rating import rating_kd_loss, rating_terms
+
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(6, 5), torch.log_softmax(torch.randn(6, 5), -1)
+    targets = torch.randint(0, 5, (6,))
+    augmented = torch.tensor([False, True, False, True, True, False])
+    terms = rating_terms(logits, targets, teacher, alpha=0.5, temperature=2.0, augmented=augmented)
+    real = ~augmented
+    # The hard term: the cross-entropy of the real positions only, whatever the augmented ones' levels say.
+    torch.testing.assert_close(terms["hard"][0], torch.nn.functional.cross_entropy(logits[real], targets[real], reduction="sum"))
+    assert float(terms["hard"][1]) == 3.0
+    other_levels = targets.masked_fill(augmented, 0) + augmented.long() * 4  # change only the augmented positions
+    assert torch.equal(rating_terms(logits, other_levels, teacher, 0.5, 2.0, augmented)["hard"][0], terms["hard"][0])
+    # The KD term: every position, augmented ones included.
+    torch.testing.assert_close(terms["kd"][0] / terms["kd"][1], rating_kd_loss(logits, teacher, 2.0))
+    assert float(terms["kd"][1]) == 6.0
+    with pytest.raises(ValueError, match="augmented must be"):
+        rating_terms(logits, targets, teacher, 0.5, 2.0, augmented[:4])
