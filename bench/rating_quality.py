@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--kd-grid", default="0.2:2,0.5:2,0.2:1,0.0:2", help="alpha:temperature,...")
     parser.add_argument("--lrs", type=float, nargs="*", default=[0.003, 0.001], help="the twin's learning rates")
     parser.add_argument("--kd-lrs", action="store_true", help="also try every kd setting at every lr of --lrs")
+    parser.add_argument("--store-overrides", nargs="*", default=[],
+                        help="settings of the store and the students only (e.g. precompute.augment.ratio=2)")
+    parser.add_argument("--tag", default=None, help="a store and students of their own: main-<tag>, students-<tag>")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     root = Path(args.root or f"runs/rating-{args.name}").resolve()
@@ -96,10 +99,12 @@ def main() -> None:
     if args.ensemble_variants and not args.no_ensemble:
         members += [RunLayout(str(root / f"teacher-{name}-s0")).teacher for name in variants if name != chosen]
     teacher_url = RunLayout(str(root / f"teacher-{chosen}-s0")).teacher
-    labels = [f"teacher.checkpoint={teacher_url}", f"teacher.ensemble=[{','.join(members)}]", *variants[chosen]]
+    labels = [f"teacher.checkpoint={teacher_url}", f"teacher.ensemble=[{','.join(members)}]", *variants[chosen],
+              *args.store_overrides]
 
     # 2. The store, then the students, each family chosen on validation NLL.
-    family = "-variants" if args.ensemble_variants else ""  # another ensemble: its own store and students
+    # Another ensemble or other store settings: a store and students of their own.
+    family = f"-{args.tag}" if args.tag else "-variants" if args.ensemble_variants else ""
     main_dir = root / f"main{family}"
     cfg = _config(args, main_dir, *labels)
     _timed(seconds, "prepare", prepare.run, cfg)
@@ -136,6 +141,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "benchmark": "rating_quality", "dataset": args.name, "config": args.config, "overrides": args.overrides,
+        "store_overrides": args.store_overrides,
         "commit": commit, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
         "protocol": "teachers and students selected on validation NLL; test metrics of the selected ones only",
         "teacher_chosen": chosen, "ensemble_members": 1 + len(members), "selected": best, "selection": record,
