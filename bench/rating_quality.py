@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="a store and students of their own: main-<tag>, students-<tag>")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.store_overrides and not args.tag:  # they would relabel (and retrain) the untagged store's students
+        parser.error("--store-overrides needs a --tag: a store and students of their own")
     root = Path(args.root or f"runs/rating-{args.name}").resolve()
     seconds: dict[str, float] = {}
     record: dict = {"teachers": {}, "students": {}}
@@ -141,7 +143,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "benchmark": "rating_quality", "dataset": args.name, "config": args.config, "overrides": args.overrides,
-        "store_overrides": args.store_overrides,
+        "store_overrides": args.store_overrides, "tag": args.tag,
         "commit": commit, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
         "protocol": "teachers and students selected on validation NLL; test metrics of the selected ones only",
         "teacher_chosen": chosen, "ensemble_members": 1 + len(members), "selected": best, "selection": record,

@@ -20,14 +20,14 @@ import numpy as np
 from data_pipeline.config import AUGMENT_OPS
 
 
-def _crop(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np.ndarray) -> np.ndarray:
+def _crop(seq: np.ndarray, rate: float, rng: np.random.Generator, cumulative: np.ndarray) -> np.ndarray:
     """A random contiguous window keeping between 1 - rate and all of the sequence."""
     keep = max(2, int(np.ceil(len(seq) * rng.uniform(1.0 - rate, 1.0))))
     start = int(rng.integers(0, len(seq) - keep + 1))
     return seq[start : start + keep]
 
 
-def _mask(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np.ndarray) -> np.ndarray:
+def _mask(seq: np.ndarray, rate: float, rng: np.random.Generator, cumulative: np.ndarray) -> np.ndarray:
     """Drop a share ``rate`` of the items (the model has no mask token: a masked item is left out)."""
     drop = min(len(seq) - 2, int(round(len(seq) * rate)))
     if drop <= 0:
@@ -36,7 +36,7 @@ def _mask(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np
     return seq[kept]
 
 
-def _reorder(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np.ndarray) -> np.ndarray:
+def _reorder(seq: np.ndarray, rate: float, rng: np.random.Generator, cumulative: np.ndarray) -> np.ndarray:
     """Shuffle a random window of ``rate`` of the length (at least 2 items)."""
     width = min(len(seq), max(2, int(round(len(seq) * rate))))
     start = int(rng.integers(0, len(seq) - width + 1))
@@ -45,12 +45,14 @@ def _reorder(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity:
     return out
 
 
-def _substitute(seq: np.ndarray, rate: float, rng: np.random.Generator, popularity: np.ndarray) -> np.ndarray:
-    """Replace a share ``rate`` of the items (at least 1) by items drawn by training popularity."""
+def _substitute(seq: np.ndarray, rate: float, rng: np.random.Generator, cumulative: np.ndarray) -> np.ndarray:
+    """Replace a share ``rate`` of the items (at least 1) by items drawn by training popularity
+    (``cumulative``: its running sum, normalised to end at 1)."""
     count = max(1, int(round(len(seq) * rate)))
     where = rng.choice(len(seq), size=count, replace=False)
     out = seq.copy()
-    out[where] = rng.choice(len(popularity), size=count, p=popularity)
+    # What rng.choice(p=popularity) draws, without rebuilding the catalog-long running sum for every row.
+    out[where] = cumulative.searchsorted(rng.random(count), side="right")
     return out
 
 
@@ -95,14 +97,15 @@ def augment_sequences(
     if count <= 0 or len(usable) == 0:
         return np.zeros(0, np.int64), []
     rng = np.random.default_rng([seed, 0x5EED_A06])
-    popularity = item_popularity(sequences, num_items)
+    cumulative = np.cumsum(item_popularity(sequences, num_items))
+    cumulative /= cumulative[-1]
     rounds = -(-count // len(usable))
     sources = np.concatenate([rng.permutation(usable) for _ in range(rounds)])[:count]
     chosen = rng.integers(0, len(ops), size=count)
     rows = []
     for source, op in zip(sources, chosen):
         seq = np.asarray(sequences[source], dtype=np.int64)[-max_len:]
-        rows.append(OPS[ops[op]](seq, rate, rng, popularity) if len(seq) >= 2 else seq)
+        rows.append(OPS[ops[op]](seq, rate, rng, cumulative) if len(seq) >= 2 else seq)
     return sources.astype(np.int64), rows
 
 

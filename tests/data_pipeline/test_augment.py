@@ -95,3 +95,27 @@ def test_rating_rows_move_each_item_with_its_rating_and_substitutes_are_real_tra
                     assert own[item] == level, (op, item, level)
         if op == "substitute":  # some pairs are not the user's own
             assert any(dict(zip(*sequences[s])).get(int(i)) != int(v) for s, (r, lv) in zip(sources, rows) for i, v in zip(r, lv))
+
+
+def test_substitutes_are_the_draws_of_numpy_choice_by_popularity():
+    """The running sum is built once per call, not once per row; the rows are those of the per-row
+    ``rng.choice(p=popularity)`` they replaced (so a store made before the change is remade identically)."""
+    seqs = _sequences(60, seed=4)
+
+    def reference(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, 0x5EED_A06])
+        p = item_popularity(seqs, NUM_ITEMS)
+        usable = np.arange(len(seqs))
+        sources = np.concatenate([rng.permutation(usable) for _ in range(2)])[:90]
+        rng.integers(0, 1, size=90)  # the op of each row (one op here)
+        rows = []
+        for source in sources:
+            seq = seqs[source][-50:].copy()
+            count = max(1, int(round(len(seq) * 0.3)))
+            where = rng.choice(len(seq), size=count, replace=False)
+            seq[where] = rng.choice(len(p), size=count, p=p)
+            rows.append(seq)
+        return rows
+
+    _, rows = augment_sequences(seqs, NUM_ITEMS, 90, ["substitute"], rate=0.3, seed=7, max_len=50)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, reference(7))) and len(rows) == 90
