@@ -144,6 +144,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             group["lr"] = tcfg.lr * ratio
 
     batches = epoch_batches(state["epoch"], state["step"]) if state["epoch"] < tcfg.epochs else None
+    stopped_early = False
     for epoch in range(state["epoch"], tcfg.epochs):
         started, losses = time.perf_counter(), []
         forward.train()
@@ -193,13 +194,14 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             recent = [h.get("val_select", h.get("val_ndcg@10")) for h in state["history"][-tcfg.patience:]]
             if max(recent) < state["best_ndcg"]:
                 log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+                stopped_early = True
                 break
     if batches is not None:
         batches.close()  # stopped early: the next epoch's reader was already running
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         fsio.write_json_atomic(fsio.join(out_url, "history.json"),
                                {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp,
-                                "complete": True}, storage)
+                                "complete": True, "stopped_early": stopped_early}, storage)
 
 
 def _broadcast_object(obj: Any, dist) -> Any:

@@ -427,7 +427,12 @@ def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[st
         return "run", None
     recorded = history.get("stage_fingerprint")
     other = recorded if recorded not in (None, stage_fingerprint(cfg, stage, teacher_fp)) else None
-    return ("done" if history.get("complete") else "resume"), other
+    # Epochs are not in the fingerprint, so that asking for more continues a finished training from its
+    # checkpoint: one that ran out of epochs (not stopped early) is done only if it ran as many as asked.
+    # Histories from before "stopped_early" was recorded count as done.
+    epochs = (cfg.teacher if stage == "teacher" else cfg.student).train.epochs
+    more_asked = history.get("stopped_early") is False and len(history.get("history", [])) < epochs
+    return ("done" if history.get("complete") and not more_asked else "resume"), other
 
 
 def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: Optional[str] = None) -> bool:

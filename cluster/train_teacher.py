@@ -212,7 +212,7 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     if rank == 0:
         log.info("teacher: DeepSpeed ZeRO-%d engine ready on %d workers in %.1f s", cfg.deepspeed.zero_stage, world, time.perf_counter() - setup_started)
     params = count_parameters(mcfg, num_items, len(manifest.get("rating_values") or []) if task.name == "rating" else 0)
-    patience_left = tcfg.patience
+    patience_left, stopped_early = tcfg.patience, False
     for epoch in range(state["epoch"], tcfg.epochs):
         started = time.perf_counter()
         engine.train()
@@ -288,13 +288,14 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             ctx.report(report, checkpoint_dir=tmp)
         if tcfg.patience and patience_left <= 0:
             log.info("no improvement for %d epochs: stopping early", tcfg.patience)
+            stopped_early = True
             break
     node_watch.stop()
     del engine  # its swap buffers and files are no longer needed
     clear_swap_dir(swap_dir, local_rank, recreate=False)
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
-                    "stage_fingerprint": stage_fp, "complete": True}
+                    "stage_fingerprint": stage_fp, "complete": True, "stopped_early": stopped_early}
         fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
 

@@ -22,6 +22,14 @@ def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
     assert not training_complete(str(folder), cfg, "student")
     (folder / "history.json").write_text(json.dumps({"history": [{"epoch": 1}], "restarts": [], "complete": True}))
     assert training_complete(str(folder), cfg, "student")  # a history from before fingerprints: taken at its word
+    # A training that ran out of its epochs is done only for as many epochs; one stopped early is done.
+    ran_out = {"history": [{"epoch": 1}, {"epoch": 2}], "restarts": [], "complete": True, "stopped_early": False}
+    (folder / "history.json").write_text(json.dumps(ran_out))
+    assert training_complete(str(folder), build_config({}, ["student.train.epochs=2"]), "student")
+    assert not training_complete(str(folder), build_config({}, ["student.train.epochs=3"]), "student")
+    assert build_plan(build_config({}, [f"run.run_dir={tmp_path}", "student.train.epochs=3"])).stage("distill").action != "done"
+    (folder / "history.json").write_text(json.dumps({**ran_out, "stopped_early": True}))
+    assert training_complete(str(folder), build_config({}, ["student.train.epochs=3"]), "student")
 
 
 def test_a_stage_finished_under_other_settings_is_not_done_and_the_plan_refuses_it(tmp_path):
