@@ -40,6 +40,7 @@ from data_pipeline.dataset import load_manifest, read_split, train_item_counts
 from data_pipeline.exports import read_export_meta, read_export_tensor
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, prefetch_iter
+from distill.hints import ItemEmbeddingHint, hint_items
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
 from distill.training import check_checkpoint_stage, lr_ratio, mixed_loss, seed_step
@@ -93,7 +94,11 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     if not baseline and dcfg.init_from_teacher and restored is None:
         # The same on every rank (a deterministic SVD of the same tensor); DDP also broadcasts rank 0's weights.
         init_item_table_from_teacher(trunk, read_export_tensor(loop_config["teacher_url"], task.item_table_key, storage))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
+    # Item-embedding distillation: a projection that trains beside the student (checkpointed with it, never exported).
+    hint = None if baseline or not dcfg.embedding_hint else ItemEmbeddingHint(
+        mcfg.d_model, read_export_tensor(loop_config["teacher_url"], task.item_table_key, storage))
+    trained = [*model.parameters(), *(hint.parameters() if hint is not None else [])]
+    optimizer = torch.optim.AdamW(trained, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(
         cfg, "student", student_source(soft_manifest["teacher_fingerprint"], cfg, soft_manifest))
     state = {"epoch": 0, "step": 0, "best_ndcg": -math.inf, "world_size": world, "history": [], "restarts": [],
@@ -107,12 +112,16 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         finally:
             shutil.rmtree(restored.local_dir, ignore_errors=True)
         model.load_state_dict(blob["model"])
+        if hint is not None:
+            hint.load_state_dict(blob["hint"])
         optimizer.load_state_dict(blob["optimizer"])  # dropout needs no RNG state: seed_step seeds every step
         saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
         state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
     model.to(device)
-    forward = ctx.wrap_data_parallel(task.student_forward(model, runtime.bf16))
+    if hint is not None:
+        hint.to(device)
+    forward = ctx.wrap_data_parallel(task.student_forward(model, runtime.bf16, hint))
     if rank == 0:
         log.info("student on %s (%s), %s forward", device, runtime.backend, "bf16-autocast" if runtime.bf16 else "fp32")
     attempt = f"e{state['epoch']}s{state['step']}w{world}-{uuid.uuid4().hex[:6]}" if rank == 0 else None
@@ -124,7 +133,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     def save_and_report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:
             if rank == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(tmp, WEIGHTS_FILE))
+                blob = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                torch.save({**blob, "hint": hint.state_dict()} if hint is not None else blob, os.path.join(tmp, WEIGHTS_FILE))
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({**state, "world_size": world}, f)
             ctx.report(metrics, checkpoint_dir=tmp if rank == 0 else None)
@@ -146,13 +156,14 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     batches = epoch_batches(state["epoch"], state["step"]) if state["epoch"] < tcfg.epochs else None
     stopped_early = False
     for epoch in range(state["epoch"], tcfg.epochs):
-        started, losses = time.perf_counter(), []
+        started, losses, hint_distances = time.perf_counter(), [], []
         forward.train()
         for step, batch in batches:
             seed_step(cfg.run.seed, epoch, step, rank)
             alpha = 1.0 if baseline else dcfg.alpha
-            terms = task.student_terms(forward, batch, alpha, dcfg, kd_options, device)
-            loss, local_loss = mixed_loss(terms, alpha, world, device)
+            items = hint_items(trunk.num_scores) if hint is not None else None  # drawn after seed_step: resumable
+            terms = task.student_terms(forward, batch, alpha, dcfg, kd_options, device, items)
+            loss, local_loss = mixed_loss(terms, alpha, world, device, dcfg.embedding_hint)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip > 0:
@@ -160,6 +171,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             set_lr(epoch, step)
             optimizer.step()
             losses.append(local_loss)
+            if hint is not None:  # the mean cosine distance of the sampled items, for the history
+                hint_distances.append(float(terms["hint"][0].detach()) / max(float(terms["hint"][1]), 1.0))
             if dcfg.log_consumed:
                 _log_consumed(out_url, storage, attempt_id, epoch, step, rank, world, batch.rows)
             state["step"] = step + 1
@@ -171,7 +184,8 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         metrics = task.validate(model, valid, dataset, cfg.eval, tcfg.eval_batch_size, rank, world, device, mcfg.max_len)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
                   "train_seconds": time.perf_counter() - started, "workers": world, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"val_{k}": v for k, v in metrics.items()}, "val_select": task.select(metrics)}
+                  **{f"val_{k}": v for k, v in metrics.items()}, "val_select": task.select(metrics),
+                  **({"train_hint_distance": float(np.mean(hint_distances))} if hint_distances else {})}
         state["history"].append(record)
         if rank == 0:
             log.info("%s epoch %d: train loss %.4f, val %s %.4f, %.1f s on %d workers", "baseline" if baseline else "student",

@@ -373,8 +373,9 @@ class _Planner:
                      else "precompute.augment.ratio is 0, so the store will have no augmented rows")
             self.problem(name, f"distill.augmented=use, but {where}: set precompute.augment.ratio > 0 (and run precompute "
                                "again), or distill.augmented=auto")
-        if not baseline and cfg.distill.init_from_teacher and self.teacher and self.teacher["model"].get("item_dims"):
-            self.problem(name, "distill.init_from_teacher needs a teacher with a uniform item table (its item_dims is set)")
+        for option in ("init_from_teacher", "embedding_hint"):  # both read the teacher's item table from its export
+            if not baseline and getattr(cfg.distill, option) and self.teacher and self.teacher["model"].get("item_dims"):
+                self.problem(name, f"distill.{option} needs a teacher with a uniform item table (its item_dims is set)")
 
     def _memory(self) -> None:
         """Each stage's peak memory per worker (cluster.memory_plan); a stage that will run and does not fit is a problem."""

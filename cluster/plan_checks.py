@@ -89,6 +89,9 @@ def task_problems(cfg: Config) -> list[Problem]:
         problems.append(Problem("distill", f"distill.loss={cfg.distill.loss} is a next-item loss; run.task=rating distils "
                                            "by temperature KL of the rating distributions mixed with CE (distill.alpha, "
                                            "distill.temperature): remove distill.loss"))
+    if cfg.distill.embedding_hint:
+        problems.append(Problem("distill", "distill.embedding_hint is built for the next-item task; run.task=rating "
+                                           "distils the rating distributions only: set it to 0"))
     return problems
 
 

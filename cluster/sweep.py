@@ -82,11 +82,14 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
             raise ConfigError(f"sweep.fractions: {fraction:g} of the teacher's {teacher:,} parameters: {exc}") from None
         params = count_parameters(model, num_items)
         for seed in cfg.sweep.seeds:
+            group = []
             for baseline, augmented in kinds:
                 kind = "twin" if baseline else "kdaug" if augmented else "kd"
                 for variant in ([""] if baseline else ["", *cfg.sweep.variants]):
                     name = f"{size_label(fraction)}-s{seed}-{kind}" + (f"-{variant}" if variant else "")
-                    members.append(Member(name, fraction, seed, baseline, model, params, augmented, variant))
+                    group.append(Member(name, fraction, seed, baseline, model, params, augmented, variant))
+            # The first distilled member and its twin train first: a sweep cut short has its comparison.
+            members += sorted(group, key=lambda m: 0 if m is group[0] or m.baseline else 1)
     for member in members:  # every variant's overrides are valid before anything trains
         member_config(cfg, member)
     return members

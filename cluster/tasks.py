@@ -37,13 +37,14 @@ class TrainingTask:
     metric: str
     sign: float
     # The student's side (cluster.distill):
-    #: (model, bf16) -> the module DDP wraps: its forward takes a batch's (inputs, targets) tensors
-    student_forward: Callable[[nn.Module, bool], nn.Module]
+    #: (model, bf16, item-embedding hint or None) -> the module DDP wraps: its forward takes a batch's tensors
+    student_forward: Callable[..., nn.Module]
     #: (table, store spec or None for the twin, max_len) -> a cluster.student_batches.StudentBatch
     student_batch: Callable[..., Any]
-    #: (forward, batch, alpha, distill config, kd options, device) -> the loss terms distill.training.mixed_loss mixes
+    #: (forward, batch, alpha, distill config, kd options, device, hint items or None) -> the loss terms
+    #: distill.training.mixed_loss mixes
     student_terms: Callable[..., dict]
-    #: the teacher export's item table (distill.init_from_teacher)
+    #: the teacher export's item table (distill.init_from_teacher, distill.embedding_hint)
     item_table_key: str
 
     def select(self, metrics: dict[str, float]) -> float:
@@ -61,11 +62,15 @@ def _next_item() -> TrainingTask:
     from distill.sequences import next_item_batch
     from distill.training import NextItemObjective, PositionLogits, distributed_ranking_eval, training_sequences
 
-    def student_terms(forward, batch, alpha, dcfg, kd_options, device):
-        logits = forward(batch.inputs.to(device))
+    def student_terms(forward, batch, alpha, dcfg, kd_options, device, hint_items=None):
+        if hint_items is None:
+            logits, hint = forward(batch.inputs.to(device)), None
+        else:  # one forward for both, so that DDP sees the hint's projection used
+            logits, hint = forward(batch.inputs.to(device), hint_items)
         targets = batch.targets[batch.inputs != PAD_ID].to(device)
         soft = {k: v.to(device) for k, v in batch.soft.items()} if batch.soft else None
-        return distillation_terms(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, batch.augmented, **kd_options)
+        terms = distillation_terms(dcfg.loss, alpha, dcfg.temperature, logits, targets, soft, batch.augmented, **kd_options)
+        return terms if hint is None else {**terms, "hint": hint}
 
     def validate(model, valid, dataset, eval_cfg, batch_size, rank, world, device, max_len):
         return distributed_ranking_eval(model.score_last, valid, dataset["num_items"], eval_cfg.ks, batch_size, rank, world,
@@ -80,7 +85,7 @@ def _next_item() -> TrainingTask:
         validate=validate,
         empty_batch=_zeros,  # (inputs, targets) of width max_len
         metric="ndcg@10", sign=1.0,
-        student_forward=lambda model, bf16: PositionLogits(model, bf16=bf16),
+        student_forward=lambda model, bf16, hint=None: PositionLogits(model, bf16=bf16, hint=hint),
         student_batch=lambda table, spec, max_len: (batch_from_dataset(table, max_len) if spec is None
                                                     else batch_from_store(table, spec, max_len)),
         student_terms=student_terms,
@@ -94,7 +99,9 @@ def _rating() -> TrainingTask:
     from distill.rating_training import (RatingObjective, RatingPositions, distributed_rating_eval, rating_batch,
                                          rating_training_sequences)
 
-    def student_terms(forward, batch, alpha, dcfg, kd_options, device):
+    def student_terms(forward, batch, alpha, dcfg, kd_options, device, hint_items=None):
+        if hint_items is not None:  # the plan refuses distill.embedding_hint for this task
+            raise ValueError("the rating task has no item-embedding hint")
         logits, targets = forward(batch.inputs.to(device), batch.targets.to(device))
         teacher = batch.soft["log_probs"].to(device) if batch.soft else None
         augmented = batch.augmented.to(device) if batch.augmented is not None else None
@@ -113,7 +120,7 @@ def _rating() -> TrainingTask:
         empty_batch=lambda max_len: _zeros(max_len + 1),  # (items, levels): whole sequences
         # The distribution is what the teacher hands on: select on its likelihood.
         metric="nll", sign=-1.0,
-        student_forward=lambda model, bf16: RatingPositions(model, bf16=bf16),
+        student_forward=lambda model, bf16, hint=None: RatingPositions(model, bf16=bf16),
         student_batch=lambda table, spec, max_len: (rating_batch_from_dataset(table, max_len) if spec is None
                                                     else rating_batch_from_store(table, spec, max_len)),
         student_terms=student_terms,

@@ -99,6 +99,10 @@ class DistillConfig(Section):
     init_from_teacher: bool = Field(
         False, description="Start the distilled student's item table from the teacher's top principal item directions."
     )
+    embedding_hint: float = Field(
+        0.0, ge=0, description="Weight of the item-embedding hint (distill.hints): the student's item vectors, through a "
+                               "learned projection, pulled toward the teacher's by cosine; 0 = off. Next-item task only."
+    )
 
 
 class EvalConfig(Section):

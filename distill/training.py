@@ -6,7 +6,7 @@ inside a forward), and distributed full-ranking evaluation.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.evaluate import left_pad_list_array
 from distill.metrics import RankingAccumulator, seen_mask, target_ranks
+from distill.hints import ItemEmbeddingHint
 from distill.losses import term_weights
 from distill.model import PAD_ID, SequentialRecommender
 
@@ -96,10 +97,12 @@ class NextItemObjective(nn.Module):
 
 
 def mixed_loss(
-    terms: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, world: int, device: torch.device
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, world: int, device: torch.device,
+    hint_weight: float = 0.0,
 ) -> tuple[torch.Tensor, float]:
-    """The step's loss from :func:`distill.losses.distillation_terms`: ``alpha * hard + (1 - alpha) * kd``,
-    each term's sum divided by its position count over *all* workers.
+    """The step's loss from :func:`distill.losses.distillation_terms`: ``alpha * hard + (1 - alpha) * kd``
+    (plus ``hint_weight *`` a ``"hint"`` term, :mod:`distill.hints`, when there is one),
+    each term's sum divided by its position (or item) count over *all* workers.
 
     Counting globally keeps the gradient independent of the worker count; the result is
     multiplied by ``world`` because DDP averages gradients over ranks. The two terms have
@@ -111,7 +114,7 @@ def mixed_loss(
     counts = torch.stack([terms[name][1].to(device=device, dtype=torch.float32) for name in names])
     if world > 1:
         torch.distributed.all_reduce(counts)
-    weight = term_weights(alpha)
+    weight = {**term_weights(alpha), "hint": float(hint_weight)}
     loss = sum(weight[name] * terms[name][0] * world / counts[i].clamp(min=1.0) for i, name in enumerate(names))
     local = sum(weight[name] * float(terms[name][0].detach()) / max(float(terms[name][1]), 1.0) for name in names)
     return loss, local
@@ -227,13 +230,17 @@ class PositionLogits(nn.Module):
     the catalog stays fp32. The weights and the optimiser stay fp32 either way.
     """
 
-    def __init__(self, model: SequentialRecommender, bf16: bool = False):
+    def __init__(self, model: SequentialRecommender, bf16: bool = False, hint: Optional[ItemEmbeddingHint] = None):
         super().__init__()
         self.model = model
         self.bf16 = bf16
+        self.hint = hint  # item-embedding distillation (distill.embedding_hint): its projection trains under DDP too
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, hint_items: Optional[torch.Tensor] = None):
+        """-> (P, C) logits; with ``hint_items`` (the hint's items this step), ``(logits, (hint sum, count))``."""
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = self.model(inputs)
             logits = self.model.scores(hidden[inputs != PAD_ID])
-        return logits.float()
+        if hint_items is None:
+            return logits.float()
+        return logits.float(), self.hint(self.model.item_vectors(hint_items.to(inputs.device)), hint_items)

@@ -23,7 +23,7 @@ from data_pipeline.dataset import load_manifest, train_item_counts
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import EpochPlan, list_blocks
 from cluster.config import stage_fingerprint
-from data_pipeline.exports import read_export_meta
+from data_pipeline.exports import load_export, read_export_meta
 from cluster.plan import PlanError
 from cluster.models import load_model, save_model
 from distill.model import SequentialRecommender
@@ -117,8 +117,10 @@ def history(cfg) -> dict:
 
 
 def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_template, tmp_path):
-    # Also starts from the teacher's item directions (read in the workers; not again on resume).
-    cfg = copy_run(store_template, tmp_path, "scaling.max_failures=2", "distill.init_from_teacher=true")
+    # Also starts from the teacher's item directions (read in the workers; not again on resume), and trains
+    # an item-embedding hint beside the student (its projection is checkpointed and resumed with it).
+    teacher_items = ["distill.init_from_teacher=true", "distill.embedding_hint=0.5"]
+    cfg = copy_run(store_template, tmp_path, "scaling.max_failures=2", *teacher_items)
     killed, error = run_with_kill(cfg)
     assert error is None and killed
     restarts = history(cfg)["restarts"]
@@ -131,10 +133,15 @@ def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_templa
     assert history(cfg)["stage_fingerprint"] == stage_fingerprint(cfg, "student", teacher_fp)
     assert training_complete(layout.student, cfg, "student", teacher_fp)
     # Exact: the same two epochs never interrupted end with the same weights (DDP on 2 workers, dropout on).
-    straight = copy_run(store_template, tmp_path / "straight", "distill.init_from_teacher=true", "distill.log_consumed=false")
+    straight = copy_run(store_template, tmp_path / "straight", *teacher_items, "distill.log_consumed=false")
     distill.run(straight)
     assert [h["val_ndcg@10"] for h in history(straight)["history"]] == [h["val_ndcg@10"] for h in history(cfg)["history"]]
     assert read_export_meta(RunLayout(straight.run.run_dir).student)["fingerprint"] == read_export_meta(layout.student)["fingerprint"]
+    # The hint trained: its mean cosine distance is recorded each epoch and fell from the first epoch to the last.
+    distances = [h["train_hint_distance"] for h in history(cfg)["history"]]
+    assert 0 < distances[-1] < distances[0] < 2
+    weights, _ = load_export(layout.student)
+    assert not [name for name in weights if "projection" in name]  # the hint's projection is not exported
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])

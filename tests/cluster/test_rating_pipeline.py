@@ -103,10 +103,11 @@ def test_a_run_of_the_other_task_on_these_files_is_refused_before_anything_runs(
 
 
 def test_settings_the_rating_task_has_no_use_for_are_refused(tmp_path):
-    cfg = rated_config(tmp_path, "precompute.num_sampled=8", "distill.loss=dkd")
+    cfg = rated_config(tmp_path, "precompute.num_sampled=8", "distill.loss=dkd", "distill.embedding_hint=0.5")
     with pytest.raises(PlanError) as refused:
         build_plan(cfg).check()
-    for words in ("precompute.num_sampled has no use", "distill.loss=dkd is a next-item loss"):
+    for words in ("precompute.num_sampled has no use", "distill.loss=dkd is a next-item loss",
+                  "distill.embedding_hint is built for the next-item task"):
         assert words in str(refused.value)
 
 
