@@ -4,7 +4,8 @@
         sweep.fractions=[0.2,0.1,0.05,0.02,0.01] sweep.seeds=[0,1]
 
 The sweep resumes member by member, so a run cut short by the session is continued by the
-same command. Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
+same command. ``--finished-only`` trains nothing: it scores the members finished so far (a
+progress report of a sweep still under way, with the unfinished ones listed). Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
 member, distilled and twin, the paired-bootstrap gain), a per-size summary over seeds, the
 issue's goal checked (at <= 1/10 of the teacher: +5% over the twin with the 95% interval
 above 0 and >= 90% of the teacher kept; at every size the distilled student level with its
@@ -80,9 +81,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: score the members already finished and list the others")
+    parser.add_argument("--results-dir", default="bench/results", help="where frontier_<name>.json goes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    from cluster import frontier as frontier_files
     from cluster import sweep
     from cluster.cli import USER_ERRORS
     from cluster.common import code_version
@@ -93,19 +98,27 @@ def main() -> None:
     try:  # a user mistake (config, store, export) is one line, as in the CLI
         cfg = load_config(args.config, args.overrides).with_absolute_paths()
         started = time.perf_counter()
-        frontier = sweep.run(cfg)
+        if args.finished_only:
+            plan = build_plan(cfg)
+            plan.require("distill")
+            members = [m for m in sweep.plan_members(cfg, plan) if sweep.finished(cfg, plan, m)]
+            unfinished = [m.name for m in sweep.plan_members(cfg, plan) if m not in members]
+            frontier = frontier_files.write(cfg, plan, [(m, sweep.member_folder(cfg, m)) for m in members])
+        else:
+            frontier = sweep.run(cfg)
+            plan = build_plan(cfg)
+            members, unfinished = sweep.plan_members(cfg, plan), []
         wall = time.perf_counter() - started
-        plan = build_plan(cfg)
-        members = sweep.plan_members(cfg, plan)
     except USER_ERRORS as exc:
         raise SystemExit(f"bench.frontier: {exc}") from None
     except Interrupted as exc:  # Ctrl-C: one line, and the same command resumes
         print(f"bench.frontier: {exc}", file=sys.stderr)
         raise SystemExit(130) from None
     result = {"benchmark": "frontier", "config": args.config, "overrides": args.overrides, **code_version(),
+              "complete": not unfinished, "unfinished_members": unfinished,
               "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"]),
               "costs": costs(cfg, members, plan.store)}
-    out = Path("bench/results") / f"frontier_{args.name}.json"
+    out = Path(args.results_dir) / f"frontier_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'kind':<14}{'size':>8}{'params':>10}{'distilled':>11}{'twin':>9}{'gain':>9}{'keeps':>8}  seeds")
@@ -115,6 +128,8 @@ def main() -> None:
         print(f"{e['kind']:<14}{e['fraction']:>8g}{e['params']:>10,}{e['kd_ndcg@10']:>11.4f}{twin:>9}{gain:>9}"
               f"{e['keeps_of_teacher']:>8.0%}  {e['seeds']}")
     print(json.dumps(result["summary"]["goal"], indent=1))
+    if unfinished:
+        print(f"not finished yet (not in the table): {', '.join(unfinished)}")
     print(f"written to {out}")
 
 

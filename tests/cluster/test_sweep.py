@@ -112,6 +112,14 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
     driver.wait()
     before = _complete(run_dir)
     assert 2 <= len(before) < 6, f"{len(before)} members finished before the kill"
+    # A progress report of the cut-short sweep trains nothing: the finished members are scored, the others listed.
+    report = subprocess.run([sys.executable, "-m", "bench.frontier", "--finished-only", "--name", "partial", "--results-dir",
+                             str(tmp_path), *_sweep_cmd(run_dir)[4:]], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    partial = json.loads((tmp_path / "frontier_partial.json").read_text())
+    assert not partial["complete"] and set(partial["unfinished_members"]).isdisjoint(before)
+    assert len(partial["unfinished_members"]) + len(before) == 6 and _complete(run_dir) == before
+    assert set(partial["frontier"]["members"]) == set(before)
 
     rerun = subprocess.run(_sweep_cmd(run_dir), capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
