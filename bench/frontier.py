@@ -103,7 +103,7 @@ def main() -> None:
             plan.require("distill")
             members = [m for m in sweep.plan_members(cfg, plan) if sweep.finished(cfg, plan, m)]
             unfinished = [m.name for m in sweep.plan_members(cfg, plan) if m not in members]
-            frontier = frontier_files.write(cfg, plan, [(m, sweep.member_folder(cfg, m)) for m in members])
+            frontier = frontier_files.write(cfg, plan, [(m, sweep.member_folder(cfg, m)) for m in members], files=False)
         else:
             frontier = sweep.run(cfg)
             plan = build_plan(cfg)

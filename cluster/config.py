@@ -266,6 +266,9 @@ def stage_fingerprint(
     # Values at their schema default are left out, so that a new option (added at its default)
     # does not make every finished stage look like another configuration's.
     def settings(section: BaseModel, operational: set[str] = frozenset()) -> dict[str, Any]:
+        if getattr(section, "lr_schedule", "constant") != "constant":
+            # A cosine decays to 0 at the last planned epoch: more epochs are another schedule, not a continuation.
+            operational = set(operational) - {"epochs"}
         return section.model_dump(mode="json", exclude=set(operational), exclude_defaults=True)
 
     if stage == "teacher":

@@ -97,6 +97,10 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     # Item-embedding distillation: a projection that trains beside the student (checkpointed with it, never exported).
     hint = None if baseline or not dcfg.embedding_hint else ItemEmbeddingHint(
         mcfg.d_model, read_export_tensor(loop_config["teacher_url"], task.item_table_key, storage))
+    # On the device before the optimiser exists: a restored optimiser state then lands beside its parameters.
+    model.to(device)
+    if hint is not None:
+        hint.to(device)
     trained = [*model.parameters(), *(hint.parameters() if hint is not None else [])]
     optimizer = torch.optim.AdamW(trained, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.98))
     stage_fp = stage_fingerprint(cfg, "baseline") if baseline else stage_fingerprint(
@@ -118,9 +122,6 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
         saved["restarts"].append({"epoch": saved["epoch"], "step": saved["step"], "from_workers": saved["world_size"], "workers": world})
         state = {**saved, "stage_fingerprint": stage_fp}
         log.info("rank %d: resumed at epoch %d step %d (was %d workers, now %d)", rank, state["epoch"], state["step"], saved["world_size"], world)
-    model.to(device)
-    if hint is not None:
-        hint.to(device)
     forward = ctx.wrap_data_parallel(task.student_forward(model, runtime.bf16, hint))
     if rank == 0:
         log.info("student on %s (%s), %s forward", device, runtime.backend, "bf16-autocast" if runtime.bf16 else "fp32")
@@ -167,7 +168,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained, tcfg.grad_clip)
             set_lr(epoch, step)
             optimizer.step()
             losses.append(local_loss)

@@ -45,8 +45,9 @@ def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
     return None
 
 
-def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
-    """Score every (member, folder) and the teacher; write the frontier files; return the frontier."""
+def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True) -> dict[str, Any]:
+    """Score every (member, folder) and the teacher; write the frontier files (``files``: a partial frontier,
+    a progress report, leaves the sweep's own files alone); return the frontier."""
     storage, layout = cfg.data.storage_options, RunLayout(cfg.run.run_dir)
     dataset = plan.dataset
     test = read_split(layout.data, "test", storage, dataset)
@@ -77,9 +78,10 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]]) -> dict[str, Any]:
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,
               "members": {name: {k: v for k, v in s.items() if k != "per_user"} for name, s in scored.items()}}
-    fsio.write_json_atomic(fsio.join(layout.sweep, "frontier.json"), result, storage)
-    fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.md"), format_table(result).encode(), storage)
-    fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.png"), _plot(result), storage)
+    if files:
+        fsio.write_json_atomic(fsio.join(layout.sweep, "frontier.json"), result, storage)
+        fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.md"), format_table(result).encode(), storage)
+        fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.png"), _plot(result), storage)
     return result
 
 

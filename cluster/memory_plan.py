@@ -243,6 +243,8 @@ def student_training(cfg: Config, num_items: int, workers: int, baseline: bool) 
     host.update(activation_bytes(model, num_items, micro, True, False))
     if not baseline:  # the teacher's soft labels of the batch, decoded to dense per-position top-k
         host["soft labels"] = micro * model.max_len * cfg.precompute.k * 8
+    if not baseline and cfg.distill.embedding_hint:  # the teacher's item table, read whole (and its fp32 copy)
+        host["teacher item table (embedding hint)"] = (num_items + 1) * cfg.teacher.model.d_model * 4 * 2
     return Estimate("distill --baseline" if baseline else "distill", workers, host)
 
 

@@ -428,8 +428,9 @@ def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[st
         return "run", None
     recorded = history.get("stage_fingerprint")
     other = recorded if recorded not in (None, stage_fingerprint(cfg, stage, teacher_fp)) else None
-    # Epochs are not in the fingerprint, so that asking for more continues a finished training from its
-    # checkpoint: one that ran out of epochs (not stopped early) is done only if it ran as many as asked.
+    # Epochs are not in the fingerprint (under a constant lr), so that asking for more continues a finished
+    # training from its checkpoint: one that ran out of epochs (not stopped early) is done only if it ran as
+    # many as asked. (Under a cosine schedule they are: more epochs are another training.)
     # Histories from before "stopped_early" was recorded count as done.
     epochs = (cfg.teacher if stage == "teacher" else cfg.student).train.epochs
     more_asked = history.get("stopped_early") is False and len(history.get("history", [])) < epochs

@@ -62,10 +62,18 @@ def test_stage_fingerprints_ignore_how_long_and_how_a_stage_runs():
     assert stage_fingerprint(build_config({}, ["distill.alpha=0.7"]), "baseline") == stage_fingerprint(cfg, "baseline")
     assert stage_fingerprint(build_config({}, ["student.model.d_model=32"]), "teacher") == stage_fingerprint(cfg, "teacher")
     assert stage_fingerprint(build_config({}, ["teacher.model.d_model=32"]), "teacher") != stage_fingerprint(cfg, "teacher")
+    # Under a cosine schedule the epochs are part of the training (the lr reaches 0 at the last one), for both stages.
+    for stage in ("student", "teacher"):
+        cosine = [f"{stage}.train.lr_schedule=cosine"]
+        assert stage_fingerprint(build_config({}, [*cosine, f"{stage}.train.epochs=40"]), stage) != \
+            stage_fingerprint(build_config({}, [*cosine, f"{stage}.train.epochs=80"]), stage)
+        assert stage_fingerprint(build_config({}, [*cosine, f"{stage}.train.patience=3"]), stage) == \
+            stage_fingerprint(build_config({}, cosine), stage)
 
 
 def test_an_option_at_its_default_does_not_change_a_fingerprint():
     # So that options added later (at their defaults) leave finished stages finished.
     cfg = build_config({})
-    explicit = build_config({}, ["distill.init_from_teacher=false", "student.model.item_dims=null", "run.seed=0"])
+    explicit = build_config({}, ["distill.init_from_teacher=false", "distill.embedding_hint=0", "student.model.item_dims=null",
+                                 "run.seed=0"])
     assert stage_fingerprint(explicit, "student", "t") == stage_fingerprint(cfg, "student", "t")

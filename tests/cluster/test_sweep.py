@@ -120,6 +120,7 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
     assert not partial["complete"] and set(partial["unfinished_members"]).isdisjoint(before)
     assert len(partial["unfinished_members"]) + len(before) == 6 and _complete(run_dir) == before
     assert set(partial["frontier"]["members"]) == set(before)
+    assert not Path(RunLayout(str(run_dir)).sweep, "frontier.json").exists()  # the sweep's own frontier: only when whole
 
     rerun = subprocess.run(_sweep_cmd(run_dir), capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

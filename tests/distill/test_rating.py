@@ -156,7 +156,8 @@ def test_augmented_positions_reach_the_kd_term_and_never_the_hard_label_term():
     # The hard term: the cross-entropy of the real positions only, whatever the augmented ones' levels say.
     torch.testing.assert_close(terms["hard"][0], torch.nn.functional.cross_entropy(logits[real], targets[real], reduction="sum"))
     assert float(terms["hard"][1]) == 3.0
-    other_levels = targets.masked_fill(augmented, 0) + augmented.long() * 4  # change only the augmented positions
+    other_levels = torch.where(augmented, (targets + 1) % 5, targets)  # every augmented position changed, no other
+    assert bool((other_levels != targets)[augmented].all()) and torch.equal(other_levels[real], targets[real])
     assert torch.equal(rating_terms(logits, other_levels, teacher, 0.5, 2.0, augmented)["hard"][0], terms["hard"][0])
     # The KD term: every position, augmented ones included.
     torch.testing.assert_close(terms["kd"][0] / terms["kd"][1], rating_kd_loss(logits, teacher, 2.0))
