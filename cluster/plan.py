@@ -405,7 +405,22 @@ class _Planner:
                          f"{stage_fingerprint(self.cfg, stage, teacher_fp)}), and its checkpoints under "
                          f"{fsio.join(self.cfg.run.run_dir, 'ray', stage)} would be resumed. "
                          "Use another run.run_dir, or delete both to train this one from scratch")
+        if check and action == "resume":
+            self._check_continuable(folder, stage)
         return action
+
+    def _check_continuable(self, folder: str, stage: str) -> None:
+        """A finished training asked for more epochs continues from its last checkpoint; without one it would
+        start again from epoch 1 and overwrite its export with a worse model: refused."""
+        history = fsio.read_json(fsio.join(folder, "history.json"), self.storage)
+        checkpoints = fsio.join(self.cfg.run.run_dir, "ray", stage)
+        if history.get("complete") and not _exists(fsio.join(checkpoints, "checkpoint_manager_snapshot.json"), self.storage):
+            epochs = (self.cfg.teacher if stage == "teacher" else self.cfg.student).train.epochs
+            self.problem("distill --baseline" if stage == "baseline" else "distill" if stage == "student" else "train-teacher",
+                         f"{folder} holds a {stage} that finished {len(history.get('history', []))} epochs; {epochs} are asked "
+                         f"for, but there is no checkpoint under {checkpoints} to continue from (training again would "
+                         f"overwrite its export). Ask for {len(history.get('history', []))} epochs, or delete {folder} to "
+                         "train it anew")
 
     def _num_sequences(self) -> Optional[int]:
         if not self.dataset:

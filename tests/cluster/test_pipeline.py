@@ -27,7 +27,17 @@ def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
     (folder / "history.json").write_text(json.dumps(ran_out))
     assert training_complete(str(folder), build_config({}, ["student.train.epochs=2"]), "student")
     assert not training_complete(str(folder), build_config({}, ["student.train.epochs=3"]), "student")
-    assert build_plan(build_config({}, [f"run.run_dir={tmp_path}", "student.train.epochs=3"])).stage("distill").action != "done"
+    more = build_config({}, [f"run.run_dir={tmp_path}", "student.train.epochs=3"])
+    assert build_plan(more).stage("distill").action != "done"
+    # Continued from its checkpoint; with none left, training again would overwrite its export: refused.
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "history.json").write_text(json.dumps(ran_out))
+    with pytest.raises(PlanError, match=r"finished 2 epochs; 3 are asked for, but there is no checkpoint under .*ray/baseline"):
+        build_plan(more).check()
+    (tmp_path / "ray" / "baseline").mkdir(parents=True)
+    (tmp_path / "ray" / "baseline" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert build_plan(more).stage("distill --baseline").action == "resume"
+    assert not [p for p in build_plan(more).problems if "no checkpoint" in p.message]
     (folder / "history.json").write_text(json.dumps({**ran_out, "stopped_early": True}))
     assert training_complete(str(folder), build_config({}, ["student.train.epochs=3"]), "student")
 
