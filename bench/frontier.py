@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    from cluster.common import restore_interrupt
+
+    restore_interrupt()  # kill -INT stops a background sweep as Ctrl-C does (finished members kept)
     from cluster import frontier as frontier_files
     from cluster import sweep
     from cluster.cli import USER_ERRORS

@@ -83,6 +83,9 @@ def is_override(arg: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.common import restore_interrupt
+
+    restore_interrupt()  # kill -INT stops a background run as Ctrl-C does
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come before, between or after the options (`inspect URL --config F k=v`).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -46,3 +48,15 @@ def code_version() -> dict[str, str]:
     except metadata.PackageNotFoundError:
         version = "unknown"
     return {"commit": commit or "unknown", "version": version}
+
+
+def restore_interrupt() -> None:
+    """Let SIGINT interrupt this process even when it started with SIGINT ignored.
+
+    A job a non-interactive shell starts in the background (``nohup recdistill ... &``) inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt: ``kill -INT`` would not reach
+    the interrupt path (checkpoints kept, one line, exit 130), and a sweep, whose members train on
+    other threads, could only be killed. Called first by the command-line entry points.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

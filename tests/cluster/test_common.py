@@ -37,3 +37,26 @@ def test_resolved_config_on_disk_holds_no_credential(tmp_path):
     for secret in ("sekret-token", "hunter2", "t0k", "bob"):
         assert secret not in text
     assert yaml.safe_load(text)["data"]["path"] == "https://***@example.org/log.csv"
+
+
+def test_a_process_started_with_sigint_ignored_is_interruptible_again():
+    # As `nohup recdistill ... &` from a script starts it: SIGINT ignored, so Python would never raise KeyboardInterrupt.
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = ("import os, signal, time\n"
+             "from cluster.common import restore_interrupt\n"
+             "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+             "restore_interrupt()\n"
+             "try:\n"
+             "    os.kill(os.getpid(), signal.SIGINT)\n"
+             "    time.sleep(5)\n"
+             "except KeyboardInterrupt:\n"
+             "    raise SystemExit(130)\n"
+             "raise SystemExit(0)\n")
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    done = subprocess.run([sys.executable, "-c", child], preexec_fn=ignore, cwd=Path(__file__).parents[2], timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 130, done.stderr
