@@ -133,7 +133,12 @@ def test_serve_deploy_of_the_written_config_serves_the_model(ray_head, tmp_path)
     config_file = Path(cfg.run.run_dir) / "serve" / "serve_config.yaml"
     assert str(config_file) in write.stdout
     serve_cli = str(Path(sys.executable).with_name("serve"))
-    deploy = subprocess.run([serve_cli, "deploy", str(config_file), "--address", address], capture_output=True, text=True, env=env, timeout=300)
+    deploy_cmd = [serve_cli, "deploy", str(config_file), "--address", address]
+    deploy = subprocess.run(deploy_cmd, capture_output=True, text=True, env=env, timeout=300)
+    if deploy.returncode != 0 and "RemoteDisconnected" in deploy.stderr:
+        # The head's dashboard can drop a request when the machine is saturated (seen once with a benchmark on
+        # both cores); the same command again is what a user would do. Any other failure fails the test.
+        deploy = subprocess.run(deploy_cmd, capture_output=True, text=True, env=env, timeout=300)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     deadline, status = time.time() + 240, ""
     while time.time() < deadline:
