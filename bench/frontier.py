@@ -104,8 +104,9 @@ def main() -> None:
         if args.finished_only:
             plan = build_plan(cfg)
             plan.require("distill")
-            members = [m for m in sweep.plan_members(cfg, plan) if sweep.finished(cfg, plan, m)]
-            unfinished = [m.name for m in sweep.plan_members(cfg, plan) if m not in members]
+            planned = sweep.plan_members(cfg, plan)
+            members = [m for m in planned if sweep.finished(cfg, plan, m)]
+            unfinished = [m.name for m in planned if m not in members]
             frontier = frontier_files.write(cfg, plan, [(m, sweep.member_folder(cfg, m)) for m in members], files=False)
         else:
             frontier = sweep.run(cfg)

@@ -400,7 +400,7 @@ class _Planner:
         """"done", "resume" or "run" from the stage's ``history.json``; a history of other settings is a problem."""
         action, recorded = stage_progress(self.cfg, folder, stage, teacher_fp)
         if check and recorded is not None:
-            self.problem("distill --baseline" if stage == "baseline" else "distill" if stage == "student" else "train-teacher",
+            self.problem(_STAGE_COMMANDS[stage],
                          f"{folder} holds a {stage} trained with other settings (stage fingerprint {recorded}, this config's "
                          f"{stage_fingerprint(self.cfg, stage, teacher_fp)}), and its checkpoints under "
                          f"{fsio.join(self.cfg.run.run_dir, 'ray', stage)} would be resumed. "
@@ -415,8 +415,8 @@ class _Planner:
         history = fsio.read_json(fsio.join(folder, "history.json"), self.storage)
         checkpoints = fsio.join(self.cfg.run.run_dir, "ray", stage)
         if history.get("complete") and not _exists(fsio.join(checkpoints, "checkpoint_manager_snapshot.json"), self.storage):
-            epochs = (self.cfg.teacher if stage == "teacher" else self.cfg.student).train.epochs
-            self.problem("distill --baseline" if stage == "baseline" else "distill" if stage == "student" else "train-teacher",
+            epochs = _epochs_asked(self.cfg, stage)
+            self.problem(_STAGE_COMMANDS[stage],
                          f"{folder} holds a {stage} that finished {len(history.get('history', []))} epochs; {epochs} are asked "
                          f"for, but there is no checkpoint under {checkpoints} to continue from (training again would "
                          f"overwrite its export). Ask for {len(history.get('history', []))} epochs, or delete {folder} to "
@@ -447,9 +447,17 @@ def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[st
     # training from its checkpoint: one that ran out of epochs (not stopped early) is done only if it ran as
     # many as asked. (Under a cosine schedule they are: more epochs are another training.)
     # Histories from before "stopped_early" was recorded count as done.
-    epochs = (cfg.teacher if stage == "teacher" else cfg.student).train.epochs
+    epochs = _epochs_asked(cfg, stage)
     more_asked = history.get("stopped_early") is False and len(history.get("history", [])) < epochs
     return ("done" if history.get("complete") and not more_asked else "resume"), other
+
+
+#: The command that trains each training stage (a plan problem names it).
+_STAGE_COMMANDS = {"teacher": "train-teacher", "student": "distill", "baseline": "distill --baseline"}
+
+
+def _epochs_asked(cfg: Config, stage: str) -> int:
+    return (cfg.teacher if stage == "teacher" else cfg.student).train.epochs
 
 
 def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: Optional[str] = None) -> bool:
