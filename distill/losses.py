@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from distill.losses_dkd import dkd_topk_tail
 from distill.losses_alt import jsd_topk, kl_sampled, ranking_distillation, reverse_kl_topk
-from distill.losses_topk import _check_temperature, kl_topk, kl_topk_tail, teacher_bucket_log_probs
+from distill.losses_topk import _check_temperature, kl_topk, kl_topk_tail, select_rows, teacher_bucket_log_probs
 from distill.model import PAD_ID
 
 __all__ = [
@@ -99,8 +99,9 @@ def hard_label_ce(student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tens
             f"expected student_logits (P, C) and targets (P,), got {tuple(student_logits.shape)} and {tuple(targets.shape)}"
         )
     keep = targets != PAD_ID
-    logits = student_logits[keep].float()[:, 1:]  # (M, C-1): column j-1 is item j
-    total = F.cross_entropy(logits, targets[keep] - 1, reduction="sum")
+    all_kept = bool(keep.all())
+    logits = select_rows(student_logits, keep, all_kept).float()[:, 1:]  # (M, C-1): column j-1 is item j
+    total = F.cross_entropy(logits, select_rows(targets, keep, all_kept) - 1, reduction="sum")
     return total, keep.sum()
 
 
@@ -181,7 +182,8 @@ def distillation_terms(
     terms: dict[str, tuple[Tensor, Tensor]] = {}
     if alpha > 0.0:
         hard_rows = has_target if augmented is None else has_target & ~augmented
-        hard, count = hard_label_ce(student_logits[hard_rows], targets[hard_rows])
+        all_kept = bool(hard_rows.all())
+        hard, count = hard_label_ce(select_rows(student_logits, hard_rows, all_kept), select_rows(targets, hard_rows, all_kept))
         terms["hard"] = (hard, count)
     if alpha < 1.0:
         needed, fn = _KD[kind]
@@ -192,8 +194,9 @@ def distillation_terms(
         kd_rows = has_target if augmented is None else has_target | augmented
         if "targets" in needed:  # dkd: the true next item, none (0) on augmented positions
             soft = {**soft, "targets": targets if augmented is None else targets.masked_fill(augmented, PAD_ID)}
-        rows = {name: t[kd_rows.to(t.device)] for name, t in soft.items() if name in needed or name == "lse"}
-        kd, _ = fn(student_logits[kd_rows], rows, T, kd_options)
+        all_kept = bool(kd_rows.all())
+        rows = {name: select_rows(t, kd_rows, all_kept) for name, t in soft.items() if name in needed or name == "lse"}
+        kd, _ = fn(select_rows(student_logits, kd_rows, all_kept), rows, T, kd_options)
         terms["kd"] = (kd, kd_rows.sum())
     return terms
 

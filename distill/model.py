@@ -278,9 +278,10 @@ class SequentialRecommender(nn.Module):
             finite value so it is never ranked and gets zero probability.
         """
         logits = self.output(hidden) if self.item_table is None else hidden @ self.item_table().T
-        pad_column = torch.zeros(self.num_scores, dtype=torch.bool, device=logits.device)
-        pad_column[PAD_ID] = True
-        return logits.masked_fill(pad_column, torch.finfo(logits.dtype).min)
+        # In place, one column: a masked_fill over the (positions, catalog) matrix copied all of it (the
+        # product's backward does not need its output, so writing into it is safe for autograd).
+        logits[..., PAD_ID] = torch.finfo(logits.dtype).min
+        return logits
 
     def last_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded ids -> (B, d_model), the state after the most recent item."""
