@@ -49,11 +49,11 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
 from distill.losses_dkd import dkd_topk_tail
 from distill.losses_alt import jsd_topk, kl_sampled, ranking_distillation, reverse_kl_topk
-from distill.losses_topk import _check_temperature, kl_topk, kl_topk_tail, select_rows, teacher_bucket_log_probs
+from distill.losses_topk import (_check_temperature, kl_topk, kl_topk_tail, real_item_logsumexp, select_rows,
+                                 teacher_bucket_log_probs)
 from distill.model import PAD_ID
 
 __all__ = [
@@ -100,8 +100,11 @@ def hard_label_ce(student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tens
         )
     keep = targets != PAD_ID
     all_kept = bool(keep.all())
-    logits = select_rows(student_logits, keep, all_kept).float()[:, 1:]  # (M, C-1): column j-1 is item j
-    total = F.cross_entropy(logits, select_rows(targets, keep, all_kept) - 1, reduction="sum")
+    logits = select_rows(student_logits, keep, all_kept).float()  # (M, C): column j is item j
+    # -log softmax at the target = the real items' logsumexp minus the target's logit (no slice of the
+    # logits matrix, whose backward would fill and copy a second one).
+    picked = logits.gather(1, select_rows(targets, keep, all_kept)[:, None])
+    total = (real_item_logsumexp(logits) - picked).sum()
     return total, keep.sum()
 
 

@@ -112,14 +112,41 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
 _PEAKED_TOP_MASS = 0.999
 
 
+class _RealItemLogSumExp(torch.autograd.Function):
+    """``logsumexp(s[:, 1:])`` whose gradient is written straight into an (M, C) matrix (0 in column 0).
+
+    Autograd's slice would allocate a zero (M, C) gradient and copy the (M, C-1) one into it: two more
+    passes over the logits matrix, the largest tensor of a student's step. The gradient is autograd's own
+    formula for logsumexp, ``grad * exp(s - lse)``.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor) -> Tensor:
+        lse = torch.logsumexp(s[:, 1:], dim=-1, keepdim=True)
+        ctx.save_for_backward(s, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        s, lse = ctx.saved_tensors
+        out = (s - lse).exp_().mul_(grad)
+        out[:, 0] = 0.0
+        return out
+
+
+def real_item_logsumexp(s: Tensor) -> Tensor:
+    """(M, C) logits -> (M, 1) logsumexp over the real items (columns 1..C-1); column 0 gets no gradient."""
+    return _RealItemLogSumExp.apply(s)
+
+
 def _student_log_probs(s: Tensor, ids: Tensor, temperature: float, with_tail: bool) -> Tensor:
     """Student log q_T at ``ids`` (M, k), plus the exact tail bucket as a last column when ``with_tail``.
 
     The normaliser is over the real items 1..C-1 (column 0 excluded).
     """
-    scaled = s[:, 1:] if temperature == 1.0 else s[:, 1:] / temperature  # (M, C-1): column j-1 is item j
-    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (M, 1)
-    top = scaled.gather(1, ids - 1) - log_norm  # (M, k)
+    scaled = s if temperature == 1.0 else s / temperature  # (M, C): column j is item j, column 0 never read
+    log_norm = real_item_logsumexp(scaled)  # (M, 1)
+    top = scaled.gather(1, ids) - log_norm  # (M, k)
     if not with_tail:
         return top
     # The tail is log(1 - top-k mass): k values per row instead of a second masked pass over the
@@ -132,7 +159,7 @@ def _student_log_probs(s: Tensor, ids: Tensor, temperature: float, with_tail: bo
     tail = torch.log(-torch.expm1(safe))
     rows = peaked.squeeze(1).nonzero().squeeze(1)
     if rows.numel():
-        sub = scaled[rows]
+        sub = scaled[rows, 1:]  # (R, C-1): column j-1 is item j
         in_top = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, ids[rows] - 1, True)
         # Every row has at least one tail item here (k < C - 1), so this logsumexp is finite.
         exact = torch.logsumexp(sub.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True) - log_norm[rows]

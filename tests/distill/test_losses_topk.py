@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses_alt import jsd_topk
-from distill.losses_topk import kl_topk, kl_topk_tail, teacher_bucket_log_probs
+from distill.losses import hard_label_ce
+from distill.losses_topk import kl_topk, kl_topk_tail, real_item_logsumexp, select_rows, teacher_bucket_log_probs
 
 from test_losses import dense_buckets, dense_kl, pair, soft_labels, with_pad
 
@@ -120,3 +121,43 @@ def test_kl_topk_tail_equal_logits_zero_at_T1_for_any_tail():
     soft = soft_labels(teacher, k=4)
     loss, _ = kl_topk_tail(teacher.clone(), soft["topk_ids"], soft["topk_logits"], soft["lse"], 1.0)
     assert abs(loss.item()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# The step's fast paths: no row selection when every row is kept, no slice of the logits
+
+
+def test_real_item_logsumexp_ignores_column_zero_and_has_the_true_gradient():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    out = real_item_logsumexp(s)
+    torch.testing.assert_close(out, torch.logsumexp(s[:, 1:], dim=-1, keepdim=True))
+    assert torch.autograd.gradcheck(real_item_logsumexp, (s,))
+    grad, = torch.autograd.grad(out.sum(), s)
+    assert (grad[:, 0] == 0).all()
+    loud = s.detach().clone()
+    loud[:, 0] = 1e4  # column 0 (padding) may hold anything
+    torch.testing.assert_close(real_item_logsumexp(loud), out.detach())
+
+
+def test_hard_label_ce_gradient_is_torchs_over_the_real_items():
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(10, 12, generator=g, requires_grad=True)
+    targets = torch.randint(1, 12, (10,), generator=g)
+    targets[3] = 0
+    with torch.no_grad():
+        student[:, 0] = 50.0  # a loud padding column changes nothing
+    loss, count = hard_label_ce(student, targets)
+    keep = targets != 0
+    ref = F.cross_entropy(student[keep][:, 1:], targets[keep] - 1, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    grad, = torch.autograd.grad(loss, student)
+    ref_grad, = torch.autograd.grad(ref, student)
+    torch.testing.assert_close(grad, ref_grad)
+    assert count.item() == 9 and (grad[:, 0] == 0).all() and (grad[3] == 0).all()
+
+
+def test_select_rows_passes_the_tensor_through_when_every_row_is_kept():
+    t = torch.arange(12.0).view(4, 3)
+    assert select_rows(t, torch.ones(4, dtype=torch.bool)) is t
+    torch.testing.assert_close(select_rows(t, torch.tensor([True, False, True, False])), t[[0, 2]])
