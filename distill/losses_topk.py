@@ -94,6 +94,9 @@ def _check_topk(student: Tensor, topk_ids: Tensor, topk_logits: Optional[Tensor]
         raise ValueError(f"topk_logits {tuple(topk_logits.shape)} and topk_ids {tuple(topk_ids.shape)} differ in shape")
     if not 1 <= k <= student.shape[1] - 1:
         raise ValueError(f"k={k} must be in 1..{student.shape[1] - 1} (the number of real items)")
+    # The ids index the student's columns directly: an id 0 would read the padding column, not fail.
+    if topk_ids.numel() and int(topk_ids.min()) < 1:
+        raise ValueError(f"topk_ids must be real item ids 1..{student.shape[1] - 1}, got {int(topk_ids.min())}")
     return k
 
 
@@ -127,6 +130,7 @@ class _RealItemLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its in-place backward has no gradient of its own
     def backward(ctx, grad: Tensor) -> Tensor:
         s, lse = ctx.saved_tensors
         out = (s - lse).exp_().mul_(grad)
@@ -144,7 +148,7 @@ def _student_log_probs(s: Tensor, ids: Tensor, temperature: float, with_tail: bo
 
     The normaliser is over the real items 1..C-1 (column 0 excluded).
     """
-    scaled = s if temperature == 1.0 else s / temperature  # (M, C): column j is item j, column 0 never read
+    scaled = s if temperature == 1.0 else s / temperature  # (M, C): column j is item j (ids >= 1: _check_topk)
     log_norm = real_item_logsumexp(scaled)  # (M, 1)
     top = scaled.gather(1, ids) - log_norm  # (M, k)
     if not with_tail:

@@ -161,3 +161,11 @@ def test_select_rows_passes_the_tensor_through_when_every_row_is_kept():
     t = torch.arange(12.0).view(4, 3)
     assert select_rows(t, torch.ones(4, dtype=torch.bool)) is t
     torch.testing.assert_close(select_rows(t, torch.tensor([True, False, True, False])), t[[0, 2]])
+
+
+def test_a_padding_id_in_the_top_k_is_refused():
+    teacher, student = pair()
+    soft = soft_labels(teacher, k=4)
+    soft["topk_ids"][2, 1] = 0
+    with pytest.raises(ValueError, match="real item ids"):
+        kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], 1.0)
