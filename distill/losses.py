@@ -184,10 +184,8 @@ def distillation_terms(
         augmented = augmented.to(device=targets.device, dtype=torch.bool)
     terms: dict[str, tuple[Tensor, Tensor]] = {}
     if alpha > 0.0:
-        hard_rows = has_target if augmented is None else has_target & ~augmented
-        all_kept = bool(hard_rows.all())
-        hard, count = hard_label_ce(select_rows(student_logits, hard_rows, all_kept), select_rows(targets, hard_rows, all_kept))
-        terms["hard"] = (hard, count)
+        # hard_label_ce skips target 0: augmented positions become "no target" and are selected out there, once.
+        terms["hard"] = hard_label_ce(student_logits, targets if augmented is None else targets.masked_fill(augmented, PAD_ID))
     if alpha < 1.0:
         needed, fn = _KD[kind]
         missing = [name for name in needed if name != "targets" and (soft is None or name not in soft)]
