@@ -34,7 +34,8 @@ $PY -m bench.frontier --name ml1m_levers "${ML1M[@]}" 'sweep.fractions=[0.1]' di
 $PY -m bench.frontier --name ml1m_ladder "${ML1M[@]}" 'sweep.fractions=[0.1,0.2,0.05,0.02,0.01]' distill.augmented=skip
 # Amazon Beauty: its own teacher and store; three sizes, each distilled and its twin, then the augmented
 # member at 1/10 (the sizes' finished members are reused, not retrained). 54,542 items: a member's epoch
-# costs ~3x an ML-1M one here (the catalog softmax), so the augmented member comes last.
+# costs several times an ML-1M one here (3-5x, estimated from one timed step: the catalog softmax), so the
+# augmented member comes last.
 BEAUTY=(--config configs/beauty.yaml run.run_dir="$RUNS/beauty" precompute.augment.ratio=1)
 $PY -m cluster.cli prepare "${BEAUTY[@]}"
 $PY -m cluster.cli train-teacher "${BEAUTY[@]}"

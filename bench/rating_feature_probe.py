@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from cluster.common import code_version
 from distill.metrics import paired_bootstrap_delta
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,8 +113,7 @@ def main() -> None:
     fit_stats, all_stats = Statistics(early, genres), Statistics(train, genres)
     strengths = [0.1, 1.0, 10.0, 100.0, 1000.0]
     result = {"benchmark": "rating_feature_probe", "dataset": "ml-100k", "test_examples": len(test),
-              "fit_examples": len(fit), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                                 text=True).stdout.strip(), "models": {}}
+              "fit_examples": len(fit), **code_version(), "models": {}}
     x_fit = features(fit, fit_stats, users, occupations)
     x_valid = features(valid, all_stats, users, occupations)
     x_test = features(test, all_stats, users, occupations)
