@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 19's frontier benchmarks, in order, as one resumable job:
 #
-#   nohup bash bench/frontier_all.sh > logs/frontier_all.out 2>&1 &
+#   nohup bash bench/frontier_all.sh [ml1m] [beauty] > logs/frontier_all.out 2>&1 &
 #
+# With no argument both datasets run, ML-1M first; naming one runs only its part.
 # Every step continues where a cut-short run stopped, through the project's own resume: the teacher
 # from its last epoch checkpoint, the store from its committed shards, each sweep member from its own
 # records (finished members are not retrained). Rerun the same command after an interruption.
 #
 # The runs live outside the checkout (RECDISTILL_BENCH_RUNS, default ~/recdistill-bench-runs): a fresh
-# clone of the repository, or a checkout laid anew, resumes them instead of starting over.
+# clone of the repository on the same machine resumes them instead of starting over (a new machine
+# starts over: nothing under it is in the repository).
 # Hours on a 2-core CPU machine: the ML-1M teacher ~85 min, its store ~5 min, each sweep member
 # 40-60 min (two at a time); minutes on a GPU node.
 set -euo pipefail
@@ -18,6 +20,7 @@ RUNS=${RECDISTILL_BENCH_RUNS:-$HOME/recdistill-bench-runs}
 mkdir -p "$RUNS"
 # One store for every ML-1M member: top-128 labels (the student's own top items are covered) and one
 # teacher-labelled augmented row per training sequence.
+ml1m() {
 ML1M=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m" precompute.k=128 precompute.augment.ratio=1)
 
 $PY -m cluster.cli prepare "${ML1M[@]}"
@@ -32,6 +35,9 @@ $PY -m bench.frontier --name ml1m_levers "${ML1M[@]}" 'sweep.fractions=[0.1]' di
 # The ladder, 1/5 to 1/100 of the teacher, each distilled (the store's labelled rows only) and its twin;
 # its 1/10 members are the ones above.
 $PY -m bench.frontier --name ml1m_ladder "${ML1M[@]}" 'sweep.fractions=[0.1,0.2,0.05,0.02,0.01]' distill.augmented=skip
+}
+
+beauty() {
 # Amazon Beauty: its own teacher and store; three sizes, each distilled and its twin, then the augmented
 # member at 1/10 (the sizes' finished members are reused, not retrained). 54,542 items: a member's epoch
 # costs several times an ML-1M one here (3-5x, estimated from one timed step: the catalog softmax), so the
@@ -42,3 +48,13 @@ $PY -m cluster.cli train-teacher "${BEAUTY[@]}"
 $PY -m cluster.cli precompute "${BEAUTY[@]}"
 $PY -m bench.frontier --name beauty "${BEAUTY[@]}" 'sweep.fractions=[0.1,0.2,0.05]' distill.augmented=skip
 $PY -m bench.frontier --name beauty_1in10 "${BEAUTY[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(ml1m beauty)
+for part in "${parts[@]}"; do
+    case $part in
+        ml1m|beauty) $part ;;
+        *) echo "frontier_all: unknown part '$part' (ml1m, beauty)" >&2; exit 2 ;;
+    esac
+done
