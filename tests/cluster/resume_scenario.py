@@ -26,6 +26,10 @@ from cluster.engine import InProcessContext  # noqa: E402
 def main() -> None:
     run_dir, checkpoints, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = build_config({}, [f"run.run_dir={run_dir}", *sys.argv[4:]])
+    # One intra-op thread, as Ray Train runs its workers (OMP_NUM_THREADS=1). A CPU reduction's bits depend
+    # on how many threads split it, so "bit-identical" holds for a fixed team; with the default team (the
+    # cores) one CI run under heavy load saw the two runs differ, which never reproduced since.
+    torch.set_num_threads(1)
     if kill_at > 0:
         step = torch.optim.AdamW.step
         calls = [0]

@@ -33,6 +33,27 @@ def _final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
     return torch.load(newest / "student.pt", map_location="cpu", weights_only=True)["model"]
 
 
+def _first_divergence(straight: Path, killed: Path) -> str:
+    """Where two runs' checkpoints first differ, by (epoch, step): before the kill (the training itself
+    is not deterministic) or after the resume. For the failure message only."""
+    def by_position(root: Path) -> dict[tuple[int, int], Path]:
+        found = {}
+        for ckpt in sorted(root.glob("checkpoint_*")):  # a position saved twice (killed, then resumed): the later
+            state = json.loads((ckpt / "student_state.json").read_text())
+            found[(state["epoch"], state["step"])] = ckpt
+        return found
+
+    a, b = by_position(straight), by_position(killed)
+    for position in sorted(a.keys() & b.keys()):
+        try:
+            wa, wb = (torch.load(p / "student.pt", map_location="cpu", weights_only=True)["model"] for p in (a[position], b[position]))
+        except Exception as error:  # noqa: BLE001 (the damaged one, if it was not replaced)
+            return f"checkpoint at {position} unreadable: {error}"
+        if any(not torch.equal(wa[k], wb[k]) for k in wa):
+            return f"first differing checkpoint: epoch {position[0]} step {position[1]} (killed at epoch 0 step 18, resumed at step 12)"
+    return "no common checkpoint differs"
+
+
 def test_a_student_killed_mid_epoch_resumes_bit_identical_even_past_a_damaged_checkpoint(tmp_path):
     runs = {}
     for name in ("straight", "killed"):
@@ -59,7 +80,8 @@ def test_a_student_killed_mid_epoch_resumes_bit_identical_even_past_a_damaged_ch
     assert restarts == [{"epoch": 0, "step": 12, "from_workers": 1, "workers": 1}]
 
     a, b = _final_weights(tmp_path / "ckpt-straight"), _final_weights(tmp_path / "ckpt-killed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        f"resumed weights differ; {_first_divergence(tmp_path / 'ckpt-straight', tmp_path / 'ckpt-killed')}"
     export_a = load_file(runs["straight"] / "baseline" / "model.safetensors")
     export_b = load_file(runs["killed"] / "baseline" / "model.safetensors")
     assert all(torch.equal(export_a[k], export_b[k]) for k in export_a)
