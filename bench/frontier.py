@@ -77,15 +77,58 @@ def costs(cfg, members: list, store: dict) -> dict[str, Any]:
             "augmentation": store.get("augmentation")}
 
 
+def merge_frontiers(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One frontier from several benchmark results of the same teacher and test split: every member once
+    (a member in several results, e.g. the 1/10 pair that a ladder reuses, keeps its last record)."""
+    first = results[0]["frontier"]
+    for r in results[1:]:
+        if r["frontier"]["teacher"]["fingerprint"] != first["teacher"]["fingerprint"]:
+            raise SystemExit("bench.frontier --render: the results come from different teachers "
+                             f"({first['teacher']['fingerprint'][:12]} and {r['frontier']['teacher']['fingerprint'][:12]})")
+    rows: dict[str, dict] = {}
+    for r in results:
+        rows.update({row["member"]: row for row in r["frontier"]["rows"]})
+    ordered = sorted(rows.values(), key=lambda row: (-row["fraction"], row["seed"], row.get("augmented", False), row.get("variant", "")))
+    return {**first, "rows": ordered}
+
+
+def write_pictures(frontier: dict[str, Any], results_dir: Path, name: str) -> None:
+    """frontier_<name>.md (the table) and frontier_<name>.png (the plot) beside the JSON."""
+    from cluster.frontier import format_table, plot
+
+    (results_dir / f"frontier_{name}.md").write_text(format_table(frontier))
+    (results_dir / f"frontier_{name}.png").write_bytes(plot(frontier))
+
+
+def render(paths: list[str], results_dir: Path, name: str) -> None:
+    from cluster.frontier import format_table
+
+    frontier = merge_frontiers([json.loads(Path(p).read_text()) for p in paths])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_pictures(frontier, results_dir, name)
+    summary = summarise(frontier["rows"])
+    (results_dir / f"frontier_{name}_summary.json").write_text(
+        json.dumps({"benchmark": "frontier (merged)", "from": paths, "summary": summary}, indent=2) + "\n")
+    print(format_table(frontier), end="")
+    print(f"written: frontier_{name}.md, .png, _summary.json under {results_dir}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the run's config (not with --render)")
     parser.add_argument("--name", required=True)
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="train and score nothing: merge these frontier JSONs (same teacher) into one table and plot")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: score the members already finished and list the others")
     parser.add_argument("--results-dir", default="bench/results", help="where frontier_<name>.json goes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.render:
+        render(args.render, Path(args.results_dir), args.name)
+        return
+    if not args.config:
+        parser.error("--config is required (unless --render)")
 
     from cluster.common import restore_interrupt
 
@@ -125,6 +168,7 @@ def main() -> None:
     out = Path(args.results_dir) / f"frontier_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    write_pictures(frontier, out.parent, args.name)
     print(f"{'kind':<14}{'size':>8}{'params':>10}{'distilled':>11}{'twin':>9}{'gain':>9}{'keeps':>8}  seeds")
     for e in result["summary"]["sizes"]:
         gain = f"{e['mean_gain']:+.1%}" if e.get("mean_gain") is not None else "-"

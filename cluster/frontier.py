@@ -81,7 +81,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
     if files:
         fsio.write_json_atomic(fsio.join(layout.sweep, "frontier.json"), result, storage)
         fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.md"), format_table(result).encode(), storage)
-        fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.png"), _plot(result), storage)
+        fsio.atomic_write_bytes(fsio.join(layout.sweep, "frontier.png"), plot(result), storage)
     return result
 
 
@@ -105,7 +105,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(result: dict[str, Any]) -> bytes:
+def plot(result: dict[str, Any]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.frontier import summarise
+import json
+
+import pytest
+
+from bench.frontier import merge_frontiers, render, summarise
 
 
 def row(fraction, seed, kd, twin, low, keeps, **kind):
@@ -31,3 +35,31 @@ def test_kinds_are_summarised_apart():
     assert set(kinds) == {"kd", "kdaug", "kd-dkd"}
     goal = summarise(rows)["goal"]
     assert goal["kdaug"]["small_student_meets_gain_and_keep"] == [0.1] and goal["kd-dkd"]["level_with_twin_at_every_size"] is False
+
+
+def result(fingerprint, *rows):
+    return {"frontier": {"metric": "NDCG@10", "users": 9, "teacher": {"params": 20_000, "ndcg@10": 0.4, "fingerprint": fingerprint},
+                         "rows": [{**r, "teacher_share": r["fraction"], "kd_latency_ms_per_request": 0.1,
+                                   "twin_latency_ms_per_request": 0.1} for r in rows]}}
+
+
+def test_merged_frontiers_keep_each_member_once_and_the_last_record(tmp_path):
+    first = result("t1", row(0.1, 0, 0.28, 0.26, 0.03, 0.92))
+    second = result("t1", row(0.1, 0, 0.29, 0.26, 0.03, 0.92), row(0.2, 0, 0.30, 0.29, -0.01, 0.95))
+    merged = merge_frontiers([first, second])
+    assert [r["member"] for r in merged["rows"]] == ["0.2-s0", "0.1-s0"]  # largest first
+    assert merged["rows"][1]["kd_ndcg@10"] == 0.29
+    paths = []
+    for i, r in enumerate((first, second)):
+        paths.append(tmp_path / f"f{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    render([str(p) for p in paths], tmp_path / "out", "both")
+    assert (tmp_path / "out" / "frontier_both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "0.2-s0" in (tmp_path / "out" / "frontier_both.md").read_text()
+    summary = json.loads((tmp_path / "out" / "frontier_both_summary.json").read_text())["summary"]
+    assert {e["fraction"] for e in summary["sizes"]} == {0.1, 0.2}
+
+
+def test_frontiers_of_different_teachers_are_not_merged():
+    with pytest.raises(SystemExit, match="different teachers"):
+        merge_frontiers([result("t1", row(0.1, 0, 0.28, 0.26, 0.03, 0.92)), result("t2", row(0.2, 0, 0.3, 0.29, 0.0, 0.9))])

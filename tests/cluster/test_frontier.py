@@ -1,6 +1,6 @@
 """The frontier's pure parts: epochs to reach the twin, and the table (no Ray, no models)."""
 
-from cluster.frontier import _epochs_to_reach, _plot, format_table
+from cluster.frontier import _epochs_to_reach, format_table, plot
 
 
 def test_epochs_to_reach_the_twins_best_validation():
@@ -27,5 +27,5 @@ def test_the_plot_draws_every_kind_of_member():
            "kd_latency_ms_per_request": 0.01, "twin_latency_ms_per_request": 0.01}
     rows = [{**row, "member": "1in10-s0-kd"}, {**row, "member": "1in10-s0-kdaug", "augmented": True, "kd_ndcg@10": 0.37},
             {**row, "member": "1in10-s0-kd-a05", "variant": "a05", "kd_ndcg@10": 0.35}]
-    png = _plot({"metric": "NDCG@10", "users": 9, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": rows})
+    png = plot({"metric": "NDCG@10", "users": 9, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": rows})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
