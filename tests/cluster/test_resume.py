@@ -28,14 +28,21 @@ def _train(run_dir: Path, checkpoints: Path, kill_at: int = 0) -> subprocess.Com
                           capture_output=True, text=True, timeout=600)
 
 
-def _final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
-    newest = sorted(checkpoints.glob("checkpoint_*"))[-1]
-    return torch.load(newest / "student.pt", map_location="cpu", weights_only=True)["model"]
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / "student.pt", map_location="cpu", weights_only=True)["model"]
 
 
-def _first_divergence(straight: Path, killed: Path) -> str:
-    """Where two runs' checkpoints first differ, by (epoch, step): before the kill (the training itself
-    is not deterministic) or after the resume. For the failure message only."""
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _newest(checkpoints: Path) -> Path:
+    return sorted(checkpoints.glob("checkpoint_*"))[-1]
+
+
+def _first_divergence(straight: Path, killed: Path, resumed_at: tuple[int, int]) -> str:
+    """Where two runs' checkpoints first differ, by (epoch, step): before the resume point (the training
+    itself is not deterministic) or after it (the resume is wrong). For the failure message only."""
     def by_position(root: Path) -> dict[tuple[int, int], Path]:
         found = {}
         for ckpt in sorted(root.glob("checkpoint_*")):  # a position saved twice (killed, then resumed): the later
@@ -46,11 +53,12 @@ def _first_divergence(straight: Path, killed: Path) -> str:
     a, b = by_position(straight), by_position(killed)
     for position in sorted(a.keys() & b.keys()):
         try:
-            wa, wb = (torch.load(p / "student.pt", map_location="cpu", weights_only=True)["model"] for p in (a[position], b[position]))
+            same = _same(_weights(a[position]), _weights(b[position]))
         except Exception as error:  # noqa: BLE001 (the damaged one, if it was not replaced)
             return f"checkpoint at {position} unreadable: {error}"
-        if any(not torch.equal(wa[k], wb[k]) for k in wa):
-            return f"first differing checkpoint: epoch {position[0]} step {position[1]} (killed at epoch 0 step 18, resumed at step 12)"
+        if not same:
+            side = "before" if position < resumed_at else "at or after"
+            return f"first differing checkpoint: epoch {position[0]} step {position[1]}, {side} the resume at {resumed_at}"
     return "no common checkpoint differs"
 
 
@@ -79,9 +87,9 @@ def test_a_student_killed_mid_epoch_resumes_bit_identical_even_past_a_damaged_ch
     restarts = json.loads(history.read_text())["restarts"]
     assert restarts == [{"epoch": 0, "step": 12, "from_workers": 1, "workers": 1}]
 
-    a, b = _final_weights(tmp_path / "ckpt-straight"), _final_weights(tmp_path / "ckpt-killed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
-        f"resumed weights differ; {_first_divergence(tmp_path / 'ckpt-straight', tmp_path / 'ckpt-killed')}"
+    straight_dir, killed_dir = tmp_path / "ckpt-straight", tmp_path / "ckpt-killed"
+    assert _same(_weights(_newest(straight_dir)), _weights(_newest(killed_dir))), \
+        f"resumed weights differ; {_first_divergence(straight_dir, killed_dir, resumed_at=(0, 12))}"
     export_a = load_file(runs["straight"] / "baseline" / "model.safetensors")
     export_b = load_file(runs["killed"] / "baseline" / "model.safetensors")
     assert all(torch.equal(export_a[k], export_b[k]) for k in export_a)
