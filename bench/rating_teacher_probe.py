@@ -21,7 +21,7 @@ Teachers:
 
 Students are the config's (d_model 8, 16k parameters): a twin (hard labels only) and distilled students
 at (alpha, T) = (0.2, 1) and (0.5, 2), the better on validation NLL kept. Writes
-bench/results/rating_teacher_probe_ml100k.json.
+bench/results/rating_teacher_probe_ml100k[_NAME].json.
 """
 
 from __future__ import annotations
@@ -188,6 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/ml-100k", help="folder with u.data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (each: a twin and distilled students)")
+    parser.add_argument("--student-epochs", type=int, default=30, help="most epochs of every student, twin and distilled alike "
+                        "(each stops after 5 without a better validation NLL)")
+    parser.add_argument("--name", default="", help="suffix of the results file: rating_teacher_probe_ml100k_NAME.json")
     args = parser.parse_args()
     folder = Path(args.data)
     if not (folder / "u.data").is_file():
@@ -196,6 +199,7 @@ def main() -> None:
     started = time.perf_counter()
     train_rows, train, valid, test, num_users, num_items = load_splits(folder)
     result = {"benchmark": "rating_teacher_probe", "dataset": "ml-100k", "test_examples": len(test.target_items),
+              "student_epochs": args.student_epochs,
               **code_version(), "teachers": {}, "students": {}, "comparisons": {}}
     labels, test_err = {}, {}
 
@@ -231,7 +235,8 @@ def main() -> None:
 
     # Students: a twin and the distilled students of each teacher, per seed.
     for seed in args.seeds:
-        twin, twin_nll, twin_epochs = fit_sequence_model(STUDENT, train, valid, num_items, lr=0.003, seed=seed)
+        twin, twin_nll, twin_epochs = fit_sequence_model(STUDENT, train, valid, num_items, lr=0.003, seed=seed,
+                                                         epochs=args.student_epochs)
         twin_err = test_errors(split_log_probs(twin, test), test)
         result["students"][f"twin seed {seed}"] = {"valid_nll": twin_nll, "epochs": twin_epochs, "test": summary(twin_err)}
         print(f"twin seed {seed}: valid NLL {twin_nll:.4f}, test {summary(twin_err)}", flush=True)
@@ -239,7 +244,7 @@ def main() -> None:
             runs = []
             for alpha, temperature in KD_SETTINGS:
                 model, nll, ep = fit_sequence_model(STUDENT, train, valid, num_items, lr=0.003, seed=seed, labels=teacher_labels,
-                                                    alpha=alpha, temperature=temperature)
+                                                    alpha=alpha, temperature=temperature, epochs=args.student_epochs)
                 runs.append((nll, alpha, temperature, ep, model))
                 print(f"  {teacher_name} alpha {alpha} T {temperature} seed {seed}: valid NLL {nll:.4f}", flush=True)
             nll, alpha, temperature, ep, model = min(runs, key=lambda r: r[0])
@@ -260,7 +265,7 @@ def main() -> None:
         cell = lambda d: f"{d['delta']:+.4f} ({d['ci95_low']:+.4f} .. {d['ci95_high']:+.4f})"  # noqa: E731
         print(f"{name:<44} {cell(c['rmse']):>30} {cell(c['nll']):>30}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "rating_teacher_probe_ml100k.json"
+    out = RESULTS / f"rating_teacher_probe_ml100k{'_' + args.name if args.name else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")
 
