@@ -103,23 +103,19 @@ def split_nll(log_probs: torch.Tensor, split: Split) -> float:
     return float(-log_probs.gather(1, split.target_levels[:, None]).mean())
 
 
-def fit_factorisation(train_rows, valid: Split, num_users, num_items, dim, strength, seed, epochs=60, patience=5):
-    torch.manual_seed(seed)
-    model = FactorisationRating(num_users, num_items, dim, float(train_rows[:, 2].mean()))
-    users, items = torch.from_numpy(train_rows[:, 0]), torch.from_numpy(train_rows[:, 1])
-    targets = torch.from_numpy(train_rows[:, 2] - 1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    best, best_state, bad = float("inf"), None, 0
-    for _epoch in range(epochs):
+def early_stopped(model: nn.Module, lr: float, batches, loss_of, valid_nll, epochs: int, patience: int) -> tuple[float, int]:
+    """Adam on ``loss_of(batch)`` for each of ``batches()`` per epoch, stopped after ``patience`` epochs without a
+    better ``valid_nll()``; the model is left at its best state, in eval mode. -> (best validation NLL, epochs run)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    best, best_state, bad, epoch = float("inf"), None, 0, 0
+    for epoch in range(epochs):
         model.train()
-        for batch in torch.randperm(len(targets)).split(1024):
-            logits, penalty = model(users[batch], items[batch])
-            loss = F.cross_entropy(logits, targets[batch]) + strength * penalty.mean()
+        for batch in batches():
+            loss = loss_of(batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            nll = split_nll(torch.log_softmax(model(valid.users, valid.target_items)[0], -1), valid)
+        nll = valid_nll()
         if nll < best:
             best, best_state, bad = nll, {k: v.clone() for k, v in model.state_dict().items()}, 0
         else:
@@ -127,7 +123,23 @@ def fit_factorisation(train_rows, valid: Split, num_users, num_items, dim, stren
             if bad >= patience:
                 break
     model.load_state_dict(best_state)
-    return model.eval(), best
+    model.eval()
+    return best, epoch + 1
+
+
+def fit_factorisation(train_rows, valid: Split, num_users, num_items, dim, strength, seed, epochs=60, patience=5):
+    torch.manual_seed(seed)
+    model = FactorisationRating(num_users, num_items, dim, float(train_rows[:, 2].mean()))
+    users, items = torch.from_numpy(train_rows[:, 0]), torch.from_numpy(train_rows[:, 1])
+    targets = torch.from_numpy(train_rows[:, 2] - 1)
+
+    def loss_of(batch):
+        logits, penalty = model(users[batch], items[batch])
+        return F.cross_entropy(logits, targets[batch]) + strength * penalty.mean()
+
+    best, _ = early_stopped(model, 0.01, lambda: torch.randperm(len(targets)).split(1024), loss_of,
+                            lambda: split_nll(split_log_probs(model, valid, users_model=True), valid), epochs, patience)
+    return model, best
 
 
 def factorisation_labels(model: FactorisationRating, train: Split) -> torch.Tensor:
@@ -151,27 +163,16 @@ def fit_sequence_model(cfg, train: Split, valid: Split, num_items, lr, seed, lab
     validation NLL. -> (model, best validation NLL, epochs run)."""
     torch.manual_seed(seed)
     model = RatingModel(cfg, num_items, 5)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    best, best_state, bad, epoch = float("inf"), None, 0, 0
-    for epoch in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(train.items)).split(64):
-            logits, targets, valid_pos = model.sequence_logits(train.items[batch], train.levels[batch])
-            teacher = None if labels is None else labels[batch][valid_pos]
-            terms = rating_terms(logits[valid_pos], targets[valid_pos], teacher, alpha, temperature)
-            loss, _ = mixed_loss(terms, alpha, world=1, device=logits.device)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        nll = split_nll(split_log_probs(model, valid), valid)
-        if nll < best:
-            best, best_state, bad = nll, {k: v.clone() for k, v in model.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    model.load_state_dict(best_state)
-    return model.eval(), best, epoch + 1
+
+    def loss_of(batch):
+        logits, targets, valid_pos = model.sequence_logits(train.items[batch], train.levels[batch])
+        teacher = None if labels is None else labels[batch][valid_pos]
+        terms = rating_terms(logits[valid_pos], targets[valid_pos], teacher, alpha, temperature)
+        return mixed_loss(terms, alpha, world=1, device=logits.device)[0]
+
+    best, epochs_run = early_stopped(model, lr, lambda: torch.randperm(len(train.items)).split(64), loss_of,
+                                     lambda: split_nll(split_log_probs(model, valid), valid), epochs, patience)
+    return model, best, epochs_run
 
 
 def test_errors(log_probs: torch.Tensor, test: Split) -> dict[str, np.ndarray]:
