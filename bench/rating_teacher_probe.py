@@ -71,8 +71,8 @@ def load_splits(folder: Path):
     ratings = np.loadtxt(folder / "u.data", dtype=np.int64)  # user, item, rating, time
     ratings = ratings[np.lexsort((np.arange(len(ratings)), ratings[:, 3], ratings[:, 0]))]
     back = position_from_end(ratings[:, 0])
-    users = np.unique(ratings[:, 0])
-    seqs = [(ratings[ratings[:, 0] == u, 1], ratings[ratings[:, 0] == u, 2]) for u in users]
+    users, starts = np.unique(ratings[:, 0], return_index=True)  # rows are grouped by user
+    seqs = [(rows[:, 1], rows[:, 2]) for rows in np.split(ratings, starts[1:])]
     train = Split([(i[:-2], r[:-2]) for i, r in seqs], users, TEACHER.max_len + 1)
     valid = Split([(i[:-2], r[:-2]) for i, r in seqs], users, TEACHER.max_len, [i[-2] for i, _ in seqs], [r[-2] for _, r in seqs])
     test = Split([(i[:-1], r[:-1]) for i, r in seqs], users, TEACHER.max_len, [i[-1] for i, _ in seqs], [r[-1] for _, r in seqs])
@@ -196,13 +196,12 @@ def main() -> None:
     folder = Path(args.data)
     if not (folder / "u.data").is_file():
         raise SystemExit(f"rating_teacher_probe: u.data not found in {folder} (MovieLens-100k)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     train_rows, train, valid, test, num_users, num_items = load_splits(folder)
     result = {"benchmark": "rating_teacher_probe", "dataset": "ml-100k", "test_examples": len(test.target_items),
               "student_epochs": args.student_epochs,
               **code_version(), "teachers": {}, "students": {}, "comparisons": {}}
-    labels, test_err = {}, {}
+    labels, test_err, log_probs = {}, {}, {}  # log_probs[teacher][split name]: (N, 5) on valid and test
 
     # Teachers, each selected on validation NLL.
     candidates = []
@@ -212,7 +211,8 @@ def main() -> None:
         print(f"factorisation dim {dim} L2 {strength}: valid NLL {nll:.4f}", flush=True)
     nll, dim, strength, mf = min(candidates, key=lambda c: c[0])
     labels["factorisation"] = factorisation_labels(mf, train)
-    test_err["factorisation"] = test_errors(split_log_probs(mf, test, users_model=True), test)
+    log_probs["factorisation"] = {name: split_log_probs(mf, split, users_model=True) for name, split in (("valid", valid), ("test", test))}
+    test_err["factorisation"] = test_errors(log_probs["factorisation"]["test"], test)
     result["teachers"]["factorisation"] = {"dim": dim, "l2": strength, "valid_nll": nll, "params": sum(p.numel() for p in mf.parameters()),
                                            "grid": [{"dim": d, "l2": s, "valid_nll": n} for n, d, s, _ in candidates],
                                            "test": summary(test_err["factorisation"])}
@@ -220,16 +220,16 @@ def main() -> None:
     with torch.no_grad():
         logits, _, _ = transformer.sequence_logits(train.items, train.levels)
         labels["transformer"] = torch.log_softmax(logits, -1)
-    test_err["transformer"] = test_errors(split_log_probs(transformer, test), test)
+    log_probs["transformer"] = {name: split_log_probs(transformer, split) for name, split in (("valid", valid), ("test", test))}
+    test_err["transformer"] = test_errors(log_probs["transformer"]["test"], test)
     result["teachers"]["transformer"] = {"valid_nll": nll, "epochs": epochs, "params": sum(p.numel() for p in transformer.parameters()),
                                          "test": summary(test_err["transformer"])}
     # The two as an ensemble: the mixture of their distributions (what teacher.ensemble labels with).
     mixture = lambda a, b: torch.logaddexp(a, b) - np.log(2.0)  # noqa: E731
     labels["mixture"] = mixture(labels["factorisation"], labels["transformer"])
-    test_err["mixture"] = test_errors(mixture(split_log_probs(mf, test, users_model=True), split_log_probs(transformer, test)), test)
-    with torch.no_grad():
-        valid_mixture = mixture(split_log_probs(mf, valid, users_model=True), split_log_probs(transformer, valid))
-    result["teachers"]["mixture"] = {"valid_nll": split_nll(valid_mixture, valid), "params": result["teachers"]["factorisation"]["params"]
+    log_probs["mixture"] = {name: mixture(log_probs["factorisation"][name], log_probs["transformer"][name]) for name in ("valid", "test")}
+    test_err["mixture"] = test_errors(log_probs["mixture"]["test"], test)
+    result["teachers"]["mixture"] = {"valid_nll": split_nll(log_probs["mixture"]["valid"], valid), "params": result["teachers"]["factorisation"]["params"]
                                      + result["teachers"]["transformer"]["params"], "test": summary(test_err["mixture"])}
     for name, t in result["teachers"].items():
         print(f"teacher {name}: {t['params']:,} params, valid NLL {t['valid_nll']:.4f}, test {t['test']}", flush=True)

@@ -92,6 +92,6 @@ def test_a_student_killed_mid_epoch_resumes_bit_identical_even_past_a_damaged_ch
         f"resumed weights differ; {_first_divergence(straight_dir, killed_dir, resumed_at=(0, 12))}"
     export_a = load_file(runs["straight"] / "baseline" / "model.safetensors")
     export_b = load_file(runs["killed"] / "baseline" / "model.safetensors")
-    assert all(torch.equal(export_a[k], export_b[k]) for k in export_a)
+    assert _same(export_a, export_b)
     fingerprints = [json.loads((r / "baseline" / "export.json").read_text())["fingerprint"] for r in runs.values()]
     assert fingerprints[0] == fingerprints[1]
