@@ -26,8 +26,12 @@ from typing import Any
 GOAL_GAIN, GOAL_KEEPS, GOAL_FRACTION = 0.05, 0.90, 0.1
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per kind of distilled member (plain, augmented, each variant) and size: means over seeds, and the goal."""
+def summarise(rows: list[dict[str, Any]], unfinished: list[str] = ()) -> dict[str, Any]:
+    """Per kind of distilled member (plain, augmented, each variant) and size: means over seeds, and the goal.
+
+    The goal is judged (True/False) only for a kind whose every member has its twin, in a sweep with no
+    unfinished member; otherwise its verdict is None: a verdict on the seeds and sizes finished so far
+    would read as the goal's."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         kind = ("kdaug" if r.get("augmented") else "kd") + (f"-{r['variant']}" if r.get("variant") else "")
@@ -49,14 +53,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         gains = entry.get("gains") or []
         return bool(gains) and all(g["gain"] >= GOAL_GAIN and g["ci95_low"] > 0 for g in gains) and entry["keeps_of_teacher"] >= GOAL_KEEPS
 
-    goal = {}
+    goal: dict[str, Any] = {}
     for kind in sorted({e["kind"] for e in sizes}):
         mine = [e for e in sizes if e["kind"] == kind]
+        if unfinished or any(e.get("mean_gain") is None for e in mine):  # some seed or size has no twin to compare with
+            goal[kind] = None
+            continue
         small = [e for e in mine if e["fraction"] <= GOAL_FRACTION + 1e-9]
-        level = [e for e in mine if e.get("twin_ndcg@10") is not None]
         goal[kind] = {"small_student_meets_gain_and_keep": [e["fraction"] for e in small if meets(e)],
-                      "level_with_twin_at_every_size": bool(level) and all(e["kd_ndcg@10"] >= e["twin_ndcg@10"] for e in level)}
-    return {"sizes": sizes, "goal": goal,
+                      "level_with_twin_at_every_size": all(e["kd_ndcg@10"] >= e["twin_ndcg@10"] for e in mine)}
+    return {"sizes": sizes, "goal": goal, "unfinished_members": list(unfinished),
             "goal_definition": f"at <= {GOAL_FRACTION:g} of the teacher: every seed's gain over its twin >= {GOAL_GAIN:.0%} "
                                f"with the 95% CI above 0, and >= {GOAL_KEEPS:.0%} of the teacher's NDCG@10 kept (mean over "
                                "seeds); at every size the mean distilled NDCG@10 >= the mean twin's"}
@@ -103,10 +109,14 @@ def write_pictures(frontier: dict[str, Any], results_dir: Path, name: str) -> No
 def render(paths: list[str], results_dir: Path, name: str) -> None:
     from cluster.frontier import format_table
 
-    frontier = merge_frontiers([json.loads(Path(p).read_text()) for p in paths])
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    frontier = merge_frontiers(results)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_pictures(frontier, results_dir, name)
-    summary = summarise(frontier["rows"])
+    # A member unfinished in one result may be finished in another (a ladder reuses the 1/10 pair).
+    done = {r["member"] for r in frontier["rows"]} | {r["twin"] for r in frontier["rows"] if "twin" in r and "twin_ndcg@10" in r}
+    unfinished = sorted({m for r in results for m in r.get("unfinished_members", []) if m not in done})
+    summary = summarise(frontier["rows"], unfinished)
     (results_dir / f"frontier_{name}_summary.json").write_text(
         json.dumps({"benchmark": "frontier (merged)", "from": paths, "summary": summary}, indent=2) + "\n")
     print(format_table(frontier), end="")
@@ -163,7 +173,7 @@ def main() -> None:
         raise SystemExit(130) from None
     result = {"benchmark": "frontier", "config": args.config, "overrides": args.overrides, **code_version(),
               "complete": not unfinished, "unfinished_members": unfinished,
-              "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"]),
+              "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"], unfinished),
               "costs": costs(cfg, members, plan.store)}
     out = Path(args.results_dir) / f"frontier_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

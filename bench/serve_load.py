@@ -52,7 +52,7 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: in
                     if reply.status != 200:
                         errors[str(reply.status)] = errors.get(str(reply.status), 0) + 1
                         continue
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # a timed-out request is an error of its level, not the run's
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                 continue
             latencies.append(time.perf_counter() - start)
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", required=True, help="The student's export (a run's student_kd or a sweep member's folder).")
     parser.add_argument("--teacher", default="teacher", help="The teacher's export (default: the run's).")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
-    parser.add_argument("--min-requests", type=int, default=200, help="Requests per level: max(this, 25 x concurrency).")
+    parser.add_argument("--min-requests", type=int, default=1000,
+                        help="Requests per level: max(this, 25 x concurrency); 1000 puts 10 samples above each level's p99.")
     parser.add_argument("--p99-ms", type=float, default=100.0)
     parser.add_argument("--report", action="store_true", help="Also copy the result into the run's report folder.")
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         bodies = _bodies(base, 2000)
         levels = [int(c) for c in args.levels.split(",")]
         ceiling = [asyncio.run(closed_loop(f"http://127.0.0.1:{port}/empty", bodies, c, requests_per_level(c, args.min_requests)))
-                   for c in sorted({levels[len(levels) // 2], levels[-1]})]
+                   for c in sorted({levels[0], levels[len(levels) // 2], levels[-1]})]
         serve.delete("empty")
         print("ceiling (an endpoint without a model): " + ", ".join(f"{lv['rps']:.0f} req/s at {lv['concurrency']} clients"
                                                                      for lv in ceiling), flush=True)

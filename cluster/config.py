@@ -196,7 +196,9 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="How long a batch waits to fill before it runs.")
     max_ongoing_requests: int = Field(128, gt=0, description="Requests a replica accepts at once; more wait in the proxy.")
     max_k: int = Field(100, gt=0, description="Largest k a request may ask for.")
-    max_history: int = Field(2000, gt=0, description="Longest history a request may send (the model reads its last max_len).")
+    max_history: int = Field(20_000, gt=0, description=(
+        "Longest history a request may send (the model reads its last max_len; all of it filters seen items). "
+        "Request bodies over ~64 bytes per item are refused unread (413)."))
 
     @model_validator(mode="after")
     def _batching(self) -> "ServeConfig":

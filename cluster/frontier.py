@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from cluster.config import Config
@@ -69,11 +68,11 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
         twin_name = m.twin_name
         if twin_name in scored:
             twin = scored[twin_name]
-            best_twin = max(h[f"val_ndcg@{K}"] for h in histories[twin_name])
-            row.update({f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
+            best_twin = max(histories[twin_name], key=lambda h: h[f"val_ndcg@{K}"])  # the first best epoch
+            row.update({"twin": twin_name, f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
                         "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
-                        "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin),
-                        "twin_best_val_epoch": 1 + int(np.argmax([h[f"val_ndcg@{K}"] for h in histories[twin_name]]))})
+                        "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin[f"val_ndcg@{K}"]),
+                        "twin_best_val_epoch": int(best_twin["epoch"])})
         rows.append(row)
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional
 from cluster.common import teacher_url
 from cluster import memory_plan
 from cluster.config import Config, stage_fingerprint
-from cluster.student_batches import augmentation_in_use, student_source
+from cluster.student_batches import augmentation_in_use, label_settings, student_source
 from cluster.plan_checks import (PlanError, Problem, catalog_problems, dataset_problems, ensemble_members, offload_problems,
                                  size_warnings, task_problems)
 from data_pipeline import block_layout, fsio
@@ -281,10 +281,7 @@ class _Planner:
         if store_task != self.cfg.run.task:
             raise soft_labels.SoftLabelError(f"soft labels at {self.paths.soft_labels} were computed for the {store_task} task, "
                                              f"this run's run.task is {self.cfg.run.task}: run precompute again")
-        wanted = {"value_dtype": pcfg.dtype}
-        if store_task == "next_item":
-            wanted |= {"k": pcfg.k, "num_sampled": pcfg.num_sampled}
-        differs = {key: (spec.get(key), value) for key, value in wanted.items() if spec.get(key) != value}
+        differs = {key: (spec.get(key), value) for key, value in label_settings(self.cfg).items() if spec.get(key) != value}
         written = (self.store.get("augmentation") or {}).get("settings")
         if written != pcfg.augment.settings():
             differs["augmentation"] = (written, pcfg.augment.settings())

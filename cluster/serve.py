@@ -139,6 +139,9 @@ def _deployment_class():
                 return JSONResponse({"model": self.name, **self.model.info()}, headers=self.headers)
             if request.method != "POST":
                 return self._error(BadRequest(f"use POST (a recommendation) or GET (the model), not {request.method}", 405))
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.model.max_body_bytes:  # refused before it is read
+                return self._error(BadRequest(self.model.too_large(int(declared)), 413))
             try:
                 parsed = self.model.parse(await request.body())
             except BadRequest as exc:

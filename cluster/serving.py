@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from cluster.models import load_model
 from data_pipeline.dataset import load_manifest, read_item_ids, train_item_counts
@@ -29,6 +29,7 @@ from distill.recommend import ranked_once, top_k_items
 from distill.sequences import left_pad_flat
 
 FINGERPRINT_HEADER = "x-recdistill-fingerprint"
+MAX_ID_BYTES = 64  # what one history entry may take in a request body, quotes and comma included
 
 
 class BadRequest(ValueError):
@@ -44,7 +45,7 @@ class RecommendRequest(BaseModel):
 
     history: list[Union[StrictStr, StrictInt]] = Field(default_factory=list, description="Original item ids, oldest first.")
     k: StrictInt = 10
-    filter_seen: bool = True
+    filter_seen: StrictBool = True
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class ServedModel:
     """One exported model ready to answer requests (see the module docstring)."""
 
     def __init__(self, export_url: str, data_url: str, storage_options: Optional[dict[str, Any]] = None,
-                 device: str = "cpu", max_k: int = 100, max_history: int = 2000):
+                 device: str = "cpu", max_k: int = 100, max_history: int = 20_000):
         model, meta = load_model(export_url, storage_options)
         manifest = load_manifest(data_url, storage_options)
         check_export_fits_dataset(meta, manifest, export_url)
@@ -72,12 +73,16 @@ class ServedModel:
         self.device = torch.device(device)
         self.popularity = torch.from_numpy(train_item_counts(data_url, manifest["num_items"], storage_options)).float()
         self.by_popularity = ranked_once(self.popularity).tolist()  # the ranking of a history with no known item
+        self.popularity_scores = self.popularity[self.by_popularity].tolist()
         self.scorer = model_scorer(model.to(self.device), meta["model"]["max_len"])
         self.fingerprint: str = meta["fingerprint"]
         self.params = sum(p.numel() for p in model.parameters())
         self.num_items: int = manifest["num_items"]
         self.max_k = min(max_k, self.num_items)
         self.max_history = max_history
+        # A body this large cannot be a history within the limit (ids of up to ~60 characters): refused before
+        # it is parsed, since parsing runs on the replica's event loop, where every other request waits.
+        self.max_body_bytes = MAX_ID_BYTES * max_history + 4096
 
     def info(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "params": self.params, "num_items": self.num_items,
@@ -86,12 +91,20 @@ class ServedModel:
     def parse(self, body: bytes) -> ParsedRequest:
         """A request body checked in full, its item ids mapped (here, before batching: this work is per request);
         :class:`BadRequest` says what is wrong with it."""
+        if len(body) > self.max_body_bytes:
+            raise BadRequest(self.too_large(len(body)), 413)
         try:
             payload = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("the body is not valid JSON: nested too deeply") from None
         if not isinstance(payload, dict):
             raise BadRequest('the body must be a JSON object such as {"history": ["1193", "661"], "k": 10}')
+        history = payload.get("history")
+        if isinstance(history, list) and len(history) > self.max_history:  # before validating every entry of it
+            raise BadRequest(f"history has {len(history)} items; at most {self.max_history} are accepted (serve.max_history; "
+                             "the model reads the most recent ones, the rest only filter seen items)", 422)
         try:
             request = RecommendRequest.model_validate(payload)
         except ValidationError as exc:
@@ -99,11 +112,13 @@ class ServedModel:
             raise BadRequest(f"invalid request: {problems} (fields: history, k, filter_seen)", 422) from None
         if not 1 <= request.k <= self.max_k:
             raise BadRequest(f"k must be between 1 and {self.max_k}, got {request.k}", 422)
-        if len(request.history) > self.max_history:
-            raise BadRequest(f"history has {len(request.history)} items; at most {self.max_history} are accepted "
-                             "(send the most recent ones)", 422)
         index = self.index
         return ParsedRequest(request, [index[raw] for raw in map(str, request.history) if raw in index])
+
+    def too_large(self, size: int) -> str:
+        """The message for a body over :attr:`max_body_bytes` (also what the endpoint answers to a Content-Length over it)."""
+        return (f"the body has {size:,} bytes; at most {self.max_body_bytes:,} are accepted "
+                f"(a history of at most {self.max_history} items)")
 
     def recommend(self, requests: list[ParsedRequest]) -> list[dict[str, Any]]:
         """Answers in request order: ``items`` (original ids, best first), their ``scores``, ``unknown_items``
@@ -125,8 +140,8 @@ class ServedModel:
                 answers[i] = self._answer(requests[i], items[:k], values[:k], "model")
         for i, r in enumerate(requests):
             if answers[i] is None:  # nothing known of this user (so nothing seen): the popularity ranking, made at load
-                items = self.by_popularity[: r.request.k]
-                answers[i] = self._answer(r, items, self.popularity[items].tolist(), "popularity")
+                k = r.request.k
+                answers[i] = self._answer(r, self.by_popularity[:k], self.popularity_scores[:k], "popularity")
         return answers  # type: ignore[return-value]
 
     def _answer(self, r: ParsedRequest, items: list[int], scores: list[float], ranking: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -71,13 +71,20 @@ def augmentation_in_use(cfg: Config, store: Optional[dict]) -> Optional[dict]:
     return (store.get("augmentation") or {}).get("settings")
 
 
+def label_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of the soft labels a run's store holds (the run plan refuses a store written with others)."""
+    pcfg = cfg.precompute
+    if cfg.run.task == "rating":  # the whole distribution over the rating levels: no top-k, no samples
+        return {"value_dtype": pcfg.dtype}
+    return {"value_dtype": pcfg.dtype, "k": pcfg.k, "num_sampled": pcfg.num_sampled}
+
+
 def student_source(teacher_fingerprint: str, cfg: Config, store: Optional[dict]) -> str:
-    """What a distilled student learns from, for its stage fingerprint: the teacher, and the
-    augmentation settings when it trains on augmented rows (other rows, another student)."""
-    augmentation = augmentation_in_use(cfg, store)
-    if augmentation is None:
-        return teacher_fingerprint
-    return f"{teacher_fingerprint}+augmented:{hashlib.sha256(json.dumps(augmentation, sort_keys=True).encode()).hexdigest()[:12]}"
+    """What a distilled student learns from, for its stage fingerprint: the teacher, the labels'
+    settings (a top-64 and a top-128 store teach differently: a student of one is not done for the
+    other), and the augmentation settings when it trains on augmented rows (other rows, another student)."""
+    source = {"labels": label_settings(cfg), "augmented": augmentation_in_use(cfg, store)}
+    return f"{teacher_fingerprint}+{hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 def training_blocks(cfg: Config, dataset: dict, soft_manifest: Optional[dict]) -> tuple[list[BlockRef], Optional[list[str]]]:

@@ -90,8 +90,13 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
                     group.append(Member(name, fraction, seed, baseline, model, params, augmented, variant))
             # The first distilled member and its twin train first: a sweep cut short has its comparison.
             members += sorted(group, key=lambda m: 0 if m is group[0] or m.baseline else 1)
-    for member in members:  # every variant's overrides are valid before anything trains
-        member_config(cfg, member)
+    named: dict[str, Member] = {}
+    for member in members:
+        if member.name in named:  # one folder and one Ray run for two members: refused before anything trains
+            raise ConfigError(f"sweep: two members would be named {member.name} (fractions {named[member.name].fraction:g} and "
+                              f"{member.fraction:g}, seeds {cfg.sweep.seeds}): list each size and seed once")
+        named[member.name] = member
+        member_config(cfg, member)  # every variant's overrides are valid before anything trains
     return members
 
 

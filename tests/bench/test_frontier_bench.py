@@ -28,6 +28,28 @@ def test_the_goal_needs_every_seed_above_five_percent_with_the_interval_above_ze
     assert summarise(rows)["goal"]["kd"]["small_student_meets_gain_and_keep"] == []
 
 
+def test_no_verdict_on_a_sweep_with_unfinished_members_or_a_member_without_its_twin():
+    rows = [row(0.1, 0, 0.28, 0.26, 0.03, 0.92), row(0.2, 0, 0.30, 0.29, -0.01, 0.95)]
+    assert summarise(rows)["goal"]["kd"] is not None
+    partial = summarise(rows, unfinished=["1in20-s0-kd", "1in20-s0-twin"])
+    assert partial["goal"] == {"kd": None} and partial["unfinished_members"] == ["1in20-s0-kd", "1in20-s0-twin"]
+    untwinned = {k: v for k, v in row(0.1, 1, 0.29, 0.26, 0.03, 0.92).items() if "twin" not in k and k != "gain_over_twin"}
+    assert summarise([*rows, untwinned])["goal"]["kd"] is None  # seed 1's twin missing: "every seed" cannot be judged
+
+
+def test_a_merged_frontier_is_judged_once_every_member_is_finished_somewhere(tmp_path):
+    partial = {**result("t1", {**row(0.1, 0, 0.28, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin"}),
+               "complete": False, "unfinished_members": ["1in10-s0-twin", "1in5-s0-kd", "1in5-s0-twin"]}
+    partial["frontier"]["rows"][0].pop("twin_ndcg@10")  # its twin had not finished then
+    ladder = result("t1", {**row(0.1, 0, 0.29, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin"})
+    paths = [tmp_path / "partial.json", tmp_path / "ladder.json"]
+    for path, r in zip(paths, (partial, ladder)):
+        path.write_text(json.dumps(r))
+    render([str(p) for p in paths], tmp_path / "out", "m")
+    summary = json.loads((tmp_path / "out" / "frontier_m_summary.json").read_text())["summary"]
+    assert summary["unfinished_members"] == ["1in5-s0-kd", "1in5-s0-twin"] and summary["goal"] == {"kd": None}
+
+
 def test_kinds_are_summarised_apart():
     rows = [row(0.1, 0, 0.28, 0.26, 0.03, 0.92), row(0.1, 0, 0.29, 0.26, 0.04, 0.95, augmented=True),
             row(0.1, 0, 0.25, 0.26, -0.1, 0.85, variant="dkd")]

@@ -69,6 +69,9 @@ def test_bad_requests_get_4xx_with_messages_and_the_replica_keeps_serving(served
         assert reply.status_code == status and message in reply.json()["error"], (body, reply.status_code, reply.text)
         assert reply.headers[FINGERPRINT_HEADER] == fingerprint
     assert requests.put(url, data=b"{}", timeout=30).status_code == 405
+    huge = b'{"history": [' + b'"1",' * 400_000 + b'"1"], "k": 3}'  # 1.6 MB: over 64 bytes x max_history, refused unread
+    reply = post(url, huge)
+    assert reply.status_code == 413 and "at most 1,284,096 are accepted" in reply.json()["error"], reply.text
     reply = post(url, {"history": ["unknown-id"], "k": 3})
     assert reply.status_code == 200 and reply.json()["unknown_items"] == 1 and reply.json()["ranking"] == "popularity"
 

@@ -88,6 +88,9 @@ def test_unknown_ids_are_counted_empty_histories_get_popularity_and_seen_items_c
     (b'{"history": [1.5], "k": 3}', 422, "history.0"),
     (b'{"history": [], "kk": 3}', 422, "kk: Extra inputs"),
     (b'{"history": "1,2,3"}', 422, "history"),
+    (b'{"history": [], "filter_seen": "no"}', 422, "filter_seen"),  # not read as a truthy string
+    (b'{"history":' + b"[" * 2000 + b"]" * 2000 + b"}", 400, "nested too deeply"),  # json's RecursionError
+    (b'{"history": [' + b'"123456",' * 600 + b'"1"]}', 413, "at most 4,416 are accepted"),  # 64 bytes an item + 4 KiB
 ])
 def test_bad_requests_are_refused_with_a_message(served_run, body, status, message):
     cfg, layout, manifest = served_run
@@ -97,6 +100,9 @@ def test_bad_requests_are_refused_with_a_message(served_run, body, status, messa
     assert caught.value.status == status
     with pytest.raises(BadRequest, match="at most 5"):
         served.parse(b'{"history": [1, 2, 3, 4, 5, 6]}')
+    with pytest.raises(BadRequest, match="history has 6 items; at most 5") as caught:  # counted before its entries are checked
+        served.parse(b'{"history": [1, 2, 3, 4, 5, [6]]}')
+    assert caught.value.status == 422
 
 
 def test_the_plan_refuses_a_missing_export_or_another_datasets_before_anything_starts(served_run, tmp_path):

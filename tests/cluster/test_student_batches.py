@@ -160,3 +160,21 @@ def test_rating_batch_from_dataset_skips_single_ratings_and_keeps_the_window():
     assert batch.inputs.tolist() == [[5, 6, 7], [0, 9, 10]]
     assert batch.targets.tolist() == [[2, 3, 4], [0, 2, 2]]
     assert batch.soft is None
+
+
+def test_a_distilled_students_source_names_the_labels_it_learns_from():
+    """A student of a top-64 store is not finished for a top-128 one (nor another dtype, sampled labels or
+    augmentation); the rating task's labels have no k, so precompute.k does not concern its students."""
+    from cluster.config import build_config
+    from cluster.student_batches import student_source
+
+    def source(*overrides):
+        return student_source("teacher-fp", build_config({}, list(overrides)), None)
+
+    base = source()
+    assert base.startswith("teacher-fp+") and source() == base
+    others = [source("precompute.k=128"), source("precompute.dtype=fp32"), source("precompute.num_sampled=4"),
+              source("precompute.augment.ratio=1")]
+    assert len({base, *others}) == 5
+    assert source("precompute.augment.ratio=1", "distill.augmented=skip") == base  # augmented rows not read
+    assert source("run.task=rating", "precompute.k=128") == source("run.task=rating")

@@ -47,6 +47,9 @@ def test_members_are_sized_against_the_teacher_and_an_impossible_size_is_refused
     assert members[0].model == members[1].model and members[0].params > members[2].params > members[4].params
     with pytest.raises(ConfigError, match="sweep.fractions: 0.0001 of the teacher's"):
         plan_members(small_config(sweep_store.run.run_dir, *STUDENT, "sweep.fractions=[0.0001]"), plan)
+    for duplicate in ("sweep.seeds=[0,0]", "sweep.fractions=[0.1,0.1]", "sweep.fractions=[0.3333,0.33334]"):  # one folder, two members
+        with pytest.raises(ConfigError, match="two members would be named"):
+            plan_members(small_config(sweep_store.run.run_dir, *STUDENT, duplicate), plan)
 
 
 def test_with_augmented_adds_a_member_per_size_and_seed_and_needs_augmented_rows(tmp_path):
