@@ -216,7 +216,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         fsio.write_json_atomic(fsio.join(out_url, "history.json"),
                                {"history": state["history"], "restarts": state["restarts"], "stage_fingerprint": stage_fp,
-                                "complete": True, "stopped_early": stopped_early}, storage)
+                                "complete": True, "stopped_early": stopped_early, "patience": tcfg.patience}, storage)
 
 
 def _broadcast_object(obj: Any, dist) -> Any:

@@ -412,11 +412,15 @@ class _Planner:
         history = fsio.read_json(fsio.join(folder, "history.json"), self.storage)
         checkpoints = fsio.join(self.cfg.run.run_dir, "ray", stage)
         if history.get("complete") and not _exists(fsio.join(checkpoints, "checkpoint_manager_snapshot.json"), self.storage):
-            epochs = _epochs_asked(self.cfg, stage)
+            train, ran = _train_asked(self.cfg, stage), len(history.get("history", []))
+            if history.get("stopped_early"):
+                asked, fix = f"stopped early under patience {history['patience']}; patience {train.patience} is asked", \
+                    f"patience {history['patience']}"
+            else:
+                asked, fix = f"finished {ran} epochs; {train.epochs} are asked", f"{ran} epochs"
             self.problem(_STAGE_COMMANDS[stage],
-                         f"{folder} holds a {stage} that finished {len(history.get('history', []))} epochs; {epochs} are asked "
-                         f"for, but there is no checkpoint under {checkpoints} to continue from (training again would "
-                         f"overwrite its export). Ask for {len(history.get('history', []))} epochs, or delete {folder} to "
+                         f"{folder} holds a {stage} that {asked} for, but there is no checkpoint under {checkpoints} to "
+                         f"continue from (training again would overwrite its export). Ask for {fix}, or delete {folder} to "
                          "train it anew")
 
     def _num_sequences(self) -> Optional[int]:
@@ -443,9 +447,13 @@ def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[st
     # Epochs are not in the fingerprint (under a constant lr), so that asking for more continues a finished
     # training from its checkpoint: one that ran out of epochs (not stopped early) is done only if it ran as
     # many as asked. (Under a cosine schedule they are: more epochs are another training.)
-    # Histories from before "stopped_early" was recorded count as done.
-    epochs = _epochs_asked(cfg, stage)
-    more_asked = history.get("stopped_early") is False and len(history.get("history", [])) < epochs
+    # Likewise one stopped early under a smaller patience than is asked now (or when none is: 0), so that the
+    # members of a sweep never compare trainings stopped by different rules.
+    # Histories from before "stopped_early" (or "patience") was recorded count as done.
+    train = _train_asked(cfg, stage)
+    stopped, stopped_at = history.get("stopped_early"), history.get("patience")
+    more_patience = stopped is True and stopped_at is not None and (train.patience == 0 or train.patience > stopped_at)
+    more_asked = (stopped is False or more_patience) and len(history.get("history", [])) < train.epochs
     return ("done" if history.get("complete") and not more_asked else "resume"), other
 
 
@@ -453,8 +461,8 @@ def stage_progress(cfg: Config, folder: str, stage: str, teacher_fp: Optional[st
 _STAGE_COMMANDS = {"teacher": "train-teacher", "student": "distill", "baseline": "distill --baseline"}
 
 
-def _epochs_asked(cfg: Config, stage: str) -> int:
-    return (cfg.teacher if stage == "teacher" else cfg.student).train.epochs
+def _train_asked(cfg: Config, stage: str):
+    return (cfg.teacher if stage == "teacher" else cfg.student).train
 
 
 def training_complete(folder: str, cfg: Config, stage: str, teacher_fingerprint: Optional[str] = None) -> bool:

@@ -295,7 +295,8 @@ def train_teacher_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
     clear_swap_dir(swap_dir, local_rank, recreate=False)
     if rank == 0:  # the pipeline's "this stage is done" (the export alone exists from the first best epoch on)
         progress = {"history": state["history"], "restarts": state["restarts"], "best_epoch": state["best_epoch"],
-                    "stage_fingerprint": stage_fp, "complete": True, "stopped_early": stopped_early}
+                    "stage_fingerprint": stage_fp, "complete": True, "stopped_early": stopped_early,
+                    "patience": tcfg.patience}
         fsio.write_json_atomic(fsio.join(layout.teacher, HISTORY_FILE), progress, storage)
 
 

@@ -4,6 +4,7 @@ settings (the full pipeline runs in test_job_submit.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -40,6 +41,18 @@ def test_a_training_stage_is_done_only_when_its_history_says_complete(tmp_path):
     assert not [p for p in build_plan(more).problems if "no checkpoint" in p.message]
     (folder / "history.json").write_text(json.dumps({**ran_out, "stopped_early": True}))
     assert training_complete(str(folder), build_config({}, ["student.train.epochs=3"]), "student")
+    # Stopped early under patience 1: done for patience 1, continued for a larger one or none (0), so that
+    # two members of a sweep are never stopped by different rules.
+    (folder / "history.json").write_text(json.dumps({**ran_out, "stopped_early": True, "patience": 1}))
+    assert training_complete(str(folder), build_config({}, ["student.train.epochs=3", "student.train.patience=1"]), "student")
+    for patience in (2, 0):
+        assert not training_complete(str(folder), build_config({}, ["student.train.epochs=3", f"student.train.patience={patience}"]), "student")
+    assert training_complete(str(folder), build_config({}, ["student.train.epochs=2", "student.train.patience=2"]), "student")
+    (tmp_path / "baseline" / "history.json").write_text(json.dumps({**ran_out, "stopped_early": True, "patience": 1}))
+    shutil.rmtree(tmp_path / "ray" / "baseline")
+    with pytest.raises(PlanError, match=r"stopped early under patience 1; patience 4 is asked for, but there is no checkpoint.*"
+                                        r"Ask for patience 1, or delete"):
+        build_plan(build_config({}, [f"run.run_dir={tmp_path}", "student.train.epochs=3", "student.train.patience=4"])).check()
 
 
 def test_a_stage_finished_under_other_settings_is_not_done_and_the_plan_refuses_it(tmp_path):
