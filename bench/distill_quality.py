@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 from cluster import distill, evaluate
-from cluster.common import teacher_url
-from cluster.plan import training_complete
+from cluster.plan import build_plan
 from data_pipeline import fsio
 from bench.compare_students import compare
 from data_pipeline.layout import RunLayout
 from cluster.config import load_config
-from data_pipeline.exports import read_export_meta
 
 
 def main() -> None:
@@ -39,9 +37,9 @@ def main() -> None:
     storage = cfg.data.storage_options
 
     wall: dict[str, float] = {}
-    teacher_fingerprint = read_export_meta(teacher_url(cfg), storage)["fingerprint"]
-    for role, folder, baseline in (("student_kd", layout.student, False), ("student_baseline", layout.baseline, True)):
-        if not training_complete(folder, cfg, "baseline" if baseline else "student", teacher_fingerprint):
+    plan = build_plan(cfg)  # what is done is the plan's to say (a student's fingerprint names its teacher and labels)
+    for role, command, baseline in (("student_kd", "distill", False), ("student_baseline", "distill --baseline", True)):
+        if plan.stage(command).action != "done":
             started = time.perf_counter()
             distill.run(cfg, baseline=baseline)
             wall[role] = time.perf_counter() - started

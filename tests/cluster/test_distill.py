@@ -16,6 +16,7 @@ import torch
 
 from cluster import distill, precompute, prepare
 from cluster.plan import training_complete
+from cluster.student_batches import student_source
 from conftest import export_spread_teacher, assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import fsio
 from data_pipeline import soft_labels as store
@@ -129,9 +130,9 @@ def test_killed_worker_resumes_and_every_row_is_used_once_per_epoch(store_templa
     layout = RunLayout(cfg.run.run_dir)
     assert read_export_meta(layout.student)["role"] == "student"
     # Finished under this configuration and this teacher (the pipeline would skip it).
-    teacher_fp = read_export_meta(layout.teacher)["fingerprint"]
-    assert history(cfg)["stage_fingerprint"] == stage_fingerprint(cfg, "student", teacher_fp)
-    assert training_complete(layout.student, cfg, "student", teacher_fp)
+    source = student_source(read_export_meta(layout.teacher)["fingerprint"], cfg, store.load_store_manifest(layout.soft_labels))
+    assert history(cfg)["stage_fingerprint"] == stage_fingerprint(cfg, "student", source)
+    assert training_complete(layout.student, cfg, "student", source)
     # Exact: the same two epochs never interrupted end with the same weights (DDP on 2 workers, dropout on).
     straight = copy_run(store_template, tmp_path / "straight", *teacher_items, "distill.log_consumed=false")
     distill.run(straight)
@@ -165,7 +166,7 @@ def test_checkpoint_resumes_mid_epoch_at_another_worker_count(store_template, tm
 
 
 def test_augmented_rows_are_labelled_by_the_teacher_and_each_is_used_once_per_epoch(store_template, tmp_path):
-    from cluster.student_batches import student_source, training_blocks
+    from cluster.student_batches import training_blocks
 
     # Asking for augmented rows of a store that has none is refused before training.
     plain = copy_run(store_template, tmp_path / "plain", "distill.augmented=use")
