@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from typing import Any, Callable
 
@@ -119,8 +120,23 @@ def start_local_ray(**init_kwargs: Any) -> None:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (another process may still take it later)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now.
+
+    Drawn from 20000-32767: above Ray's worker ports (10002-19999) and below the kernel's ephemeral range
+    (32768 and up on Linux, 49152 and up elsewhere), where no port is handed out without being asked for
+    by number. A port from ``bind(0)`` comes from the ephemeral range, and on a busy machine a Ray worker
+    or an outgoing connection took one between this call and the caller's bind (Serve's proxy then failed
+    to bind it)."""
+    draw = random.Random()
+    for _ in range(200):
+        port = draw.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use: draw again
+                continue
+            return port
+    with socket.socket() as s:  # 200 ports in use: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -56,3 +56,23 @@ def test_more_workers_than_the_cluster_holds_are_refused_with_the_numbers(ray_se
     require_resources(small_config(run_dir, "scaling.num_workers=4", "scaling.autoscaling=true"))
     with pytest.raises(ResourceError, match="cannot start 1 worker with scaling.cpus_per_worker=2.5 .CPU: needs 2.5"):
         require_resources(small_config(run_dir, "scaling.num_workers=1", "scaling.cpus_per_worker=2.5"))
+
+
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range_and_skip_ports_in_use():
+    """Serve's proxy once failed to bind a port from bind(0): a Ray worker had taken it from the ephemeral range."""
+    import socket
+
+    from cluster.ray_setup import free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < 32768 for p in ports) and len(ports) > 10
+    held = []
+    try:
+        for port in ports:  # hold these: free_port must not hand them out again
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            held.append(s)
+        assert all(free_port() not in ports for _ in range(50))
+    finally:
+        for s in held:
+            s.close()
