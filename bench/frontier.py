@@ -83,19 +83,39 @@ def costs(cfg, members: list, store: dict) -> dict[str, Any]:
             "augmentation": store.get("augmentation")}
 
 
-def merge_frontiers(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One frontier from several benchmark results of the same teacher and test split: every member once
-    (a member in several results, e.g. the 1/10 pair that a ladder reuses, keeps its last record)."""
+def merge_frontiers(results: list[dict[str, Any]], sources: list[str] | None = None) -> dict[str, Any]:
+    """One frontier from several benchmark results of the same teacher and test split: every member once.
+    A member in several results (the 1/10 pair that a ladder reuses) keeps its last record; where the
+    records differ (the member was retrained in between) that is said on stderr and listed under
+    "replaced_records", so a rerun never changes a number without notice."""
+    sources = sources or [f"result {i}" for i in range(len(results))]
     first = results[0]["frontier"]
     for r in results[1:]:
         if r["frontier"]["teacher"]["fingerprint"] != first["teacher"]["fingerprint"]:
             raise SystemExit("bench.frontier --render: the results come from different teachers "
                              f"({first['teacher']['fingerprint'][:12]} and {r['frontier']['teacher']['fingerprint'][:12]})")
     rows: dict[str, dict] = {}
-    for r in results:
-        rows.update({row["member"]: row for row in r["frontier"]["rows"]})
+    origin: dict[str, str] = {}
+    replaced = []
+    for source, r in zip(sources, results):
+        for row in r["frontier"]["rows"]:
+            name, old = row["member"], rows.get(row["member"])
+            if old is not None and _retrained(old, row):
+                replaced.append({"member": name, "kept": source, "kept_ndcg@10": row.get("kd_ndcg@10"),
+                                 "dropped": origin[name], "dropped_ndcg@10": old.get("kd_ndcg@10")})
+                print(f"bench.frontier: {name} has different records in {origin[name]} "
+                      f"(NDCG@10 {old.get('kd_ndcg@10')}) and {source} ({row.get('kd_ndcg@10')}); "
+                      f"keeping the later one, from {source}", file=sys.stderr)
+            rows[name], origin[name] = row, source
     ordered = sorted(rows.values(), key=lambda row: (-row["fraction"], row["seed"], row.get("augmented", False), row.get("variant", "")))
-    return {**first, "rows": ordered}
+    return {**first, "rows": ordered, "replaced_records": replaced}
+
+
+def _retrained(old: dict, new: dict) -> bool:
+    """Two records of one member that disagree: its score, or its twin's where both have one (a twin
+    that had not finished in the older record is not a disagreement)."""
+    twins_differ = "twin_ndcg@10" in old and "twin_ndcg@10" in new and old["twin_ndcg@10"] != new["twin_ndcg@10"]
+    return old.get("kd_ndcg@10") != new.get("kd_ndcg@10") or twins_differ
 
 
 def write_pictures(frontier: dict[str, Any], results_dir: Path, name: str) -> None:
@@ -110,7 +130,7 @@ def render(paths: list[str], results_dir: Path, name: str) -> None:
     from cluster.frontier import format_table
 
     results = [json.loads(Path(p).read_text()) for p in paths]
-    frontier = merge_frontiers(results)
+    frontier = merge_frontiers(results, paths)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_pictures(frontier, results_dir, name)
     # A member unfinished in one result may be finished in another (a ladder reuses the 1/10 pair).
@@ -118,7 +138,8 @@ def render(paths: list[str], results_dir: Path, name: str) -> None:
     unfinished = sorted({m for r in results for m in r.get("unfinished_members", []) if m not in done})
     summary = summarise(frontier["rows"], unfinished)
     (results_dir / f"frontier_{name}_summary.json").write_text(
-        json.dumps({"benchmark": "frontier (merged)", "from": paths, "summary": summary}, indent=2) + "\n")
+        json.dumps({"benchmark": "frontier (merged)", "from": paths, "summary": summary,
+                    "replaced_records": frontier["replaced_records"]}, indent=2) + "\n")
     print(format_table(frontier), end="")
     print(f"written: frontier_{name}.md, .png, _summary.json under {results_dir}")
 

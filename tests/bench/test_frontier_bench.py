@@ -65,12 +65,17 @@ def result(fingerprint, *rows):
                                    "twin_latency_ms_per_request": 0.1} for r in rows]}}
 
 
-def test_merged_frontiers_keep_each_member_once_and_the_last_record(tmp_path):
+def test_merged_frontiers_keep_each_member_once_and_the_last_record(tmp_path, capsys):
     first = result("t1", row(0.1, 0, 0.28, 0.26, 0.03, 0.92))
     second = result("t1", row(0.1, 0, 0.29, 0.26, 0.03, 0.92), row(0.2, 0, 0.30, 0.29, -0.01, 0.95))
-    merged = merge_frontiers([first, second])
+    merged = merge_frontiers([first, second], ["f0.json", "f1.json"])
     assert [r["member"] for r in merged["rows"]] == ["0.2-s0", "0.1-s0"]  # largest first
     assert merged["rows"][1]["kd_ndcg@10"] == 0.29
+    # The 1/10 member was retrained between the two results: said, not silently replaced.
+    assert merged["replaced_records"] == [{"member": "0.1-s0", "kept": "f1.json", "kept_ndcg@10": 0.29,
+                                           "dropped": "f0.json", "dropped_ndcg@10": 0.28}]
+    assert "0.1-s0 has different records in f0.json" in capsys.readouterr().err
+    assert merge_frontiers([second, second])["replaced_records"] == []  # the same record twice is no retraining
     paths = []
     for i, r in enumerate((first, second)):
         paths.append(tmp_path / f"f{i}.json")
