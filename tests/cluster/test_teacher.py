@@ -198,33 +198,33 @@ def test_checkpoint_resumes_at_another_worker_count(ray_session, tmp_path, befor
 
 def test_zero_infinity_nvme_offload_with_activation_checkpointing_trains_like_the_plain_engine(ray_session, tmp_path):
     """Optimizer states and parameters on NVMe (files under nvme_path, DeepSpeed's async I/O) and blocks
-    recomputed in the backward change where tensors live, not what is learned: two epochs match the plain
+    recomputed in the backward change where tensors live, not what is learned: an epoch matches the plain
     ZeRO-3 run's. The plain run's checkpoint then resumes at 1 worker with everything offloaded."""
     # FFN weights of 128 x 4096: 1 MB partitions on 2 workers, the smallest DeepSpeed swaps (smaller stay in RAM).
     model = ("teacher.model.d_model=128", "teacher.model.ffn_dim=4096", "teacher.model.dropout=0.0")
     nvme = tmp_path / "nvme"
     offload = ("deepspeed.offload_optimizer=nvme", "deepspeed.offload_params=nvme", f"deepspeed.nvme_path={nvme}",
                "deepspeed.activation_checkpointing=true")
-    offloaded = small_config(tmp_path / "offloaded", "teacher.train.epochs=2", *model, *offload)
+    offloaded = small_config(tmp_path / "offloaded", "teacher.train.epochs=1", *model, *offload)
     prepare.run(offloaded)
     train_teacher.run(offloaded)
-    # The states were on disk (each epoch measures the swap files), and the run's swap folder went with the run.
+    # The states were on disk (the epoch measures the swap files), and the run's swap folder went with the run.
     assert all(h["nvme_swap_gb"] > 0 for h in read_history(offloaded)["history"])
     assert list(nvme.iterdir()) == [], sorted(str(p) for p in nvme.rglob("*"))
-    plain = small_config(tmp_path / "plain", "teacher.train.epochs=2", *model)
+    plain = small_config(tmp_path / "plain", "teacher.train.epochs=1", *model)
     prepare.run(plain)
     train_teacher.run(plain)
     # The same math in another rounding (the offloaded optimizer steps on host copies of the gradients): equal to
-    # rounding over the first epoch's 70 steps, which the second amplifies (measured on one worker: identical
-    # losses to 7 digits at step 70, 0.3% apart at step 140). The bit-exact resume is test_portable_checkpoint's.
+    # rounding over the epoch's 70 steps (measured on one worker: identical losses to 7 digits at step 70; a
+    # second epoch amplifies the rounding to 0.3% by step 140). The bit-exact resume is test_portable_checkpoint's.
     ours, theirs = read_history(offloaded)["history"], read_history(plain)["history"]
     assert ours[0]["train_loss"] == pytest.approx(theirs[0]["train_loss"], rel=2e-3)
-    assert ours[1]["train_loss"] == pytest.approx(theirs[1]["train_loss"], rel=0.03)
-    assert [h["val_ndcg@10"] for h in ours] == pytest.approx([h["val_ndcg@10"] for h in theirs], abs=0.02)
-    more = small_config(tmp_path / "plain", "teacher.train.epochs=3", "scaling.num_workers=1", *model, *offload)
+    assert ours[0]["val_ndcg@10"] == pytest.approx(theirs[0]["val_ndcg@10"], abs=0.02)
+    more = small_config(tmp_path / "plain", "teacher.train.epochs=2", "scaling.num_workers=1", *model, *offload)
     train_teacher.run(more)
     history = read_history(more)
-    assert [h["epoch"] for h in history["history"]] == [1, 2, 3] and history["complete"]
-    assert history["restarts"] == [{"at_epoch": 2, "from_workers": 2, "workers": 1}]
+    assert [h["epoch"] for h in history["history"]] == [1, 2] and history["complete"]
+    assert history["restarts"] == [{"at_epoch": 1, "from_workers": 2, "workers": 1}]
+    assert history["history"][1]["nvme_swap_gb"] > 0
     # Each epoch records what the memory plan is checked against: every rank's peak RSS.
     assert len(history["history"][-1]["peak_rss_gb"]) == 1 and len(history["history"][0]["peak_rss_gb"]) == 2
