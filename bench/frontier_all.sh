@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's frontier benchmarks, in order, as one resumable job:
 #
-#   nohup bash bench/frontier_all.sh [ml1m] [ml1m-ensemble] [beauty] [beauty-short] > logs/frontier_all.out 2>&1 &
+#   nohup bash bench/frontier_all.sh [ml1m] [ml1m-teacher] [ml1m-ensemble] [beauty] [beauty-short] > logs/frontier_all.out 2>&1 &
 #
 # With no argument ML-1M then Beauty run at their full budgets; naming parts runs only those.
 # Every step continues where a cut-short run stopped, through the project's own resume: the teacher
@@ -20,11 +20,13 @@ RUNS=${RECDISTILL_BENCH_RUNS:-$HOME/recdistill-bench-runs}
 mkdir -p "$RUNS"
 # One store for every ML-1M member: top-128 labels (the student's own top items are covered) and one
 # teacher-labelled augmented row per training sequence.
-ml1m() {
 ML1M=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m" precompute.k=128 precompute.augment.ratio=1)
-
+ml1m-teacher() {
 $PY -m cluster.cli prepare "${ML1M[@]}"
 $PY -m cluster.cli train-teacher "${ML1M[@]}"
+}
+ml1m() {
+ml1m-teacher
 $PY -m cluster.cli precompute "${ML1M[@]}"
 # 1/10 first (the size the goal is about): each seed distilled with and without the augmented rows, and
 # its twin (every seed's distilled member and twin before its augmented one); then the item-embedding
@@ -67,8 +69,10 @@ $PY -m bench.frontier --name beauty_short "${SHORT[@]}" 'sweep.fractions=[0.1,0.
 # The next lever on ML-1M (written after the ml1m part; not run yet): a stronger teacher, the mixture of the ml1m
 # run's teacher and two more seeds' (teacher.ensemble), labels a store of its own, and the 1/10 members train from
 # it as in ml1m_1in10 (two seeds, with and without augmented rows, the same student size), to compare with
-# frontier_ml1m_1in10.json. Needs the ml1m part's teacher. ~85 min per teacher and ~3 h of members on 2 cores.
+# frontier_ml1m_1in10.json. Trains the ml1m part's teacher first where it is not there (training is deterministic:
+# the same teacher). ~85 min per teacher and ~3 h of members on 2 cores.
 ml1m-ensemble() {
+ml1m-teacher
 MEMBERS=()
 for seed in 1 2; do
     TEACHER=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-teacher-s$seed" run.seed=$seed)
@@ -87,7 +91,7 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(ml1m beauty)
 for part in "${parts[@]}"; do
     case $part in
-        ml1m|ml1m-ensemble|beauty|beauty-short) $part ;;
-        *) echo "frontier_all: unknown part '$part' (ml1m, ml1m-ensemble, beauty, beauty-short)" >&2; exit 2 ;;
+        ml1m|ml1m-teacher|ml1m-ensemble|beauty|beauty-short) $part ;;
+        *) echo "frontier_all: unknown part '$part' (ml1m, ml1m-teacher, ml1m-ensemble, beauty, beauty-short)" >&2; exit 2 ;;
     esac
 done
