@@ -66,7 +66,7 @@ $PY -m cluster.cli precompute "${SHORT[@]}"
 $PY -m bench.frontier --name beauty_short "${SHORT[@]}" 'sweep.fractions=[0.1,0.2,0.05]'
 }
 
-# The next lever on ML-1M (written after the ml1m part; not run yet): a stronger teacher, the mixture of the ml1m
+# The next lever on ML-1M (started 2026-12-07, not finished): a stronger teacher, the mixture of the ml1m
 # run's teacher and two more seeds' (teacher.ensemble), labels a store of its own, and the 1/10 members train from
 # it as in ml1m_1in10 (two seeds, with and without augmented rows, the same student size), to compare with
 # frontier_ml1m_1in10.json. Trains the ml1m part's teacher first where it is not there (training is deterministic:
