@@ -66,11 +66,15 @@ $PY -m cluster.cli precompute "${SHORT[@]}"
 $PY -m bench.frontier --name beauty_short "${SHORT[@]}" 'sweep.fractions=[0.1,0.2,0.05]'
 }
 
-# The next lever on ML-1M (started 2026-12-07, not finished): a stronger teacher, the mixture of the ml1m
-# run's teacher and two more seeds' (teacher.ensemble), labels a store of its own, and the 1/10 members train from
-# it as in ml1m_1in10 (two seeds, with and without augmented rows, the same student size), to compare with
-# frontier_ml1m_1in10.json. Trains the ml1m part's teacher first where it is not there (training is deterministic:
-# the same teacher). ~85 min per teacher and ~3 h of members on 2 cores.
+# The next lever on ML-1M (started 2026-12-07; the run folders have not outlived a session's machine so far): a
+# stronger teacher, the mixture of the ml1m run's teacher and two more seeds' (teacher.ensemble), labels a store of
+# its own. The members are sized as in the ml1m part (fractions of one seed's 859,776 parameters), so each is
+# compared with frontier_ml1m_*.json at the same size; against the mixture (3 x 859,776 parameters, served as one
+# teacher) a 1/5-of-one-seed student is 1/15 of its teacher. Ordered so that a cut-short job leaves whole answers:
+# 1/10 seed 0 (distilled with and without augmented rows, twin), then 1/5 seed 0 (the size whose twin keeps 96% of
+# one teacher: where a better teacher has room to lift it), then 1/10 seed 1. Trains the ml1m part's teacher first
+# where it is not there (training is deterministic: the same teacher). ~55-85 min per teacher and ~4 h of members
+# on 2 cores.
 ml1m-ensemble() {
 ml1m-teacher
 MEMBERS=()
@@ -84,7 +88,9 @@ ENSEMBLE=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-ensemble" precomput
           teacher.checkpoint="$RUNS/ml1m/teacher" "teacher.ensemble=[${MEMBERS[0]},${MEMBERS[1]}]")
 $PY -m cluster.cli prepare "${ENSEMBLE[@]}"
 $PY -m cluster.cli precompute "${ENSEMBLE[@]}"
-$PY -m bench.frontier --name ml1m_ensemble_1in10 "${ENSEMBLE[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true 'sweep.seeds=[0,1]'
+$PY -m bench.frontier --name ml1m_ensemble_1in10 "${ENSEMBLE[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true 'sweep.seeds=[0]'
+$PY -m bench.frontier --name ml1m_ensemble_1in5 "${ENSEMBLE[@]}" 'sweep.fractions=[0.2]' sweep.with_augmented=true 'sweep.seeds=[0]'
+$PY -m bench.frontier --name ml1m_ensemble_1in10_s1 "${ENSEMBLE[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true 'sweep.seeds=[1]'
 }
 
 parts=("$@")
