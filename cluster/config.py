@@ -120,6 +120,20 @@ class DeepSpeedConfig(Section):
         return self
 
 
+def _check_named_overrides(what: str, name: str, overrides: list[str], prefixes: tuple[str, ...], why: str) -> None:
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"{what} name {name!r}: use lowercase letters, digits and _ (it names a folder)")
+    if not overrides:
+        raise ValueError(f"{what} {name!r} lists no overrides")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key == "distill.augmented":
+            raise ValueError(f"{what} {name!r}: distill.augmented is the sweep's to set (sweep.with_augmented)")
+        if "=" not in text or not key.startswith(prefixes):
+            raise ValueError(f"{what} {name!r}: {text!r} must be a dotted override of a "
+                             f"{' or '.join(p + '*' for p in prefixes)} key ({why})")
+
+
 class SweepConfig(Section):
     """``recdistill sweep``: a family of students trained from one soft-label store."""
 
@@ -136,21 +150,24 @@ class SweepConfig(Section):
         description="Levers measured on the frontier: name -> dotted overrides under distill.* or student.train.* "
                     "(e.g. {dkd: [distill.loss=dkd], a05: [distill.alpha=0.5]}). Each size and seed gets one more "
                     "distilled member per variant ('-kd-<name>'), compared with the same twin.")
+    schedules: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Training schedules tried by every member alike, distilled and twin: name -> dotted overrides of "
+                    "student.train.* (e.g. {lr2: [student.train.lr=0.002], ep60: [student.train.epochs=60]}). Each member "
+                    "also trains under each schedule ('<member>--<name>'; 'base' is the run's own), and the frontier keeps, for each member and "
+                    "for its twin apart, the schedule with the best validation NDCG@10: equal budgets, chosen on "
+                    "validation, never on test.")
 
     @model_validator(mode="after")
     def _variants(self) -> "SweepConfig":
         for name, overrides in self.variants.items():
-            if not re.fullmatch(r"[a-z0-9_]+", name):
-                raise ValueError(f"variant name {name!r}: use lowercase letters, digits and _ (it names a folder)")
-            if not overrides:
-                raise ValueError(f"variant {name!r} lists no overrides")
-            for text in overrides:
-                key = text.split("=", 1)[0].strip()
-                if key == "distill.augmented":
-                    raise ValueError(f"variant {name!r}: distill.augmented is the sweep's to set (sweep.with_augmented)")
-                if "=" not in text or not key.startswith(("distill.", "student.train.")):
-                    raise ValueError(f"variant {name!r}: {text!r} must be a dotted override of a distill.* or student.train.* "
-                                     "key (the store, the sizes and the twins are shared by every member)")
+            _check_named_overrides("variant", name, overrides, ("distill.", "student.train."),
+                                   "the store, the sizes and the twins are shared by every member")
+        for name, overrides in self.schedules.items():
+            if name == "base":
+                raise ValueError("schedule name 'base' is reserved: it names the run's own student.train in the frontier")
+            _check_named_overrides("schedule", name, overrides, ("student.train.",),
+                                   "a schedule applies to twins too, which read no distill.* setting")
         return self
 
     @model_validator(mode="after")

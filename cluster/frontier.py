@@ -5,6 +5,8 @@ test split, per user, so that each distilled student and its twin (same size, sa
 are compared on the same users: the gain carries a paired-bootstrap 95% interval. Also
 the share of the teacher's NDCG@10 each keeps, the latency of a batch of 256 requests, and
 how many epochs the distilled student needed to reach its twin's best validation NDCG@10.
+Where the sweep tried schedules (``sweep.schedules``), each member and each twin is the one
+of its schedules with the best validation NDCG@10, chosen apart; test scores only the chosen.
 Writes ``run_dir/sweep/frontier.json``, ``frontier.md`` and ``frontier.png``.
 """
 
@@ -44,6 +46,21 @@ def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
     return None
 
 
+def choose_on_validation(members: list, histories: dict[str, list[dict]]) -> dict[str, Any]:
+    """For each member name without its schedule (``Member.choice``), the member among its schedules with the
+    best validation NDCG@10 (the first listed on a tie: the run's own schedule)."""
+    chosen: dict[str, Any] = {}
+    for m in members:
+        best = _best_val(histories[m.name])
+        if m.choice not in chosen or best > _best_val(histories[chosen[m.choice].name]):
+            chosen[m.choice] = m
+    return chosen
+
+
+def _best_val(history: list[dict]) -> float:
+    return max(h[f"val_ndcg@{K}"] for h in history)
+
+
 def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True) -> dict[str, Any]:
     """Score every (member, folder) and the teacher; write the frontier files (``files``: a partial frontier,
     a progress report, leaves the sweep's own files alone); return the frontier."""
@@ -53,26 +70,35 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
     requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history")))
     # The teacher the students learnt from: with teacher.ensemble, the mixture that labelled the store.
     teacher = _score([plan.teacher_url, *cfg.teacher.ensemble], storage, dataset, test, requests)
-    scored = {m.name: _score([folder], storage, dataset, test, requests) for m, folder in members}
+    folders = {m.name: folder for m, folder in members}
     histories = {m.name: fsio.read_json(fsio.join(folder, "history.json"), storage)["history"] for m, folder in members}
+    chosen = choose_on_validation([m for m, _ in members], histories)  # validation only: test sees the chosen
+    scored = {m.name: _score([folders[m.name]], storage, dataset, test, requests) for m in chosen.values()}
+    tried = {choice: {m.schedule or "base": _best_val(histories[m.name]) for m, _ in members if m.choice == choice}
+             for choice in chosen}
 
     rows = []
-    for m, _ in members:
+    for m in chosen.values():
         if m.baseline:
             continue
         kd = scored[m.name]
-        row = {"member": m.name, "augmented": m.augmented, "variant": m.variant, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
+        row = {"member": m.choice, "augmented": m.augmented, "variant": m.variant, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
                "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
-        twin_name = m.twin_name
-        if twin_name in scored:
+        if len(tried[m.choice]) > 1 or m.schedule:  # the schedules compared on validation (best NDCG@10 each)
+            row.update({"schedule": m.schedule or "base", "schedules_val": tried[m.choice]})
+        twin_member = chosen.get(m.twin_name)
+        if twin_member is not None:
+            twin_name = twin_member.name
             twin = scored[twin_name]
             best_twin = max(histories[twin_name], key=lambda h: h[f"val_ndcg@{K}"])  # the first best epoch
             row.update({"twin": twin_name, f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
                         "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
                         "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin[f"val_ndcg@{K}"]),
                         "twin_best_val_epoch": int(best_twin["epoch"])})
+            if "schedule" in row:
+                row.update({"twin_schedule": twin_member.schedule or "base", "twin_schedules_val": tried[m.twin_name]})
         rows.append(row)
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,
@@ -92,6 +118,9 @@ def format_table(result: dict[str, Any]) -> str:
              "ms/request (distilled) | epochs to twin's best val |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        name = r["member"]
+        if "schedule" in r:  # the schedules chosen on validation: the member's, then its twin's
+            name += f" [{r['schedule']}; twin {r.get('twin_schedule', '-')}]"
         gain = r.get("gain_over_twin")
         gain_text = f"{100 * gain['gain']:+.1f}% ({100 * gain['ci95_low']:+.1f}%, {100 * gain['ci95_high']:+.1f}%)" if gain else "-"
         twin = f"{r[f'twin_ndcg@{K}']:.4f}" if f"twin_ndcg@{K}" in r else "-"
@@ -99,7 +128,7 @@ def format_table(result: dict[str, Any]) -> str:
         if "twin_best_val_epoch" in r:  # epochs the distilled student took to reach the twin's best (twin's own epoch)
             reached = r["kd_epochs_to_twin_best_val"]
             reach = f"{'never' if reached is None else reached} (twin: {r['twin_best_val_epoch']})"
-        lines.append(f"| {r['member']} | {100 * r['teacher_share']:.1f}% | {r['params']:,} | {r[f'kd_ndcg@{K}']:.4f} | {twin} | "
+        lines.append(f"| {name} | {100 * r['teacher_share']:.1f}% | {r['params']:,} | {r[f'kd_ndcg@{K}']:.4f} | {twin} | "
                      f"{gain_text} | {100 * r['kd_keeps_of_teacher']:.0f}% | {r['kd_latency_ms_per_request']:.4f} | {reach} |")
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,8 @@ student recipe (:mod:`cluster.distill`'s worker loop) as its own Ray Train run, 
 ``run_dir/sweep/<member>/``. Levers (``sweep.variants``: named overrides of ``distill.*`` /
 ``student.train.*``) add one distilled member per size, seed and variant, all compared with
 the same twin; ``sweep.with_augmented`` adds members trained on the store's augmented rows.
+``sweep.schedules`` (named overrides of ``student.train.*``) trains every member, twins too, under
+each schedule as well; the frontier keeps each member's and each twin's best on validation.
 ``sweep.concurrent`` of them run at once, several
 ``TorchTrainer`` s under this one driver, each with its own workers.
 
@@ -47,10 +49,20 @@ class Member:
     params: int
     augmented: bool = False  # distilled on the store's augmented rows too
     variant: str = ""  # a name in sweep.variants: its overrides apply to this (distilled) member
+    schedule: str = ""  # a name in sweep.schedules: its student.train overrides apply to this member, twin or not
 
     @property
     def twin_name(self) -> str:
+        """The twin's name before its schedule is chosen (the frontier picks it on validation)."""
         return f"{size_label(self.fraction)}-s{self.seed}-twin"
+
+    @property
+    def choice(self) -> str:
+        """The member's name without its schedule: members that differ only by schedule compete on validation."""
+        return self.name.split(SCHEDULE_MARK)[0]
+
+
+SCHEDULE_MARK = "--"  # "1in10-s0-kd--lr2": the member 1in10-s0-kd under the schedule lr2 (names have no "--" otherwise)
 
 
 def size_label(fraction: float) -> str:
@@ -83,13 +95,16 @@ def plan_members(cfg: Config, plan: RunPlan) -> list[Member]:
         params = count_parameters(model, num_items)
         for seed in cfg.sweep.seeds:
             group = []
-            for baseline, augmented in kinds:
-                kind = "twin" if baseline else "kdaug" if augmented else "kd"
-                for variant in ([""] if baseline else ["", *cfg.sweep.variants]):
-                    name = f"{size_label(fraction)}-s{seed}-{kind}" + (f"-{variant}" if variant else "")
-                    group.append(Member(name, fraction, seed, baseline, model, params, augmented, variant))
-            # The first distilled member and its twin train first: a sweep cut short has its comparison.
-            members += sorted(group, key=lambda m: 0 if m is group[0] or m.baseline else 1)
+            for order, schedule in enumerate(["", *cfg.sweep.schedules]):
+                for baseline, augmented in kinds:
+                    kind = "twin" if baseline else "kdaug" if augmented else "kd"
+                    for variant in ([""] if baseline else ["", *cfg.sweep.variants]):
+                        name = (f"{size_label(fraction)}-s{seed}-{kind}" + (f"-{variant}" if variant else "")
+                                + (f"{SCHEDULE_MARK}{schedule}" if schedule else ""))
+                        group.append((order, Member(name, fraction, seed, baseline, model, params, augmented, variant, schedule)))
+            # The first distilled member and its twin train first, then the others, then each schedule's in turn:
+            # a sweep cut short has its comparison.
+            members += [m for _, m in sorted(group, key=lambda om: (om[0], 0 if om[1] is group[0][1] or om[1].baseline else 1))]
     named: dict[str, Member] = {}
     for member in members:
         if member.name in named:  # one folder and one Ray run for two members: refused before anything trains
@@ -108,10 +123,12 @@ def member_config(cfg: Config, member: Member) -> Config:
     tree["scaling"].update(num_workers=cfg.sweep.workers_per_member, min_workers=None)
     if not member.baseline:
         tree["distill"]["augmented"] = "use" if member.augmented else "skip"
+    overrides = cfg.sweep.variants.get(member.variant, []) + cfg.sweep.schedules.get(member.schedule, [])
     try:
-        return build_config(tree, cfg.sweep.variants.get(member.variant, []))
+        return build_config(tree, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"sweep.variants.{member.variant}: {exc}") from None
+        where = " and ".join(f"sweep.{section}.{name}" for section, name in (("variants", member.variant), ("schedules", member.schedule)) if name)
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def member_folder(cfg: Config, member: Member) -> str:

@@ -1,6 +1,8 @@
 """The frontier's pure parts: epochs to reach the twin, and the table (no Ray, no models)."""
 
-from cluster.frontier import _epochs_to_reach, format_table, plot
+from types import SimpleNamespace
+
+from cluster.frontier import _epochs_to_reach, choose_on_validation, format_table, plot
 
 
 def test_epochs_to_reach_the_twins_best_validation():
@@ -29,3 +31,26 @@ def test_the_plot_draws_every_kind_of_member():
             {**row, "member": "1in10-s0-kd-a05", "variant": "a05", "kd_ndcg@10": 0.35}]
     png = plot({"metric": "NDCG@10", "users": 9, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": rows})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_each_member_and_each_twin_keeps_its_best_schedule_on_validation():
+    def member(name):
+        return SimpleNamespace(name=name, choice=name.split("--")[0])
+
+    names = ["1in10-s0-kd", "1in10-s0-twin", "1in10-s0-twin--lr2", "1in10-s0-kd--lr2", "1in10-s0-kd--long", "1in5-s0-kd--lr2"]
+    val = {"1in10-s0-kd": 0.30, "1in10-s0-twin": 0.28, "1in10-s0-twin--lr2": 0.31, "1in10-s0-kd--lr2": 0.29,
+           "1in10-s0-kd--long": 0.30, "1in5-s0-kd--lr2": 0.2}
+    # Histories: the best epoch counts, not the last one.
+    histories = {n: [{"epoch": 1, "val_ndcg@10": v}, {"epoch": 2, "val_ndcg@10": v - 0.05}] for n, v in val.items()}
+    chosen = choose_on_validation([member(n) for n in names], histories)
+    # The twin moves to lr2; the distilled member stays on its own schedule (tied with long: the first listed wins).
+    assert {k: m.name for k, m in chosen.items()} == {"1in10-s0-kd": "1in10-s0-kd", "1in10-s0-twin": "1in10-s0-twin--lr2",
+                                                      "1in5-s0-kd": "1in5-s0-kd--lr2"}
+
+
+def test_the_table_names_the_schedules_chosen():
+    result = {"metric": "NDCG@10", "users": 400, "teacher": {"params": 20_000, "ndcg@10": 0.4}, "rows": [
+        {"member": "1in10-s0-kd", "schedule": "base", "twin_schedule": "lr2", "teacher_share": 0.1, "params": 2_000,
+         "kd_ndcg@10": 0.36, "twin_ndcg@10": 0.30, "gain_over_twin": {"gain": 0.2, "ci95_low": 0.05, "ci95_high": 0.35},
+         "kd_keeps_of_teacher": 0.9, "kd_latency_ms_per_request": 0.01, "kd_epochs_to_twin_best_val": 3, "twin_best_val_epoch": 4}]}
+    assert "| 1in10-s0-kd [base; twin lr2] | 10.0% |" in format_table(result)

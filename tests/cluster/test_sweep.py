@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +87,37 @@ def test_with_augmented_adds_a_member_per_size_and_seed_and_needs_augmented_rows
         plan_members(cfg, SimpleNamespace(dataset={"num_items": 60}, teacher=teacher, store={"teacher_fingerprint": "t"}))
 
 
+def test_schedules_train_every_member_and_its_twin_alike(tmp_path):
+    from types import SimpleNamespace
+
+    from cluster.sweep import member_config
+
+    teacher = {"model": {"d_model": 64, "num_layers": 2, "num_heads": 2, "ffn_dim": 256}, "params": None}
+    plan = SimpleNamespace(dataset={"num_items": 60}, teacher=teacher, store={"teacher_fingerprint": "t" * 16})
+    cfg = small_config(tmp_path / "run", *STUDENT, "sweep.fractions=[0.1]", "sweep.variants={a05: [distill.alpha=0.5]}",
+                       "sweep.schedules={lr2: [student.train.lr=0.002], long: [student.train.epochs=7, student.train.lr=0.01]}")
+    members = plan_members(cfg, plan)
+    # The run's own schedule first (its first comparison before anything else), then each schedule's members in turn.
+    assert [m.name for m in members] == ["1in10-s0-kd", "1in10-s0-twin", "1in10-s0-kd-a05",
+                                         "1in10-s0-twin--lr2", "1in10-s0-kd--lr2", "1in10-s0-kd-a05--lr2",
+                                         "1in10-s0-twin--long", "1in10-s0-kd--long", "1in10-s0-kd-a05--long"]
+    by_name = {m.name: member_config(cfg, m) for m in members}
+    base_lr = by_name["1in10-s0-kd"].student.train.lr
+    assert by_name["1in10-s0-twin--lr2"].student.train.lr == by_name["1in10-s0-kd--lr2"].student.train.lr == 0.002 != base_lr
+    assert by_name["1in10-s0-twin"].student.train.lr == base_lr
+    long = by_name["1in10-s0-kd-a05--long"]  # a variant and a schedule together
+    assert (long.distill.alpha, long.student.train.epochs, long.student.train.lr) == (0.5, 7, 0.01)
+    assert {m.choice for m in members} == {"1in10-s0-kd", "1in10-s0-twin", "1in10-s0-kd-a05"}
+    assert {m.twin_name for m in members} == {"1in10-s0-twin"}
+    # A schedule is a training setting that twins share: a distill.* key is a variant's, not a schedule's.
+    with pytest.raises(ConfigError, match="schedule 'kd'.*student.train.\\* key"):
+        small_config(tmp_path / "run", "sweep.schedules={kd: [distill.alpha=0.5]}")
+    with pytest.raises(ConfigError, match="'base' is reserved"):
+        small_config(tmp_path / "run", "sweep.schedules={base: [student.train.lr=0.1]}")
+    with pytest.raises(ConfigError, match="(?s)sweep.schedules.bad: .*lr"):
+        plan_members(small_config(tmp_path / "run", *STUDENT, "sweep.schedules={bad: [student.train.lr=-1]}"), plan)
+
+
 def _sweep_cmd(run_dir: Path) -> list[str]:
     overrides = [f"run.run_dir={run_dir}", *SMALL_RUN, *STUDENT, *SWEEP]
     return [sys.executable, "-m", "cluster.cli", "sweep", "--config", str(ROOT / "configs" / "tiny.yaml"), *overrides]
@@ -141,3 +173,28 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
         assert 0 < row["kd_keeps_of_teacher"] and row["params"] <= row["fraction"] * frontier["teacher"]["params"]
     assert Path(sweep_dir, "frontier.png").stat().st_size > 1000
     assert "| 1in10-s0-kd |" in Path(sweep_dir, "frontier.md").read_text()
+
+    # Schedules, on the members just trained: copies stand in for the 1/10 pair trained under a second schedule
+    # (training one is what the sweep above does), the twin's copy better on validation, the distilled one's worse.
+    # The frontier compares the distilled member with the twin chosen on validation, scored on test.
+    from cluster import frontier as frontier_files
+    from cluster.sweep import member_folder
+
+    cfg = small_config(run_dir, *STUDENT, *SWEEP, "sweep.fractions=[0.1]", "sweep.schedules={lr2: [student.train.lr=0.002]}")
+    members = plan_members(cfg, build_plan(cfg))
+    for name, shift in (("1in10-s0-twin", 0.5), ("1in10-s0-kd", -0.5)):
+        copy = Path(sweep_dir, f"{name}--lr2")
+        shutil.copytree(Path(sweep_dir, name), copy)
+        record = json.loads((copy / "history.json").read_text())
+        for epoch in record["history"]:
+            epoch["val_ndcg@10"] += shift
+        (copy / "history.json").write_text(json.dumps(record))
+    scheduled = frontier_files.write(cfg, build_plan(cfg), [(m, member_folder(cfg, m)) for m in members], files=False)
+    [row] = scheduled["rows"]
+    before_row = next(r for r in frontier["rows"] if r["member"] == "1in10-s0-kd")
+    assert (row["member"], row["schedule"], row["twin"], row["twin_schedule"]) == ("1in10-s0-kd", "base", "1in10-s0-twin--lr2", "lr2")
+    assert set(row["schedules_val"]) == set(row["twin_schedules_val"]) == {"base", "lr2"}
+    assert row["twin_schedules_val"]["lr2"] > row["twin_schedules_val"]["base"]
+    assert row["kd_ndcg@10"] == before_row["kd_ndcg@10"] and row["twin_ndcg@10"] == before_row["twin_ndcg@10"]  # the copy's weights
+    assert set(scheduled["members"]) == {"1in10-s0-kd", "1in10-s0-twin--lr2"}  # test scores only the chosen
+    assert "| 1in10-s0-kd [base; twin lr2] |" in frontier_files.format_table(scheduled)
