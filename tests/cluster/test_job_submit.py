@@ -27,6 +27,21 @@ pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def _answers(address: str, env: dict, within_s: float) -> bool:
+    """Whether the head's dashboard answers `ray job list` within ``within_s`` seconds."""
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        if subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env).returncode == 0:
+            return True
+        time.sleep(2)
+    return False
+
+
+def _dashboard_log(temp_dir: Path) -> str:
+    logs = sorted(temp_dir.glob("session_*/logs/dashboard.*")) + sorted(temp_dir.glob("session_*/logs/dashboard.log"))
+    return "".join(f"\n--- {p} (tail)\n" + p.read_text(errors="replace")[-3000:] for p in dict.fromkeys(logs))
+
+
 def free_port() -> int:
     # Not cluster.ray_setup.free_port: with this module importing it, `ray job submit` failed to
     # connect to the head in 2 of 2 runs on a loaded machine, and passed without that import. The
@@ -55,16 +70,10 @@ def ray_head():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        probe = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, env=env)
-        if probe.returncode == 0:
-            break
-        time.sleep(2)
-    else:
+    if not _answers(address, env, within_s=120):
         head.kill()
         pytest.fail("the Ray head did not come up: " + (head.stdout.read() if head.stdout else ""))
-    yield address, env
+    yield address, env, Path(temp_dir)
     os.killpg(head.pid, signal.SIGTERM)  # only the processes this head started
     try:
         head.wait(timeout=60)
@@ -78,7 +87,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, tmp_path):
 
     Also the tiny data's promise (issue 6): the distilled student beats the same student trained
     without the teacher, at the same budget."""
-    address, env = ray_head
+    address, env, _ = ray_head
     run_dir = tmp_path / "job-run"
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "-m", "cluster.cli", "pipeline", "--config", "configs/tiny.yaml", f"run.run_dir={run_dir}"]
@@ -120,7 +129,7 @@ def test_serve_deploy_of_the_written_config_serves_the_model(ray_head, tmp_path)
     from data_pipeline.dataset import prepare_dataset
     from data_pipeline.layout import RunLayout
 
-    address, env = ray_head
+    address, env, head_dir = ray_head
     port = free_port()
     overrides = [f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.app_name=deployed"]
     cfg = small_config(tmp_path / "run", *overrides)
@@ -135,11 +144,13 @@ def test_serve_deploy_of_the_written_config_serves_the_model(ray_head, tmp_path)
     serve_cli = str(Path(sys.executable).with_name("serve"))
     deploy_cmd = [serve_cli, "deploy", str(config_file), "--address", address]
     deploy = subprocess.run(deploy_cmd, capture_output=True, text=True, env=env, timeout=300)
-    if deploy.returncode != 0 and "RemoteDisconnected" in deploy.stderr:
-        # The head's dashboard can drop a request when the machine is saturated (seen once with a benchmark on
-        # both cores); the same command again is what a user would do. Any other failure fails the test.
+    if deploy.returncode != 0 and any(e in deploy.stderr for e in ("RemoteDisconnected", "Connection refused")):
+        # The head's dashboard can drop a request, or stop listening for a while, when the machine is saturated
+        # (seen with a benchmark on both cores: "RemoteDisconnected" once, "Connection refused" once); once it
+        # answers again, the same command is what a user would do. Any other failure fails the test.
+        assert _answers(address, env, within_s=120), "the head's dashboard stopped answering:" + _dashboard_log(head_dir)
         deploy = subprocess.run(deploy_cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr + _dashboard_log(head_dir)
     deadline, status = time.time() + 240, ""
     while time.time() < deadline:
         status = subprocess.run([serve_cli, "status", "--address", address], capture_output=True, text=True, env=env, timeout=120).stdout
