@@ -85,7 +85,8 @@ $PY -m bench.frontier --name beauty_short "${SHORT[@]}" 'sweep.fractions=[0.1,0.
 # teacher) a 1/5-of-one-seed student is 1/15 of its teacher. Ordered so that a cut-short job leaves whole answers:
 # 1/10 seed 0 (distilled with and without augmented rows, twin), then 1/5 seed 0 (the size whose twin keeps 96% of
 # one teacher: where a better teacher has room to lift it), then 1/10 seed 1. Trains the ml1m part's teacher first
-# where it is not there (training is deterministic: the same teacher). ~55-85 min per teacher and ~4 h of members
+# where it is not there (training is deterministic: the same teacher). ~55-95 min per teacher (an epoch took 84-148 s on
+# the machines so far) and ~4 h of members
 # on 2 cores.
 ml1m-ensemble() {
 ml1m-teacher
