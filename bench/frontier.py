@@ -6,7 +6,8 @@
 The sweep resumes member by member, so a run cut short by the session is continued by the
 same command. ``--finished-only`` trains nothing: it scores the members finished so far (a
 progress report of a sweep still under way, with the unfinished ones listed). Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
-member, distilled and twin, the paired-bootstrap gain), a per-size summary over seeds, the
+member, distilled and twin, each at its schedule chosen on validation where the sweep tried several; the
+paired-bootstrap gain), a per-size summary over seeds, the
 issue's goal checked (at <= 1/10 of the teacher: +5% over the twin with the 95% interval
 above 0 and >= 90% of the teacher kept; at every size the distilled student level with its
 twin or better), and the costs: the store's precompute time and each member's training
@@ -101,14 +102,21 @@ def merge_frontiers(results: list[dict[str, Any]], sources: list[str] | None = N
         for row in r["frontier"]["rows"]:
             name, old = row["member"], rows.get(row["member"])
             if old is not None and _retrained(old, row):
+                # Another set of schedules to choose from is not a retraining: say which it is.
+                why = "chosen among other schedules" if _schedules(old) != _schedules(row) else "different records"
                 replaced.append({"member": name, "kept": source, "kept_ndcg@10": row.get("kd_ndcg@10"),
-                                 "dropped": origin[name], "dropped_ndcg@10": old.get("kd_ndcg@10")})
-                print(f"bench.frontier: {name} has different records in {origin[name]} "
-                      f"(NDCG@10 {old.get('kd_ndcg@10')}) and {source} ({row.get('kd_ndcg@10')}); "
-                      f"keeping the later one, from {source}", file=sys.stderr)
+                                 "dropped": origin[name], "dropped_ndcg@10": old.get("kd_ndcg@10"), "why": why})
+                print(f"bench.frontier: {name}: {why} in {origin[name]} "
+                      f"(NDCG@10 {old.get('kd_ndcg@10')}, schedules {_schedules(old)}) and {source} ({row.get('kd_ndcg@10')}, "
+                      f"schedules {_schedules(row)}); keeping the later one, from {source}", file=sys.stderr)
             rows[name], origin[name] = row, source
     ordered = sorted(rows.values(), key=lambda row: (-row["fraction"], row["seed"], row.get("augmented", False), row.get("variant", "")))
     return {**first, "rows": ordered, "replaced_records": replaced}
+
+
+def _schedules(row: dict) -> list[str]:
+    """The schedules a row's member and twin were chosen from (["base"]: a sweep without sweep.schedules)."""
+    return sorted(set(row.get("schedules_val", {"base": None})) | set(row.get("twin_schedules_val", {"base": None})))
 
 
 def _retrained(old: dict, new: dict) -> bool:
@@ -133,8 +141,9 @@ def render(paths: list[str], results_dir: Path, name: str) -> None:
     frontier = merge_frontiers(results, paths)
     results_dir.mkdir(parents=True, exist_ok=True)
     write_pictures(frontier, results_dir, name)
-    # A member unfinished in one result may be finished in another (a ladder reuses the 1/10 pair).
-    done = {r["member"] for r in frontier["rows"]} | {r["twin"] for r in frontier["rows"] if "twin" in r and "twin_ndcg@10" in r}
+    # A member unfinished in one result may be finished in another (a ladder reuses the 1/10 pair). Finished
+    # members by their folder names (a row's "member" has no schedule in it): those whose training time is recorded.
+    done = {m for r in results for m in r.get("costs", {}).get("members", {})}
     unfinished = sorted({m for r in results for m in r.get("unfinished_members", []) if m not in done})
     summary = summarise(frontier["rows"], unfinished)
     (results_dir / f"frontier_{name}_summary.json").write_text(

@@ -1,7 +1,7 @@
 """The frontier of a sweep: test quality against size and serving latency, distilled and twin side by side.
 
-Every member's best export (selected on validation by its own training) is scored on the
-test split, per user, so that each distilled student and its twin (same size, same seed)
+Every member's best export (selected on validation by its own training; with schedules, the
+schedule chosen on validation) is scored on the test split, per user, so that each distilled student and its twin (same size, same seed)
 are compared on the same users: the gain carries a paired-bootstrap 95% interval. Also
 the share of the teacher's NDCG@10 each keeps, the latency of a batch of 256 requests, and
 how many epochs the distilled student needed to reach its twin's best validation NDCG@10.
@@ -86,8 +86,9 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
                "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
-        if len(tried[m.choice]) > 1 or m.schedule:  # the schedules compared on validation (best NDCG@10 each)
-            row.update({"schedule": m.schedule or "base", "schedules_val": tried[m.choice]})
+        if cfg.sweep.schedules:  # the schedules compared on validation (best NDCG@10 each); a partial sweep may lack some
+            row.update({"kd_member": m.name, "schedule": m.schedule or "base", "schedules_val": tried[m.choice],
+                        "schedules_complete": set(tried[m.choice]) == {"base", *cfg.sweep.schedules}})
         twin_member = chosen.get(m.twin_name)
         if twin_member is not None:
             twin_name = twin_member.name
@@ -97,8 +98,9 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
                         "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
                         "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin[f"val_ndcg@{K}"]),
                         "twin_best_val_epoch": int(best_twin["epoch"])})
-            if "schedule" in row:
+            if cfg.sweep.schedules:
                 row.update({"twin_schedule": twin_member.schedule or "base", "twin_schedules_val": tried[m.twin_name]})
+                row["schedules_complete"] &= set(tried[m.twin_name]) == {"base", *cfg.sweep.schedules}
         rows.append(row)
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,
@@ -120,7 +122,7 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         name = r["member"]
         if "schedule" in r:  # the schedules chosen on validation: the member's, then its twin's
-            name += f" [{r['schedule']}; twin {r.get('twin_schedule', '-')}]"
+            name += f" [{r['schedule']}; twin {r.get('twin_schedule', '-')}]" + ("" if r.get("schedules_complete", True) else " (not every schedule finished)")
         gain = r.get("gain_over_twin")
         gain_text = f"{100 * gain['gain']:+.1f}% ({100 * gain['ci95_low']:+.1f}%, {100 * gain['ci95_high']:+.1f}%)" if gain else "-"
         twin = f"{r[f'twin_ndcg@{K}']:.4f}" if f"twin_ndcg@{K}" in r else "-"

@@ -171,9 +171,10 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     todo = [m for m in members if not finished(cfg, plan, m)]
     print(f"sweep: {len(members)} members ({len(members) - len(todo)} already finished), {cfg.sweep.concurrent} at a time, "
           f"{cfg.sweep.workers_per_member} worker(s) each -> {RunLayout(cfg.run.run_dir).sweep}")
+    width = max(len(m.name) for m in members)
     for m in members:
         state = "to train" if m in todo else "finished"
-        print(f"  {m.name:<18} {m.params:>12,} parameters  d_model {m.model.d_model:<5} {state}")
+        print(f"  {m.name:<{width}} {m.params:>12,} parameters  d_model {m.model.d_model:<5} {state}")
     if todo:
         ensure_ray(cfg)
         require_resources(member_config(cfg, todo[0]))

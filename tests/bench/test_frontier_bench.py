@@ -39,15 +39,25 @@ def test_no_verdict_on_a_sweep_with_unfinished_members_or_a_member_without_its_t
 
 def test_a_merged_frontier_is_judged_once_every_member_is_finished_somewhere(tmp_path):
     partial = {**result("t1", {**row(0.1, 0, 0.28, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin"}),
-               "complete": False, "unfinished_members": ["1in10-s0-twin", "1in5-s0-kd", "1in5-s0-twin"]}
+               "complete": False, "unfinished_members": ["1in10-s0-twin", "1in5-s0-kd", "1in5-s0-twin"],
+               "costs": {"members": {"0.1-s0": {}}}}  # the members finished, by folder name
     partial["frontier"]["rows"][0].pop("twin_ndcg@10")  # its twin had not finished then
-    ladder = result("t1", {**row(0.1, 0, 0.29, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin"})
+    ladder = {**result("t1", {**row(0.1, 0, 0.29, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin"}),
+              "costs": {"members": {"0.1-s0": {}, "1in10-s0-twin": {}}}}
     paths = [tmp_path / "partial.json", tmp_path / "ladder.json"]
     for path, r in zip(paths, (partial, ladder)):
         path.write_text(json.dumps(r))
     render([str(p) for p in paths], tmp_path / "out", "m")
     summary = json.loads((tmp_path / "out" / "frontier_m_summary.json").read_text())["summary"]
     assert summary["unfinished_members"] == ["1in5-s0-kd", "1in5-s0-twin"] and summary["goal"] == {"kd": None}
+    # A schedule member unfinished everywhere stays unfinished though its size has a row (chosen among the others).
+    scheduled = {**result("t1", {**row(0.1, 0, 0.29, 0.26, 0.03, 0.92), "twin": "1in10-s0-twin", "schedule": "base",
+                                 "schedules_val": {"base": 0.3}, "kd_member": "0.1-s0"}),
+                 "complete": False, "unfinished_members": ["0.1-s0--lr1"], "costs": {"members": {"0.1-s0": {}, "1in10-s0-twin": {}}}}
+    (tmp_path / "scheduled.json").write_text(json.dumps(scheduled))
+    render([str(paths[1]), str(tmp_path / "scheduled.json")], tmp_path / "out", "s")
+    summary = json.loads((tmp_path / "out" / "frontier_s_summary.json").read_text())["summary"]
+    assert summary["unfinished_members"] == ["0.1-s0--lr1"] and summary["goal"] == {"kd": None}
 
 
 def test_kinds_are_summarised_apart():
@@ -73,8 +83,8 @@ def test_merged_frontiers_keep_each_member_once_and_the_last_record(tmp_path, ca
     assert merged["rows"][1]["kd_ndcg@10"] == 0.29
     # The 1/10 member was retrained between the two results: said, not silently replaced.
     assert merged["replaced_records"] == [{"member": "0.1-s0", "kept": "f1.json", "kept_ndcg@10": 0.29,
-                                           "dropped": "f0.json", "dropped_ndcg@10": 0.28}]
-    assert "0.1-s0 has different records in f0.json" in capsys.readouterr().err
+                                           "dropped": "f0.json", "dropped_ndcg@10": 0.28, "why": "different records"}]
+    assert "0.1-s0: different records in f0.json" in capsys.readouterr().err
     assert merge_frontiers([second, second])["replaced_records"] == []  # the same record twice is no retraining
     paths = []
     for i, r in enumerate((first, second)):
@@ -90,3 +100,15 @@ def test_merged_frontiers_keep_each_member_once_and_the_last_record(tmp_path, ca
 def test_frontiers_of_different_teachers_are_not_merged():
     with pytest.raises(SystemExit, match="different teachers"):
         merge_frontiers([result("t1", row(0.1, 0, 0.28, 0.26, 0.03, 0.92)), result("t2", row(0.2, 0, 0.3, 0.29, 0.0, 0.9))])
+
+
+def test_a_member_chosen_among_other_schedules_is_not_called_retrained(capsys):
+    ladder = result("t1", row(0.01, 0, 0.050, 0.046, 0.03, 0.3))
+    tuned = result("t1", {**row(0.01, 0, 0.052, 0.049, 0.01, 0.3), "schedule": "lr1", "twin_schedule": "lr1",
+                          "schedules_val": {"base": 0.05, "lr1": 0.06}, "twin_schedules_val": {"base": 0.05, "lr1": 0.055}})
+    merged = merge_frontiers([ladder, tuned], ["ladder.json", "tuned.json"])
+    assert [r.get("schedule") for r in merged["rows"]] == ["lr1"]
+    assert merged["replaced_records"][0]["why"] == "chosen among other schedules"
+    assert "chosen among other schedules" in capsys.readouterr().err
+    again = merge_frontiers([ladder, result("t1", row(0.01, 0, 0.051, 0.046, 0.03, 0.3))], ["a.json", "b.json"])
+    assert again["replaced_records"][0]["why"] == "different records"

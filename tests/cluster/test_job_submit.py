@@ -38,8 +38,8 @@ def _answers(address: str, env: dict, within_s: float) -> bool:
 
 
 def _dashboard_log(temp_dir: Path) -> str:
-    logs = sorted(temp_dir.glob("session_*/logs/dashboard.*")) + sorted(temp_dir.glob("session_*/logs/dashboard.log"))
-    return "".join(f"\n--- {p} (tail)\n" + p.read_text(errors="replace")[-3000:] for p in dict.fromkeys(logs))
+    logs = {p.resolve() for p in temp_dir.glob("session_*/logs/dashboard.*")}  # session_latest links to the session
+    return "".join(f"\n--- {p} (tail)\n" + p.read_text(errors="replace")[-3000:] for p in sorted(logs))
 
 
 def free_port() -> int:

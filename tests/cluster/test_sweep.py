@@ -193,7 +193,8 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
     [row] = scheduled["rows"]
     before_row = next(r for r in frontier["rows"] if r["member"] == "1in10-s0-kd")
     assert (row["member"], row["schedule"], row["twin"], row["twin_schedule"]) == ("1in10-s0-kd", "base", "1in10-s0-twin--lr2", "lr2")
-    assert set(row["schedules_val"]) == set(row["twin_schedules_val"]) == {"base", "lr2"}
+    assert set(row["schedules_val"]) == set(row["twin_schedules_val"]) == {"base", "lr2"} and row["schedules_complete"]
+    assert row["kd_member"] == "1in10-s0-kd"  # the chosen member's folder under run_dir/sweep
     assert row["twin_schedules_val"]["lr2"] > row["twin_schedules_val"]["base"]
     assert row["kd_ndcg@10"] == before_row["kd_ndcg@10"] and row["twin_ndcg@10"] == before_row["twin_ndcg@10"]  # the copy's weights
     assert set(scheduled["members"]) == {"1in10-s0-kd", "1in10-s0-twin--lr2"}  # test scores only the chosen
