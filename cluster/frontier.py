@@ -46,19 +46,19 @@ def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
     return None
 
 
-def choose_on_validation(members: list, histories: dict[str, list[dict]]) -> dict[str, Any]:
+def best_validation(histories: dict[str, list[dict]]) -> dict[str, float]:
+    """Each member's best validation NDCG@10 over its epochs (the number members are chosen by)."""
+    return {name: max(h[f"val_ndcg@{K}"] for h in history) for name, history in histories.items()}
+
+
+def choose_on_validation(members: list, best_val: dict[str, float]) -> dict[str, Any]:
     """For each member name without its schedule (``Member.choice``), the member among its schedules with the
     best validation NDCG@10 (the first listed on a tie: the run's own schedule)."""
     chosen: dict[str, Any] = {}
     for m in members:
-        best = _best_val(histories[m.name])
-        if m.choice not in chosen or best > _best_val(histories[chosen[m.choice].name]):
+        if m.choice not in chosen or best_val[m.name] > best_val[chosen[m.choice].name]:
             chosen[m.choice] = m
     return chosen
-
-
-def _best_val(history: list[dict]) -> float:
-    return max(h[f"val_ndcg@{K}"] for h in history)
 
 
 def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True) -> dict[str, Any]:
@@ -72,10 +72,12 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
     teacher = _score([plan.teacher_url, *cfg.teacher.ensemble], storage, dataset, test, requests)
     folders = {m.name: folder for m, folder in members}
     histories = {m.name: fsio.read_json(fsio.join(folder, "history.json"), storage)["history"] for m, folder in members}
-    chosen = choose_on_validation([m for m, _ in members], histories)  # validation only: test sees the chosen
+    best_val = best_validation(histories)
+    chosen = choose_on_validation([m for m, _ in members], best_val)  # validation only: test sees the chosen
     scored = {m.name: _score([folders[m.name]], storage, dataset, test, requests) for m in chosen.values()}
-    tried = {choice: {m.schedule or "base": _best_val(histories[m.name]) for m, _ in members if m.choice == choice}
-             for choice in chosen}
+    tried = {choice: {m.schedule or "base": best_val[m.name] for m, _ in members if m.choice == choice} for choice in chosen}
+    # A partial sweep (a progress report) may not have finished every schedule of a member yet.
+    complete = {choice: set(schedules) == {"base", *cfg.sweep.schedules} for choice, schedules in tried.items()}
 
     rows = []
     for m in chosen.values():
@@ -88,7 +90,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
                "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
         if cfg.sweep.schedules:  # the schedules compared on validation (best NDCG@10 each); a partial sweep may lack some
             row.update({"kd_member": m.name, "schedule": m.schedule or "base", "schedules_val": tried[m.choice],
-                        "schedules_complete": set(tried[m.choice]) == {"base", *cfg.sweep.schedules}})
+                        "schedules_complete": complete[m.choice]})
         twin_member = chosen.get(m.twin_name)
         if twin_member is not None:
             twin_name = twin_member.name
@@ -100,7 +102,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
                         "twin_best_val_epoch": int(best_twin["epoch"])})
             if cfg.sweep.schedules:
                 row.update({"twin_schedule": twin_member.schedule or "base", "twin_schedules_val": tried[m.twin_name]})
-                row["schedules_complete"] &= set(tried[m.twin_name]) == {"base", *cfg.sweep.schedules}
+                row["schedules_complete"] &= complete[m.twin_name]
         rows.append(row)
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,

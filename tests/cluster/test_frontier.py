@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from cluster.frontier import _epochs_to_reach, choose_on_validation, format_table, plot
+from cluster.frontier import _epochs_to_reach, best_validation, choose_on_validation, format_table, plot
 
 
 def test_epochs_to_reach_the_twins_best_validation():
@@ -42,7 +42,8 @@ def test_each_member_and_each_twin_keeps_its_best_schedule_on_validation():
            "1in10-s0-kd--long": 0.30, "1in5-s0-kd--lr2": 0.2}
     # Histories: the best epoch counts, not the last one.
     histories = {n: [{"epoch": 1, "val_ndcg@10": v}, {"epoch": 2, "val_ndcg@10": v - 0.05}] for n, v in val.items()}
-    chosen = choose_on_validation([member(n) for n in names], histories)
+    assert best_validation(histories) == val
+    chosen = choose_on_validation([member(n) for n in names], best_validation(histories))
     # The twin moves to lr2; the distilled member stays on its own schedule (tied with long: the first listed wins).
     assert {k: m.name for k, m in chosen.items()} == {"1in10-s0-kd": "1in10-s0-kd", "1in10-s0-twin": "1in10-s0-twin--lr2",
                                                       "1in5-s0-kd": "1in5-s0-kd--lr2"}
