@@ -71,6 +71,10 @@ SCRIPT = textwrap.dedent("""
     if torch.distributed.get_rank() == 0:
       print(json.dumps({"uninterrupted": uninterrupted, "resumed": resumed, "swapped": swapped, "step": meta["optimizer_step"],
                       "max_diff": max(float((reference[k] - after[k]).abs().max()) for k in reference)}))
+    # Leave together and shut gloo down: a rank that exits while its peer's gloo threads still run can die in
+    # interpreter teardown with "terminate called without an active exception" (SIGABRT, seen once in CI).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
