@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import numpy as np
 import pytest
@@ -40,13 +41,23 @@ def _make_teacher(cfg) -> None:
     export_spread_teacher(layout.teacher, cfg, dataset, seed=1, storage_options=cfg.data.storage_options)
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request, tmp_path):
-    """(run_dir URL, storage options) on local disk or on the loopback S3 server."""
+# Small shards and batches: a run is killed after its third committed shard, with more still to write.
+STORE = ["precompute.rows_per_shard=10", "precompute.batch_size=2"]
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def labelled(request, ray_session, tmp_path_factory):
+    """One uninterrupted precompute per backend (local disk, the loopback S3 server), shared by the tests that
+    read it: each precompute is a Ray Train run, the suite's time. Tests that damage a store damage a copy."""
     if request.param == "local":
-        return str(tmp_path / "run"), {}
-    server = request.getfixturevalue("s3_server")
-    return f"s3://{server['bucket']}/{tmp_path.name}", server["storage_options"]
+        run_dir, storage = str(tmp_path_factory.mktemp("labelled") / "run"), {}
+    else:
+        server = request.getfixturevalue("s3_server")
+        run_dir, storage = f"s3://{server['bucket']}/labelled-{uuid.uuid4().hex[:8]}", server["storage_options"]
+    cfg = _run_config(run_dir, storage, *STORE)
+    _make_teacher(cfg)
+    precompute.run(cfg)
+    return cfg, run_dir, storage
 
 
 def _read_store(url: str, storage: dict) -> tuple[dict, list]:
@@ -55,11 +66,8 @@ def _read_store(url: str, storage: dict) -> tuple[dict, list]:
     return manifest, tables
 
 
-def test_store_equals_the_unsharded_teacher(ray_session, backend):
-    run_dir, storage = backend
-    cfg = _run_config(run_dir, storage)
-    _make_teacher(cfg)
-    precompute.run(cfg)
+def test_store_equals_the_unsharded_teacher(labelled):
+    cfg, run_dir, storage = labelled
     layout = RunLayout(cfg.run.run_dir)
     manifest, tables = _read_store(layout.soft_labels, storage)
     spec = store.manifest_spec(manifest)
@@ -94,9 +102,10 @@ def _commits(store_url: str, storage: dict) -> int:
         return 0
 
 
-def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, tmp_path):
-    run_dir, storage = backend
-    cfg = _run_config(run_dir, storage, "precompute.rows_per_shard=10", "precompute.batch_size=2")
+def test_killed_precompute_reruns_to_the_identical_store(labelled, tmp_path):
+    clean, clean_run_dir, storage = labelled  # what the killed and rerun store must equal, on the same backend
+    run_dir = f"{clean_run_dir.rsplit('/', 1)[0]}/killed-{uuid.uuid4().hex[:8]}" if storage else str(tmp_path / "run")
+    cfg = _run_config(run_dir, storage, *STORE)
     _make_teacher(cfg)
     layout = RunLayout(cfg.run.run_dir)
     killed: list[int] = []
@@ -116,10 +125,7 @@ def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, t
     precompute.run(cfg)  # the re-run skips committed shards
     rerun_manifest, rerun_tables = _read_store(layout.soft_labels, storage)
 
-    # An uninterrupted run on a copy of the same dataset and teacher.
-    clean = _run_config(f"{run_dir}-clean", storage, "precompute.rows_per_shard=10", "precompute.batch_size=2")
-    _make_teacher(clean)
-    precompute.run(clean)
+    # The uninterrupted run of the same dataset and teacher.
     clean_manifest, clean_tables = _read_store(RunLayout(clean.run.run_dir).soft_labels, storage)
 
     assert rerun_manifest["num_positions"] == clean_manifest["num_positions"]
@@ -130,11 +136,8 @@ def test_killed_precompute_reruns_to_the_identical_store(ray_session, backend, t
     assert len(np.unique(examples)) == len(examples) == rerun_manifest["num_sequences"]
 
 
-def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
-    run_dir, storage = backend
-    cfg = _run_config(run_dir, storage)
-    _make_teacher(cfg)
-    precompute.run(cfg)
+def test_inspect_and_readers_report_bad_stores(labelled, capsys):
+    cfg, run_dir, storage = labelled
     url = RunLayout(cfg.run.run_dir).soft_labels
     fs, root = fsio.get_fs(url, storage)
     overrides = [f"run.run_dir={run_dir}"] + ([f"data.storage_options={json.dumps(storage)}"] if storage else [])
@@ -152,6 +155,13 @@ def test_inspect_and_readers_report_bad_stores(ray_session, backend, capsys):
     assert cli_main(["inspect", url, *overrides, f"teacher.checkpoint={other_teacher}"]) == 2
     assert "teacher" in capsys.readouterr().err
 
+    # Damage a copy of the store (the original is shared with other tests): inspect is given the copy's URL.
+    url = f"{url.rstrip('/')}-damaged"
+    copy_root = f"{root.rstrip('/')}-damaged"
+    fs.copy(root, copy_root, recursive=True)
+    assert cli_main(["inspect", url, *overrides]) == 0  # the intact copy verifies
+    capsys.readouterr()
+    root = copy_root
     first = f"{root}/{manifest['shards'][0]['file']}"
     second = f"{root}/{manifest['shards'][1]['file']}"
     data = fs.cat_file(first)
