@@ -114,6 +114,14 @@ ENSEMBLE=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-ensemble" precomput
           teacher.checkpoint="$RUNS/ml1m/teacher" "teacher.ensemble=[${MEMBERS[0]},${MEMBERS[1]}]")
 $PY -m cluster.cli prepare "${ENSEMBLE[@]}"
 $PY -m cluster.cli precompute "${ENSEMBLE[@]}"
+# A twin never sees the teacher: the ml1m run's finished twins (same data, size, seed and training) are copied in
+# rather than retrained (~75 min each here). The sweep reuses a copy only if its recorded stage fingerprint is this
+# configuration's, and the frontier refuses an export of another dataset.
+mkdir -p "$RUNS/ml1m-ensemble/sweep"
+for twin in "$RUNS"/ml1m/sweep/*-twin; do
+    [ -e "$twin/history.json" ] && grep -q '"complete": true' "$twin/history.json" || continue
+    [ -e "$RUNS/ml1m-ensemble/sweep/$(basename "$twin")" ] || cp -r "$twin" "$RUNS/ml1m-ensemble/sweep/"
+done
 $PY -m bench.frontier --name ml1m_ensemble_1in10 "${ENSEMBLE[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true 'sweep.seeds=[0]'
 $PY -m bench.frontier --name ml1m_ensemble_1in5 "${ENSEMBLE[@]}" 'sweep.fractions=[0.2]' sweep.with_augmented=true 'sweep.seeds=[0]'
 $PY -m bench.frontier --name ml1m_ensemble_1in10_s1 "${ENSEMBLE[@]}" 'sweep.fractions=[0.1]' sweep.with_augmented=true 'sweep.seeds=[1]'
