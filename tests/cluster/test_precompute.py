@@ -102,10 +102,9 @@ def _commits(store_url: str, storage: dict) -> int:
         return 0
 
 
-def test_killed_precompute_reruns_to_the_identical_store(labelled, tmp_path):
+def test_killed_precompute_reruns_to_the_identical_store(labelled):
     clean, clean_run_dir, storage = labelled  # what the killed and rerun store must equal, on the same backend
-    run_dir = f"{clean_run_dir.rsplit('/', 1)[0]}/killed-{uuid.uuid4().hex[:8]}" if storage else str(tmp_path / "run")
-    cfg = _run_config(run_dir, storage, *STORE)
+    cfg = _run_config(f"{clean_run_dir}-killed", storage, *STORE)  # a sibling run, once per backend
     _make_teacher(cfg)
     layout = RunLayout(cfg.run.run_dir)
     killed: list[int] = []

@@ -183,7 +183,9 @@ class _Planted:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+# From 1 worker to 2 here; from 2 workers to 1 (with NVMe offload switched on at the resume) in the ZeRO-Infinity
+# test below: each is a universal-checkpoint conversion and two Ray Train runs, the suite's time.
+@pytest.mark.parametrize("before, after", [(1, 2)])
 def test_checkpoint_resumes_at_another_worker_count(ray_session, tmp_path, before, after):
     cfg = small_config(tmp_path / "run", "teacher.train.epochs=2", f"scaling.num_workers={before}")
     prepare.run(cfg)
