@@ -136,7 +136,8 @@ $PY -m bench.frontier --name ml1m_ensemble_1in10_s1 "${ENSEMBLE[@]}" 'sweep.frac
 # +2 points with one row per sequence): three rows per sequence (precompute.augment.ratio=3) in a store of its own,
 # labelled by the ml1m part's teacher, and the 1/10 seed-0 student distilled on store and augmented rows alike
 # ("-kdaug" only: its plain-KD member and twin are the ml1m run's; the twin is copied in as in ml1m-ensemble).
-# Its epochs are four times a plain member's rows: ~5-6 h of one core on the machine of 2026-12-07.
+# The lone member trains data-parallel on both cores (the global batch and the row order do not depend on the
+# worker count: the same training, another rounding). Its epochs are four times a plain member's rows.
 ml1m-augment() {
 ml1m-teacher
 AUGMENT=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-aug3" precompute.k=128 precompute.augment.ratio=3
@@ -144,7 +145,8 @@ AUGMENT=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-aug3" precompute.k=1
 $PY -m cluster.cli prepare "${AUGMENT[@]}"
 $PY -m cluster.cli precompute "${AUGMENT[@]}"
 copy_finished_twins "$RUNS/ml1m-aug3"
-$PY -m bench.frontier --name ml1m_augment3 "${AUGMENT[@]}" 'sweep.fractions=[0.1]' 'sweep.seeds=[0]' distill.augmented=use
+$PY -m bench.frontier --name ml1m_augment3 "${AUGMENT[@]}" 'sweep.fractions=[0.1]' 'sweep.seeds=[0]' distill.augmented=use \
+    sweep.workers_per_member=2
 }
 
 parts=("$@")
