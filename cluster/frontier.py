@@ -20,10 +20,10 @@ import torch
 from cluster.config import Config
 from cluster.models import load_scorers, mixture_scorer
 from data_pipeline import fsio
-from data_pipeline.dataset import read_split
+from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from distill.evaluate import latency_per_batch, left_pad_list_array, per_user_ndcg
-from distill.metrics import paired_bootstrap_gain
+from distill.metrics import POPULARITY_BANDS, paired_bootstrap_gain, popularity_band
 
 K = 10
 
@@ -36,6 +36,18 @@ def _score(urls: list[str], storage: dict, dataset: dict, test, requests: torch.
     latency = latency_per_batch(scorer, requests)
     return {"per_user": per_user, f"ndcg@{K}": float(per_user.mean()), "params": params,
             "latency_ms_per_request": latency["p50_ms"] / len(requests), "fingerprint": "+".join(fingerprints)}
+
+
+def by_target_popularity(target_band, teacher, kd, twin=None) -> list[dict[str, Any]]:
+    """Mean test NDCG@10 of the users whose target is in each popularity band (:data:`POPULARITY_BANDS`): where
+    the teacher leads the twin, and how much of that lead the distilled student takes. Empty bands are left out."""
+    out = []
+    for index, (band, _) in enumerate(POPULARITY_BANDS):
+        users = target_band == index
+        if users.any():
+            models = {"teacher": teacher, "kd": kd, **({"twin": twin} if twin is not None else {})}
+            out.append({"band": band, "users": int(users.sum()), **{name: float(v[users].mean()) for name, v in models.items()}})
+    return out
 
 
 def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:
@@ -70,6 +82,8 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
     requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history")))
     # The teacher the students learnt from: with teacher.ensemble, the mixture that labelled the store.
     teacher = _score([plan.teacher_url, *cfg.teacher.ensemble], storage, dataset, test, requests)
+    target_band = popularity_band(train_item_counts(layout.data, dataset["num_items"], storage))[
+        test.column("target").to_numpy()]
     folders = {m.name: folder for m, folder in members}
     histories = {m.name: fsio.read_json(fsio.join(folder, "history.json"), storage)["history"] for m, folder in members}
     best_val = best_validation(histories)
@@ -87,7 +101,8 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
         row = {"member": m.choice, "augmented": m.augmented, "variant": m.variant, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
-               "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
+               "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"],
+               "by_target_popularity": by_target_popularity(target_band, teacher["per_user"], kd["per_user"])}
         if cfg.sweep.schedules:  # the schedules compared on validation (best NDCG@10 each); a partial sweep may lack some
             row.update({"kd_member": m.name, "schedule": m.schedule or "base", "schedules_val": tried[m.choice],
                         "schedules_complete": complete[m.choice]})
@@ -98,6 +113,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
             best_twin = max(histories[twin_name], key=lambda h: h[f"val_ndcg@{K}"])  # the first best epoch
             row.update({"twin": twin_name, f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
                         "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
+                        "by_target_popularity": by_target_popularity(target_band, teacher["per_user"], kd["per_user"], twin["per_user"]),
                         "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin[f"val_ndcg@{K}"]),
                         "twin_best_val_epoch": int(best_twin["epoch"])})
             if cfg.sweep.schedules:
@@ -134,6 +150,15 @@ def format_table(result: dict[str, Any]) -> str:
             reach = f"{'never' if reached is None else reached} (twin: {r['twin_best_val_epoch']})"
         lines.append(f"| {name} | {100 * r['teacher_share']:.1f}% | {r['params']:,} | {r[f'kd_ndcg@{K}']:.4f} | {twin} | "
                      f"{gain_text} | {100 * r['kd_keeps_of_teacher']:.0f}% | {r['kd_latency_ms_per_request']:.4f} | {reach} |")
+    if not any(r.get("by_target_popularity") for r in result["rows"]):  # a frontier written before the bands
+        return "\n".join(lines) + "\n"
+    lines += ["", f"NDCG@{K} by the popularity of the test target, teacher / distilled / twin (users): head items hold the "
+              "first 50% of the training interactions, middle the next 30%, tail the last 20%.", "",
+              "| member | " + " | ".join(band for band, _ in POPULARITY_BANDS) + " |", "|---" * (1 + len(POPULARITY_BANDS)) + "|"]
+    for r in result["rows"]:
+        cells = {b["band"]: f"{b['teacher']:.4f} / {b['kd']:.4f} / {b['twin']:.4f} ({b['users']:,})" if "twin" in b
+                 else f"{b['teacher']:.4f} / {b['kd']:.4f} / - ({b['users']:,})" for b in r.get("by_target_popularity", [])}
+        lines.append(f"| {r['member']} | " + " | ".join(cells.get(band, "-") for band, _ in POPULARITY_BANDS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -120,3 +120,24 @@ def paired_bootstrap_delta(a: "np.ndarray", b: "np.ndarray", statistic: str = "m
     low, high = np.quantile(deltas, [0.025, 0.975])
     return {"delta": float(f(a.mean()) - f(b.mean())), "ci95_low": float(low), "ci95_high": float(high),
             "resamples": resamples, "examples": int(a.size)}
+
+
+#: Popularity bands of the catalog by training interactions: "head" items hold the first half of them, "middle"
+#: the next 30%, "tail" the last 20%. Where a teacher leads a small student, it is usually in the tail.
+POPULARITY_BANDS = (("head", 0.5), ("middle", 0.8), ("tail", 1.0))
+
+
+def popularity_band(item_counts: "np.ndarray", bands=POPULARITY_BANDS) -> "np.ndarray":
+    """The band index of every item id (``item_counts``: (num_items + 1,), [0] = padding, whose band is -1).
+
+    Items are taken most frequent first (ties by id); an item is in the first band whose share of all
+    interactions the items before it have not yet reached, so every band with a share holds at least one item.
+    """
+    counts = np.asarray(item_counts, dtype=np.int64)[1:]
+    order = np.argsort(-counts, kind="stable")  # item ids - 1, most frequent first
+    before = np.concatenate([[0], np.cumsum(counts[order])[:-1]]) / max(int(counts.sum()), 1)  # share ahead of each
+    limits = np.array([share for _, share in bands], dtype=np.float64)
+    band = np.empty(len(counts) + 1, dtype=np.int64)
+    band[0] = -1
+    band[order + 1] = np.minimum(np.searchsorted(limits, before, side="right"), len(limits) - 1)
+    return band

@@ -171,8 +171,14 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
         gain = row["gain_over_twin"]
         assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == frontier["users"]
         assert 0 < row["kd_keeps_of_teacher"] and row["params"] <= row["fraction"] * frontier["teacher"]["params"]
+        # By the target's popularity band: every test user in one band, and the bands' means make the whole.
+        bands = row["by_target_popularity"]
+        assert sum(b["users"] for b in bands) == frontier["users"] and {b["band"] for b in bands} <= {"head", "middle", "tail"}
+        for model, overall in (("kd", row["kd_ndcg@10"]), ("twin", row["twin_ndcg@10"]), ("teacher", frontier["teacher"]["ndcg@10"])):
+            assert sum(b[model] * b["users"] for b in bands) / frontier["users"] == pytest.approx(overall, rel=1e-5)
     assert Path(sweep_dir, "frontier.png").stat().st_size > 1000
     assert "| 1in10-s0-kd |" in Path(sweep_dir, "frontier.md").read_text()
+    assert "| member | head | middle | tail |" in Path(sweep_dir, "frontier.md").read_text()
 
     # Schedules, on the members just trained: copies stand in for the 1/10 pair trained under a second schedule
     # (training one is what the sweep above does), the twin's copy better on validation, the distilled one's worse.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill.evaluate import evaluate_split, left_pad_list_array, per_user_ndcg, popularity_scorer
-from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, paired_bootstrap_gain, seen_mask, target_ranks
+from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, paired_bootstrap_gain, popularity_band, seen_mask, target_ranks
 
 
 def brute_force_metrics(scores, targets, histories, k, filter_seen):
@@ -152,3 +152,21 @@ def test_paired_bootstrap_delta_of_means_and_of_rmse():
     assert same["delta"] == same["ci95_low"] == same["ci95_high"] == 0  # paired: identical models never differ
     with pytest.raises(ValueError, match="statistic"):
         paired_bootstrap_delta(a, b, "median")
+
+
+def test_popularity_band_splits_the_catalog_by_the_share_of_interactions_ahead_of_each_item():
+    rng = np.random.default_rng(0)
+    counts = np.concatenate([[0], rng.zipf(1.5, size=500).clip(max=10_000)])
+    band = popularity_band(counts)
+    # Naive reference: walk the items most frequent first, summing the interactions seen so far.
+    total, ahead, expected = counts.sum(), 0, np.full(len(counts), -1)
+    for item in sorted(range(1, len(counts)), key=lambda i: (-counts[i], i)):
+        share = ahead / total
+        expected[item] = 0 if share < 0.5 else 1 if share < 0.8 else 2
+        ahead += counts[item]
+    np.testing.assert_array_equal(band, expected)
+    # The head holds at least half of the interactions, the head and middle at least 80%; every band is used.
+    assert counts[band == 0].sum() >= 0.5 * total and counts[band <= 1].sum() >= 0.8 * total
+    assert set(band[1:]) == {0, 1, 2}
+    # One item with every interaction is the whole head; the rest (no interactions) are the tail.
+    assert popularity_band(np.array([0, 0, 7, 0])).tolist() == [-1, 2, 0, 2]
