@@ -22,7 +22,7 @@ from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from cluster.config import Config
 from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
-from distill.metrics import paired_bootstrap_gain
+from distill.metrics import mean_by_band, paired_bootstrap_gain, popularity_band
 from data_pipeline.exports import ExportError
 from cluster.models import load_available, load_scorers, mixture_scorer
 
@@ -51,7 +51,7 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     popularity = popularity_scorer(counts)
     results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
-    scorers = {}
+    scorers = {"popularity": popularity}
     loaded, unavailable = load_available(model_exports(cfg), manifest, storage)
     for name, (folder, model, meta) in loaded.items():
         model.to(device)
@@ -70,10 +70,16 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         scores.update(params=params, bytes=params * 4, members=1 + len(cfg.teacher.ensemble),
                       latency=latency_per_batch(ensemble, requests))
         results["teacher_ensemble"] = scores
+        scorers["teacher_ensemble"] = ensemble
+    # NDCG@10 of every model per test user: each model by the popularity band of the user's target (where the
+    # teacher leads and what the students take of it), and the distilled student's gain over its twin.
+    per_user = {n: per_user_ndcg(scorer, test, num_items, 10, cfg.eval.batch_size, device) for n, scorer in scorers.items()}
+    target_band = popularity_band(counts)[test.column("target").to_numpy()]
+    for name, values in per_user.items():
+        results[name]["by_target_popularity"] = mean_by_band(values, target_band)
     gains = {}
     if "student_kd" in scorers and "student_baseline" in scorers:
         # The same test users for both: a paired bootstrap of the distilled student's gain over its twin.
-        per_user = {n: per_user_ndcg(scorers[n], test, num_items, 10, cfg.eval.batch_size, device) for n in ("student_kd", "student_baseline")}
         gains["student_kd_over_baseline"] = {"metric": "ndcg@10", **paired_bootstrap_gain(per_user["student_kd"], per_user["student_baseline"])}
 
     report = {

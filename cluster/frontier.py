@@ -23,7 +23,7 @@ from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from distill.evaluate import latency_per_batch, left_pad_list_array, per_user_ndcg
-from distill.metrics import POPULARITY_BANDS, paired_bootstrap_gain, popularity_band
+from distill.metrics import POPULARITY_BANDS, mean_by_band, paired_bootstrap_gain, popularity_band
 
 K = 10
 
@@ -41,13 +41,10 @@ def _score(urls: list[str], storage: dict, dataset: dict, test, requests: torch.
 def by_target_popularity(target_band, teacher, kd, twin=None) -> list[dict[str, Any]]:
     """Mean test NDCG@10 of the users whose target is in each popularity band (:data:`POPULARITY_BANDS`): where
     the teacher leads the twin, and how much of that lead the distilled student takes. Empty bands are left out."""
-    out = []
-    for index, (band, _) in enumerate(POPULARITY_BANDS):
-        users = target_band == index
-        if users.any():
-            models = {"teacher": teacher, "kd": kd, **({"twin": twin} if twin is not None else {})}
-            out.append({"band": band, "users": int(users.sum()), **{name: float(v[users].mean()) for name, v in models.items()}})
-    return out
+    models = {"teacher": teacher, "kd": kd, **({"twin": twin} if twin is not None else {})}
+    means = {name: mean_by_band(values, target_band) for name, values in models.items()}
+    return [{"band": b["band"], "users": b["users"], **{name: m[i]["mean"] for name, m in means.items()}}
+            for i, b in enumerate(means["teacher"])]
 
 
 def _epochs_to_reach(history: list[dict], target: float) -> Optional[int]:

@@ -149,7 +149,7 @@ def run(cfg: Config) -> str:
 
         line, rows = rating_verdict(metrics), rating_table(metrics)
     else:
-        line, rows = verdict(models, unavailable=unavailable, gain=gain), _ranking_table(models)
+        line, rows = verdict(models, unavailable=unavailable, gain=gain), [*_ranking_table(models), "", *_band_table(models)]
     frontier_lines = _frontier_section(layout, storage) + _serving_section(layout, storage, models)
     text = "\n".join(
         [
@@ -173,6 +173,24 @@ def run(cfg: Config) -> str:
     )
     fsio.atomic_write_bytes(fsio.join(layout.report, "report.md"), text.encode(), storage)
     return line
+
+
+def _band_table(models: dict[str, Any]) -> list[str]:
+    """NDCG@10 of each model by the popularity band of the test user's target (``evaluate``'s by_target_popularity)."""
+    from distill.metrics import POPULARITY_BANDS
+
+    banded = {name: {b["band"]: b for b in r["by_target_popularity"]} for name, r in models.items() if r.get("by_target_popularity")}
+    if not banded:
+        return []
+    users = {band: b["users"] for bands in banded.values() for band, b in bands.items()}
+    names = [band for band, _ in POPULARITY_BANDS]
+    rows = ["NDCG@10 by the popularity of the test target: head items hold the first 50% of the training "
+            "interactions, middle the next 30%, tail the last 20%.", "",
+            "| model | " + " | ".join(f"{band} ({users[band]:,} users)" if band in users else band for band in names) + " |",
+            "|---" * (1 + len(names)) + "|"]
+    for name, bands in banded.items():
+        rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(f"{bands[b]['mean']:.4f}" if b in bands else "-" for b in names) + " |")
+    return rows
 
 
 def _ranking_table(models: dict[str, Any]) -> list[str]:

@@ -141,3 +141,15 @@ def popularity_band(item_counts: "np.ndarray", bands=POPULARITY_BANDS) -> "np.nd
     band[0] = -1
     band[order + 1] = np.minimum(np.searchsorted(limits, before, side="right"), len(limits) - 1)
     return band
+
+
+def mean_by_band(values: "np.ndarray", band: "np.ndarray", bands=POPULARITY_BANDS) -> list[dict]:
+    """The mean of per-user ``values`` over the users of each band (``band``: each user's index into ``bands``,
+    e.g. :func:`popularity_band` of their target), with the users counted; empty bands are left out."""
+    values, band = np.asarray(values, dtype=np.float64), np.asarray(band)
+    out = []
+    for index, (name, _) in enumerate(bands):
+        users = band == index
+        if users.any():
+            out.append({"band": name, "users": int(users.sum()), "mean": float(values[users].mean())})
+    return out

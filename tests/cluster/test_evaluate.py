@@ -58,6 +58,11 @@ def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_time
     metrics = evaluate.run(cfg)
     gain = metrics["gains"]["student_kd_over_baseline"]
     assert gain["ci95_low"] <= gain["gain"] <= gain["ci95_high"] and gain["users"] == sum(dataset["splits"]["test"]["rows"])
+    # Every model by the popularity band of the test target: each test user in one band, the bands make the whole.
+    for name, scores in metrics["models"].items():
+        bands = scores["by_target_popularity"]
+        assert sum(b["users"] for b in bands) == gain["users"], name
+        assert sum(b["mean"] * b["users"] for b in bands) / gain["users"] == pytest.approx(scores["ndcg@10"], rel=1e-5), name
     assert metrics["code"]["commit"] != ""
     (tmp_path / "run" / "report").mkdir(exist_ok=True)
     (tmp_path / "run" / "report" / "timings.json").write_text(json.dumps({"prepare": 1.5, "train-teacher": 30.25}))
@@ -73,6 +78,9 @@ def test_the_report_gives_the_gain_with_its_interval_the_runs_context_stage_time
     assert "loss `kl_topk_tail`, alpha 0.2" in text and "[config.yaml](../config.yaml)" in text
     assert "| prepare | 1.5 s |\n| train-teacher | 30.2 s |\n| total | 31.8 s |" in text  # in pipeline order
     assert "## Sweep frontier" in text and "| 1in10-s0-kd | 10.0% |" in text
+    head = metrics["models"]["teacher"]["by_target_popularity"][0]
+    teacher_row = next(row for row in text.splitlines() if row.startswith("| teacher | ") and row.count("|") == 5)
+    assert f"{head['band']} ({head['users']:,} users)" in text and f" {head['mean']:.4f} " in teacher_row
 
 
 def test_a_teacher_ensemble_is_scored_as_the_mixture_and_is_the_teacher_of_the_verdict(tmp_path):
