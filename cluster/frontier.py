@@ -23,7 +23,7 @@ from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from distill.evaluate import latency_per_batch, left_pad_list_array, per_user_ndcg
-from distill.metrics import POPULARITY_BANDS, mean_by_band, paired_bootstrap_gain, popularity_band
+from distill.metrics import BANDS_CAPTION, POPULARITY_BANDS, mean_by_band, paired_bootstrap_gain, popularity_band
 
 K = 10
 
@@ -149,8 +149,7 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{gain_text} | {100 * r['kd_keeps_of_teacher']:.0f}% | {r['kd_latency_ms_per_request']:.4f} | {reach} |")
     if not any(r.get("by_target_popularity") for r in result["rows"]):  # a frontier written before the bands
         return "\n".join(lines) + "\n"
-    lines += ["", f"NDCG@{K} by the popularity of the test target, teacher / distilled / twin (users): head items hold the "
-              "first 50% of the training interactions, middle the next 30%, tail the last 20%.", "",
+    lines += ["", f"NDCG@{K} by the popularity of the test target, teacher / distilled / twin (users): {BANDS_CAPTION}.", "",
               "| member | " + " | ".join(band for band, _ in POPULARITY_BANDS) + " |", "|---" * (1 + len(POPULARITY_BANDS)) + "|"]
     for r in result["rows"]:
         cells = {b["band"]: f"{b['teacher']:.4f} / {b['kd']:.4f} / {b['twin']:.4f} ({b['users']:,})" if "twin" in b

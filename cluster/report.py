@@ -177,15 +177,14 @@ def run(cfg: Config) -> str:
 
 def _band_table(models: dict[str, Any]) -> list[str]:
     """NDCG@10 of each model by the popularity band of the test user's target (``evaluate``'s by_target_popularity)."""
-    from distill.metrics import POPULARITY_BANDS
+    from distill.metrics import BANDS_CAPTION, POPULARITY_BANDS
 
     banded = {name: {b["band"]: b for b in r["by_target_popularity"]} for name, r in models.items() if r.get("by_target_popularity")}
     if not banded:
         return []
     users = {band: b["users"] for bands in banded.values() for band, b in bands.items()}
     names = [band for band, _ in POPULARITY_BANDS]
-    rows = ["NDCG@10 by the popularity of the test target: head items hold the first 50% of the training "
-            "interactions, middle the next 30%, tail the last 20%.", "",
+    rows = [f"NDCG@10 by the popularity of the test target: {BANDS_CAPTION}.", "",
             "| model | " + " | ".join(f"{band} ({users[band]:,} users)" if band in users else band for band in names) + " |",
             "|---" * (1 + len(names)) + "|"]
     for name, bands in banded.items():

@@ -125,6 +125,7 @@ def paired_bootstrap_delta(a: "np.ndarray", b: "np.ndarray", statistic: str = "m
 #: Popularity bands of the catalog by training interactions: "head" items hold the first half of them, "middle"
 #: the next 30%, "tail" the last 20%. Where a teacher leads a small student, it is usually in the tail.
 POPULARITY_BANDS = (("head", 0.5), ("middle", 0.8), ("tail", 1.0))
+BANDS_CAPTION = "head items hold the first 50% of the training interactions, middle the next 30%, tail the last 20%"
 
 
 def popularity_band(item_counts: "np.ndarray", bands=POPULARITY_BANDS) -> "np.ndarray":
