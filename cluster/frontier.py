@@ -98,8 +98,7 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
         row = {"member": m.choice, "augmented": m.augmented, "variant": m.variant, "fraction": m.fraction, "seed": m.seed, "d_model": m.model.d_model, "params": kd["params"],
                "teacher_share": m.params / teacher["params"], f"kd_ndcg@{K}": kd[f"ndcg@{K}"],
                "kd_latency_ms_per_request": kd["latency_ms_per_request"],
-               "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"],
-               "by_target_popularity": by_target_popularity(target_band, teacher["per_user"], kd["per_user"])}
+               "kd_keeps_of_teacher": kd[f"ndcg@{K}"] / teacher[f"ndcg@{K}"]}
         if cfg.sweep.schedules:  # the schedules compared on validation (best NDCG@10 each); a partial sweep may lack some
             row.update({"kd_member": m.name, "schedule": m.schedule or "base", "schedules_val": tried[m.choice],
                         "schedules_complete": complete[m.choice]})
@@ -110,12 +109,13 @@ def write(cfg: Config, plan, members: list[tuple[Any, str]], files: bool = True)
             best_twin = max(histories[twin_name], key=lambda h: h[f"val_ndcg@{K}"])  # the first best epoch
             row.update({"twin": twin_name, f"twin_ndcg@{K}": twin[f"ndcg@{K}"], "twin_latency_ms_per_request": twin["latency_ms_per_request"],
                         "gain_over_twin": paired_bootstrap_gain(kd["per_user"], twin["per_user"]),
-                        "by_target_popularity": by_target_popularity(target_band, teacher["per_user"], kd["per_user"], twin["per_user"]),
                         "kd_epochs_to_twin_best_val": _epochs_to_reach(histories[m.name], best_twin[f"val_ndcg@{K}"]),
                         "twin_best_val_epoch": int(best_twin["epoch"])})
             if cfg.sweep.schedules:
                 row.update({"twin_schedule": twin_member.schedule or "base", "twin_schedules_val": tried[m.twin_name]})
                 row["schedules_complete"] &= complete[m.twin_name]
+        twin_per_user = scored[twin_member.name]["per_user"] if twin_member is not None else None
+        row["by_target_popularity"] = by_target_popularity(target_band, teacher["per_user"], kd["per_user"], twin_per_user)
         rows.append(row)
     result = {"split": "test", "metric": f"NDCG@{K}, seen-filtered, full ranking", "users": test.num_rows,
               "teacher": {k: v for k, v in teacher.items() if k != "per_user"}, "rows": rows,
