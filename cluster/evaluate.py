@@ -21,8 +21,8 @@ from data_pipeline import fsio
 from data_pipeline.dataset import read_split, train_item_counts
 from data_pipeline.layout import RunLayout
 from cluster.config import Config
-from distill.evaluate import evaluate_split, latency_per_batch, left_pad_list_array, model_scorer, per_user_ndcg, popularity_scorer
-from distill.metrics import mean_by_band, paired_bootstrap_gain, popularity_band
+from distill.evaluate import evaluate_split_with_ranks, latency_per_batch, left_pad_list_array, model_scorer, popularity_scorer
+from distill.metrics import mean_by_band, ndcg_at_k, paired_bootstrap_gain, popularity_band
 from data_pipeline.exports import ExportError
 from cluster.models import load_available, load_scorers, mixture_scorer
 
@@ -48,15 +48,22 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
     # Latency: one batch of 256 requests (the test users' histories) on this device.
     requests = torch.from_numpy(left_pad_list_array(test.slice(0, 256).column("history"))).to(device)
     counts = train_item_counts(layout.data, num_items, storage)
+    per_user = {}  # NDCG@10 of every model per test user, from the pass that scores it
+
+    def score(name: str, scorer) -> dict[str, Any]:
+        scores, ranks = evaluate_split_with_ranks(scorer, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        per_user[name] = ndcg_at_k(ranks, 10).numpy()
+        return scores
+
     popularity = popularity_scorer(counts)
-    results["popularity"] = evaluate_split(popularity, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+    results["popularity"] = score("popularity", popularity)
     results["popularity"].update(params=0, bytes=int(counts.nbytes), latency=latency_per_batch(popularity, requests))
-    scorers = {"popularity": popularity}
+    scorers = {}
     loaded, unavailable = load_available(model_exports(cfg), manifest, storage)
     for name, (folder, model, meta) in loaded.items():
         model.to(device)
         scorer = model_scorer(model, meta["model"]["max_len"])
-        scores = evaluate_split(scorer, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        scores = score(name, scorer)
         params = sum(p.numel() for p in model.parameters())
         scores.update(params=params, bytes=params * 4, fingerprint=meta["fingerprint"], latency=latency_per_batch(scorer, requests))
         results[name] = scores
@@ -66,19 +73,17 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict[str, Any]:
         # (a damaged member is an error: the ensemble cannot be scored without it). The teacher is already loaded.
         members, member_params, _ = load_scorers(cfg.teacher.ensemble, manifest, storage, device)
         ensemble, params = mixture_scorer([scorers["teacher"], *members]), results["teacher"]["params"] + member_params
-        scores = evaluate_split(ensemble, test, num_items, cfg.eval.ks, cfg.eval.batch_size, device)
+        scores = score("teacher_ensemble", ensemble)
         scores.update(params=params, bytes=params * 4, members=1 + len(cfg.teacher.ensemble),
                       latency=latency_per_batch(ensemble, requests))
         results["teacher_ensemble"] = scores
-        scorers["teacher_ensemble"] = ensemble
-    # NDCG@10 of every model per test user: each model by the popularity band of the user's target (where the
-    # teacher leads and what the students take of it), and the distilled student's gain over its twin.
-    per_user = {n: per_user_ndcg(scorer, test, num_items, 10, cfg.eval.batch_size, device) for n, scorer in scorers.items()}
+    # Each model by the popularity band of the user's target (where the teacher leads and what the students take
+    # of it), and the distilled student's gain over its twin.
     target_band = popularity_band(counts)[test.column("target").to_numpy()]
     for name, values in per_user.items():
         results[name]["by_target_popularity"] = mean_by_band(values, target_band)
     gains = {}
-    if "student_kd" in scorers and "student_baseline" in scorers:
+    if "student_kd" in per_user and "student_baseline" in per_user:
         # The same test users for both: a paired bootstrap of the distilled student's gain over its twin.
         gains["student_kd_over_baseline"] = {"metric": "ndcg@10", **paired_bootstrap_gain(per_user["student_kd"], per_user["student_baseline"])}
 

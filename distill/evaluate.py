@@ -43,14 +43,29 @@ def evaluate_split(
     Returns the seen-filtered metrics at the top level (the headline numbers) and
     the unfiltered ones under ``"unfiltered"``.
     """
+    return evaluate_split_with_ranks(scorer, split, num_items, ks, batch_size, device)[0]
+
+
+def evaluate_split_with_ranks(
+    scorer: Scorer,
+    split: pa.Table,
+    num_items: int,
+    ks: list[int] | tuple[int, ...] = (10, 20),
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[dict, torch.Tensor]:
+    """:func:`evaluate_split`, and the seen-filtered rank of every row's target in row order (on the CPU), from
+    the same pass: per-user metrics (``ndcg_at_k(ranks, k)``, as :func:`per_user_ndcg`) without scoring again."""
     filtered, unfiltered = RankingAccumulator(ks), RankingAccumulator(ks)
+    ranks = []
     for histories, targets, scores in _scored_batches(scorer, split, num_items, batch_size, device):
         unfiltered.add(target_ranks(scores, targets).cpu())
-        filtered.add(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)).cpu())
+        ranks.append(target_ranks(scores, targets, exclude=seen_mask(histories, num_items + 1)).cpu())
+        filtered.add(ranks[-1])
     result = filtered.result()
     result["unfiltered"] = unfiltered.result()
     result["num_users"] = filtered.count
-    return result
+    return result, torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
 def per_user_ndcg(

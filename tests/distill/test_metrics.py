@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from distill.evaluate import evaluate_split, left_pad_list_array, per_user_ndcg, popularity_scorer
+from distill.evaluate import evaluate_split, evaluate_split_with_ranks, left_pad_list_array, per_user_ndcg, popularity_scorer
 from distill.metrics import RankingAccumulator, hit_rate_at_k, ndcg_at_k, paired_bootstrap_gain, popularity_band, seen_mask, target_ranks
 
 
@@ -109,6 +109,10 @@ def test_per_user_ndcg_averages_to_evaluate_split():
     per_user = per_user_ndcg(scorer, table, num_items, k=10, batch_size=6)
     assert per_user.shape == (40,)
     assert per_user.mean() == pytest.approx(evaluate_split(scorer, table, num_items, ks=[10])["ndcg@10"])
+    # The same pass can give the per-user ranks too: the same metrics, and the same per-user NDCG@10.
+    metrics, ranks = evaluate_split_with_ranks(scorer, table, num_items, ks=[10], batch_size=6)
+    assert metrics == evaluate_split(scorer, table, num_items, ks=[10], batch_size=6)
+    np.testing.assert_array_equal(ndcg_at_k(ranks, 10).numpy(), per_user)
 
 
 def test_paired_bootstrap_gain():
