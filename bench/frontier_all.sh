@@ -135,9 +135,9 @@ $PY -m bench.frontier --name ml1m_ensemble_1in10_s1 "${ENSEMBLE[@]}" 'sweep.frac
 # Where the 1/10 student's parameters go, as a lever. By the popularity of the test target (ml1m-losses part, seed 0,
 # bench/results/frontier_ml1m_losses_bands.md) the teacher leads the twin by 6% on head items, 16% on middle ones and
 # 75% on tail ones, the distilled student by -0.1%, +4.7% and +7.6%: the teacher knows the tail, and a student whose
-# 2,016 least frequent items have 8 dimensions takes a tenth of that lead. Two item tables that give the tail more of the same budget (the plan fits d_model to
-# 1/10 of the teacher): bands 40/20/13 (d_model 40) and 34/17 (d_model 34, two bands), each distilled (store rows,
-# plain KD) and its own twin. Labels of the ml1m part's teacher in a store of each run's own (no augmented rows,
+# 2,016 least frequent items have 8 dimensions takes a tenth of that lead. Two item tables that give the tail more
+# of the same budget (the plan fits d_model to 1/10 of the teacher): bands 40/20/13 (d_model 40) and 34/17 (d_model
+# 34, two bands), each distilled (store rows, plain KD) and its own twin. Labels of the ml1m part's teacher in a store of each run's own (no augmented rows,
 # ~2 min). ~90 min per table, two members at a time.
 ml1m-bands() {
 ml1m-teacher
