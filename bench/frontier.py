@@ -5,7 +5,10 @@
 
 The sweep resumes member by member, so a run cut short by the session is continued by the
 same command. ``--finished-only`` trains nothing: it scores the members finished so far (a
-progress report of a sweep still under way, with the unfinished ones listed). Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
+progress report of a sweep still under way, with the unfinished ones listed). A rerun of a sweep whose
+result is already written whole (same config and overrides, every member finished and none retrained since)
+keeps that result: scoring it again would only re-measure latencies and rewrite committed files (``--rescore``
+scores it anyway). Writes bench/results/frontier_<name>.json: the frontier (test NDCG@10 of each
 member, distilled and twin, each at its schedule chosen on validation where the sweep tried several; the
 paired-bootstrap gain), a per-size summary over seeds, the
 issue's goal checked (at <= 1/10 of the teacher: +5% over the twin with the 95% interval
@@ -114,6 +117,13 @@ def merge_frontiers(results: list[dict[str, Any]], sources: list[str] | None = N
     return {**first, "rows": ordered, "replaced_records": replaced}
 
 
+def already_written(prior: dict[str, Any], config: str, overrides: list[str], member_costs: dict[str, Any]) -> bool:
+    """Whether an earlier result of this benchmark is the sweep as it stands: written whole, for the same config
+    and overrides, from the same members trained for the same time (a member retrained since differs there)."""
+    return (prior.get("complete") is True and prior.get("config") == config and prior.get("overrides") == overrides
+            and prior.get("costs", {}).get("members") == member_costs)
+
+
 def _schedules(row: dict) -> list[str]:
     """The schedules a row's member and twin were chosen from (["base"]: a sweep without sweep.schedules)."""
     return sorted(set(row.get("schedules_val", {"base": None})) | set(row.get("twin_schedules_val", {"base": None})))
@@ -161,6 +171,8 @@ def main() -> None:
                         help="train and score nothing: merge these frontier JSONs (same teacher) into one table and plot")
     parser.add_argument("--finished-only", action="store_true",
                         help="train nothing: score the members already finished and list the others")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score a finished sweep again even where its result is already written whole")
     parser.add_argument("--results-dir", default="bench/results", help="where frontier_<name>.json goes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -181,9 +193,17 @@ def main() -> None:
     from cluster.plan import build_plan
     from cluster.ray_setup import Interrupted
 
+    out = Path(args.results_dir) / f"frontier_{args.name}.json"
     try:  # a user mistake (config, store, export) is one line, as in the CLI
         cfg = load_config(args.config, args.overrides).with_absolute_paths()
         started = time.perf_counter()
+        if out.exists() and not (args.finished_only or args.rescore):
+            plan = build_plan(cfg)
+            planned = sweep.plan_members(cfg, plan)
+            if all(sweep.finished(cfg, plan, m) for m in planned) and already_written(
+                    json.loads(out.read_text()), args.config, args.overrides, costs(cfg, planned, plan.store)["members"]):
+                print(f"bench.frontier: {out} already holds this sweep, every member finished; kept (--rescore scores it again)")
+                return
         if args.finished_only:
             plan = build_plan(cfg)
             plan.require("distill")
@@ -205,7 +225,6 @@ def main() -> None:
               "complete": not unfinished, "unfinished_members": unfinished,
               "sweep_wall_seconds_this_invocation": wall, "frontier": frontier, "summary": summarise(frontier["rows"], unfinished),
               "costs": costs(cfg, members, plan.store)}
-    out = Path(args.results_dir) / f"frontier_{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_pictures(frontier, out.parent, args.name)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.frontier import merge_frontiers, render, summarise
+from bench.frontier import already_written, merge_frontiers, render, summarise
 
 
 def row(fraction, seed, kd, twin, low, keeps, **kind):
@@ -112,3 +112,16 @@ def test_a_member_chosen_among_other_schedules_is_not_called_retrained(capsys):
     assert "chosen among other schedules" in capsys.readouterr().err
     again = merge_frontiers([ladder, result("t1", row(0.01, 0, 0.051, 0.046, 0.03, 0.3))], ["a.json", "b.json"])
     assert again["replaced_records"][0]["why"] == "different records"
+
+
+def test_a_written_result_is_kept_only_while_it_is_the_sweep_as_it_stands():
+    members = {"1in10-s0-kd": {"epochs": 3, "train_seconds": 41.5}, "1in10-s0-twin": {"epochs": 3, "train_seconds": 30.25}}
+    prior = {"complete": True, "config": "configs/ml1m.yaml", "overrides": ["sweep.fractions=[0.1]"],
+             "costs": {"members": json.loads(json.dumps(members))}}  # as read back from the JSON file
+    assert already_written(prior, "configs/ml1m.yaml", ["sweep.fractions=[0.1]"], members)
+    assert not already_written({**prior, "complete": False}, "configs/ml1m.yaml", ["sweep.fractions=[0.1]"], members)
+    assert not already_written(prior, "configs/ml1m.yaml", ["sweep.fractions=[0.2]"], members)
+    assert not already_written(prior, "configs/tiny.yaml", ["sweep.fractions=[0.1]"], members)
+    retrained = {**members, "1in10-s0-twin": {"epochs": 3, "train_seconds": 29.0}}
+    assert not already_written(prior, "configs/ml1m.yaml", ["sweep.fractions=[0.1]"], retrained)
+    assert not already_written(prior, "configs/ml1m.yaml", ["sweep.fractions=[0.1]"], {**members, "1in10-s1-kd": members["1in10-s0-kd"]})

@@ -180,6 +180,16 @@ def test_a_killed_sweep_reruns_only_its_unfinished_members_and_writes_the_fronti
     assert "| 1in10-s0-kd |" in Path(sweep_dir, "frontier.md").read_text()
     assert "| member | head | middle | tail |" in Path(sweep_dir, "frontier.md").read_text()
 
+    # The benchmark over the finished sweep: the progress report above is rescored (it was not whole), then kept.
+    bench = [sys.executable, "-m", "bench.frontier", "--name", "partial", "--results-dir", str(tmp_path), *_sweep_cmd(run_dir)[4:]]
+    whole = subprocess.run(bench, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    written = (tmp_path / "frontier_partial.json").read_text()
+    assert json.loads(written)["complete"] and set(json.loads(written)["costs"]["members"]) == set(after)
+    again = subprocess.run(bench, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "already holds this sweep" in again.stdout, again.stderr[-3000:]
+    assert (tmp_path / "frontier_partial.json").read_text() == written
+
     # Schedules, on the members just trained: copies stand in for the 1/10 pair trained under a second schedule
     # (training one is what the sweep above does), the twin's copy better on validation, the distilled one's worse.
     # The frontier compares the distilled member with the twin chosen on validation, scored on test.
