@@ -6,7 +6,8 @@
 # With no argument ML-1M then Beauty run at their full budgets; naming parts runs only those.
 # Every step continues where a cut-short run stopped, through the project's own resume: the teacher
 # from its last epoch checkpoint, the store from its committed shards, each sweep member from its own
-# records (finished members are not retrained). Rerun the same command after an interruption.
+# records (finished members are not retrained). Rerun the same command after an interruption: a store already
+# labelled starts nothing, and a part whose bench/results/frontier_<name>.json is already written whole keeps it.
 #
 # The runs live outside the checkout (RECDISTILL_BENCH_RUNS, default ~/recdistill-bench-runs): a fresh
 # clone of the repository on the same machine resumes them instead of starting over (a new machine
@@ -101,27 +102,28 @@ $PY -m cluster.cli precompute "${SHORT[@]}"
 $PY -m bench.frontier --name beauty_short "${SHORT[@]}" 'sweep.fractions=[0.1,0.2,0.05]'
 }
 
-# The next lever on ML-1M (started 2026-12-07; the run folders have not outlived a session's machine so far): a
-# stronger teacher, the mixture of the ml1m run's teacher and two more seeds' (teacher.ensemble), labels a store of
-# its own. The members are sized as in the ml1m part (fractions of one seed's 859,776 parameters), so each is
-# compared with frontier_ml1m_*.json at the same size; against the mixture (3 x 859,776 parameters, served as one
-# teacher) a 1/5-of-one-seed student is 1/15 of its teacher. Ordered so that a cut-short job leaves whole answers:
-# 1/10 seed 0 (distilled with and without augmented rows, twin), then 1/5 seed 0 (the size whose twin keeps 96% of
-# one teacher: where a better teacher has room to lift it), then 1/10 seed 1. Trains the ml1m part's teacher first
-# where it is not there (training is deterministic: the same teacher). ~55-95 min per teacher (an epoch took 84-148 s on
-# the machines so far) and ~4 h of members
-# on 2 cores.
+# The next lever on ML-1M: a stronger teacher, the mixture of the ml1m run's teacher and another seed's
+# (teacher.ensemble), labels a store of its own. Two teachers, not three: each takes ~95 min on 2 cores (an epoch took
+# 84-148 s on the machines so far), so the mixture of two is measured a session sooner; ENSEMBLE_SEEDS="1 2" makes it
+# three (give it its own RECDISTILL_BENCH_RUNS or move run_dir/ml1m-ensemble aside: another mixture, another store).
+# The members are sized as in the ml1m part (fractions of one seed's 859,776 parameters), so each is compared with
+# frontier_ml1m_*.json at the same size; against the mixture (2 x 859,776 parameters, served as one teacher) a
+# 1/10-of-one-seed student is 1/20 of its teacher. Ordered so that a cut-short job leaves whole answers: 1/10 seed 0
+# (distilled with and without augmented rows, twin), then 1/5 seed 0 (the size whose twin keeps 96% of one teacher:
+# where a better teacher has room to lift it), then 1/10 seed 1. Trains the ml1m part's teacher first where it is not
+# there (training is deterministic: the same teacher). ~4 h of members on 2 cores.
 ml1m-ensemble() {
 ml1m-teacher
 MEMBERS=()
-for seed in 1 2; do
+for seed in ${ENSEMBLE_SEEDS:-1}; do
     TEACHER=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-teacher-s$seed" run.seed=$seed)
     $PY -m cluster.cli prepare "${TEACHER[@]}"
     $PY -m cluster.cli train-teacher "${TEACHER[@]}"
     MEMBERS+=("$RUNS/ml1m-teacher-s$seed/teacher")
 done
+LIST=$(IFS=,; echo "${MEMBERS[*]}")
 ENSEMBLE=(--config configs/ml1m.yaml run.run_dir="$RUNS/ml1m-ensemble" precompute.k=128 precompute.augment.ratio=1
-          teacher.checkpoint="$RUNS/ml1m/teacher" "teacher.ensemble=[${MEMBERS[0]},${MEMBERS[1]}]")
+          teacher.checkpoint="$RUNS/ml1m/teacher" "teacher.ensemble=[$LIST]")
 $PY -m cluster.cli prepare "${ENSEMBLE[@]}"
 $PY -m cluster.cli precompute "${ENSEMBLE[@]}"
 # The ml1m run's finished twins (same data, size, seed and training) are copied in rather than retrained (~75 min

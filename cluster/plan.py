@@ -285,6 +285,10 @@ class _Planner:
         written = (self.store.get("augmentation") or {}).get("settings")
         if written != pcfg.augment.settings():
             differs["augmentation"] = (written, pcfg.augment.settings())
+        # The seed draws the sampled labels and the augmented rows: with either, a store of another seed holds other values.
+        seed = self.store.get("provenance", {}).get("seed")
+        if (spec.get("num_sampled") or written) and seed != self.cfg.run.seed:
+            differs["run.seed"] = (seed, self.cfg.run.seed)
         if differs:
             what = ", ".join(f"{key} {theirs} (config: {ours})" for key, (theirs, ours) in differs.items())
             raise soft_labels.SoftLabelError(f"soft labels at {self.paths.soft_labels} hold other labels: {what}; run precompute again")
@@ -292,8 +296,10 @@ class _Planner:
     def _store_layout_as_written(self) -> None:
         store = self.store
         rows = [s["rows"] for s in store["shards"]]
-        group = store.get("row_group_size")
-        self.layout.store_rows_per_shard = max(rows) if rows else None
+        # The layout the workers wrote with (in the provenance): a rerun must find its shards under the same one.
+        written = store.get("provenance", {}).get("layout", {})
+        group = store.get("row_group_size") or written.get("row_group_size")
+        self.layout.store_rows_per_shard = written.get("rows_per_shard") or (max(rows) if rows else None)
         self.layout.origin["precompute.rows_per_shard"] = "as written"
         if group is None:  # a store written before the manifest recorded it: read its footers
             from data_pipeline.streaming import list_blocks

@@ -374,7 +374,10 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     dist.barrier()  # every shard is committed before the manifest
     memory = gather_peaks(world, node_watch)  # measured, beside the plan's estimate
     node_watch.stop()
-    if rank == 0 and not benchmark_only:
+    # Every shard was committed before and the store's manifest is there: it stays as written (with the time its
+    # labelling took), since a rewrite would record this run's seconds of nothing to do.
+    keep_manifest = not todo and fsio.exists(fsio.join(layout.soft_labels, store.MANIFEST), storage)
+    if rank == 0 and not benchmark_only and not keep_manifest:
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         augmentation = None
         if augmented_rows:
@@ -407,6 +410,11 @@ def run(cfg: Config, plan: Optional[RunPlan] = None) -> dict:
     plan.require("precompute")
     layout = RunLayout(cfg.run.run_dir)
     save_resolved_config(cfg)
+    if plan.stage("precompute").action == "done":  # a rerun starts no Ray and keeps the manifest (its labelling time)
+        print(f"precompute: done; the store at {layout.soft_labels} holds teacher {plan.labels_fingerprint[:12]}'s labels "
+              "with this run's settings (delete it to label again)", flush=True)
+        print(store.format_manifest(plan.store))
+        return plan.store
     # The teacher's weights against its fingerprint (a full read), here, before any worker starts.
     for url in (plan.teacher_url, *cfg.teacher.ensemble):
         verify_export(url, cfg.data.storage_options)

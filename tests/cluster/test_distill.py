@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cluster import distill, precompute, prepare
-from cluster.plan import training_complete
+from cluster.plan import build_plan, training_complete
 from cluster.student_batches import student_source
 from conftest import export_spread_teacher, assert_exactly_once, kill_train_worker_when, registered_checkpoints, small_config
 from data_pipeline import fsio
@@ -182,6 +182,10 @@ def test_augmented_rows_are_labelled_by_the_teacher_and_each_is_used_once_per_ep
     assert real == store.load_store_manifest(RunLayout(plain.run.run_dir).soft_labels)["num_sequences"]
     assert augmentation["rows"] == round(0.5 * real) and manifest["num_sequences"] == real + augmentation["rows"]
     assert manifest["provenance"]["augmentation"] == augmentation["settings"]
+    # The seed drew the augmented rows: the plan calls the store another run's under another seed.
+    reseeded = build_plan(small_config(cfg.run.run_dir, *STUDENT, "precompute.augment.ratio=0.5", "run.seed=1"))
+    assert reseeded.store is None and "run.seed 0 (config: 1)" in reseeded.stage("distill").missing_input
+    assert build_plan(cfg).store is not None
     teacher, _ = load_model(layout.teacher)
     spec = store.manifest_spec(manifest)
     checked = 0

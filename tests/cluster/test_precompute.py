@@ -135,6 +135,21 @@ def test_killed_precompute_reruns_to_the_identical_store(labelled):
     assert len(np.unique(examples)) == len(examples) == rerun_manifest["num_sequences"]
 
 
+def test_a_rerun_on_a_finished_store_keeps_it_as_written(labelled, capsys):
+    """Nothing left to label: the store's manifest, with the time its labelling took, is not rewritten."""
+    cfg, run_dir, storage = labelled
+    layout = RunLayout(run_dir)
+    manifest = fsio.read_json(fsio.join(layout.soft_labels, store.MANIFEST), storage)
+    # The plan knows the store is this teacher's (the teacher is given, not to be trained): no Ray run at all.
+    given = _run_config(run_dir, storage, *STORE, f"teacher.checkpoint={layout.teacher}")
+    assert precompute.run(given) == manifest
+    assert "precompute: done; the store at" in capsys.readouterr().out
+    assert fsio.read_json(fsio.join(layout.soft_labels, store.MANIFEST), storage) == manifest
+    if not storage:  # a teacher the plan cannot call done: the workers find every shard committed and keep the manifest
+        precompute.run(cfg)
+        assert fsio.read_json(fsio.join(layout.soft_labels, store.MANIFEST), storage) == manifest
+
+
 def test_inspect_and_readers_report_bad_stores(labelled, capsys):
     cfg, run_dir, storage = labelled
     url = RunLayout(cfg.run.run_dir).soft_labels
