@@ -374,10 +374,9 @@ def precompute_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> None:
     dist.barrier()  # every shard is committed before the manifest
     memory = gather_peaks(world, node_watch)  # measured, beside the plan's estimate
     node_watch.stop()
-    # Every shard was committed before and the store's manifest is there: it stays as written (with the time its
+    # Where every shard was committed before and the manifest is there, the manifest stays as written (with the time its
     # labelling took), since a rewrite would record this run's seconds of nothing to do.
-    keep_manifest = not todo and fsio.exists(fsio.join(layout.soft_labels, store.MANIFEST), storage)
-    if rank == 0 and not benchmark_only and not keep_manifest:
+    if rank == 0 and not benchmark_only and (todo or not fsio.exists(fsio.join(layout.soft_labels, store.MANIFEST), storage)):
         records = store.committed_shards(layout.soft_labels, provenance, storage)
         augmentation = None
         if augmented_rows:
