@@ -80,7 +80,7 @@ class TrainConfig(Section):
 
 
 class DistillConfig(Section):
-    loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd"] = "kl_topk_tail"
+    loss: Literal["kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd", "kl_bands"] = "kl_topk_tail"
     # T=1 by default: the only temperature at which the top-k + tail bucket is exact (the store keeps
     # the T=1 normaliser); at T=2 the equal-tail approximation inflates the tail on a large catalog.
     temperature: float = Field(1.0, gt=0)
@@ -88,6 +88,9 @@ class DistillConfig(Section):
     ranking_top: int = Field(10, gt=0, description="Teacher top-K used as weighted positives by loss=ranking.")
     dkd_target_weight: float = Field(1.0, ge=0, description="loss=dkd: weight of the target term (TCKD).")
     dkd_nontarget_weight: float = Field(8.0, ge=0, description="loss=dkd: weight of the non-target term (NCKD).")
+    band_weight: float = Field(
+        1.0, ge=0, description="loss=kl_bands: weight of the KD within each popularity band of the teacher's top-k "
+                               "(distill.metrics.POPULARITY_BANDS of the training counts), added to plain KD.")
     # The streaming order: J virtual shards, fixed for a run, independent of the worker count (J >= workers).
     num_virtual_shards: int = Field(16, gt=0)
     prefetch_blocks: int = Field(3, gt=0)

@@ -40,7 +40,8 @@ This module holds these conventions, :data:`KINDS`, the hard-label term
 :func:`hard_label_ce`, the KD registry and the dispatcher :func:`distillation_loss`. The
 KD terms live in :mod:`distill.losses_topk` (forward KL on the top-k, with or without a
 tail bucket, the shared helpers, and the teacher's tail approximation at T != 1) and
-:mod:`distill.losses_alt` (reverse KL, JSD, sampled KL, ranking distillation). Every
+:mod:`distill.losses_alt` (reverse KL, JSD, sampled KL, ranking distillation), :mod:`distill.losses_dkd`
+(decoupled KD) and :mod:`distill.losses_bands` (plain KD plus KD within popularity bands). Every
 public name is re-exported here, so import them from ``distill.losses``.
 """
 
@@ -52,6 +53,7 @@ import torch
 
 from distill.losses_dkd import dkd_topk_tail
 from distill.losses_alt import jsd_topk, kl_sampled, ranking_distillation, reverse_kl_topk
+from distill.losses_bands import kl_topk_tail_bands
 from distill.losses_topk import (_check_temperature, kl_topk, kl_topk_tail, real_item_logsumexp, select_rows,
                                  teacher_bucket_log_probs)
 from distill.model import PAD_ID
@@ -67,6 +69,7 @@ __all__ = [
     "kl_sampled",
     "kl_topk",
     "kl_topk_tail",
+    "kl_topk_tail_bands",
     "ranking_distillation",
     "reverse_kl_topk",
     "teacher_bucket_log_probs",
@@ -75,7 +78,7 @@ __all__ = [
 Tensor = torch.Tensor
 
 #: The KD terms :func:`distillation_loss` knows; the same names as ``DistillConfig.loss``.
-KINDS = ("kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd")
+KINDS = ("kl_topk", "kl_topk_tail", "kl_sampled", "reverse_kl", "jsd", "ranking", "dkd", "kl_bands")
 
 
 # --------------------------------------------------------------------------------------
@@ -138,6 +141,10 @@ _KD: dict[str, tuple[tuple[str, ...], Callable[..., tuple[Tensor, Tensor]]]] = {
     "dkd": (
         ("topk_ids", "topk_logits", "lse", "targets"),
         lambda s, d, T, o: dkd_topk_tail(s, d["topk_ids"], d["topk_logits"], d["lse"], d["targets"], T, **o),
+    ),
+    "kl_bands": (
+        ("topk_ids", "topk_logits", "lse"),
+        lambda s, d, T, o: kl_topk_tail_bands(s, d["topk_ids"], d["topk_logits"], d["lse"], T, **o),
     ),
 }
 assert tuple(_KD) == KINDS
@@ -218,7 +225,8 @@ def distillation_loss(
             "kl_topk_tail" (:func:`kl_topk_tail`), "kl_sampled" (:func:`kl_sampled`),
             "reverse_kl" (:func:`reverse_kl_topk`), "jsd" (:func:`jsd_topk`), "ranking"
             (:func:`ranking_distillation`, K = min(10, k) unless given), "dkd"
-            (:func:`dkd_topk_tail`, decoupled target / non-target terms).
+            (:func:`dkd_topk_tail`, decoupled target / non-target terms), "kl_bands"
+            (:func:`kl_topk_tail_bands`, plus KD within popularity bands: needs ``item_band``).
         alpha: weight of the hard-label term in [0, 1]. ``alpha == 1`` never reads
             ``soft`` (it may be None or empty: the no-teacher baseline); ``alpha == 0``
             skips the hard-label term.

@@ -234,6 +234,25 @@ def test_baseline_trains_without_soft_labels(store_template, tmp_path):
     assert sorted(counts[most_popular], reverse=True) == sorted(counts[1:], reverse=True)[:10]
 
 
+def test_kd_within_popularity_bands_trains_in_a_worker(store_template, tmp_path):
+    """distill.loss=kl_bands in the student worker (in-process engine): the bands come from the training counts,
+    and the band term is in the loss (the first steps' loss above plain KD's, same batches and initial weights)."""
+    from cluster.distill import train_student_worker
+    from cluster.engine import InProcessContext
+
+    first_loss = {}
+    for weight in (0.0, 5.0):
+        cfg = copy_run(store_template, tmp_path / f"w{weight:g}", "distill.loss=kl_bands", f"distill.band_weight={weight}",
+                       "student.train.epochs=1", "distill.log_consumed=false")
+        layout = RunLayout(cfg.run.run_dir)
+        ctx = InProcessContext(str(tmp_path / f"w{weight:g}" / "checkpoints"))
+        train_student_worker({"config": cfg.to_dict(), "baseline": False, "teacher_url": layout.teacher,
+                              "soft_manifest": store.load_store_manifest(layout.soft_labels)}, ctx)
+        first_loss[weight] = ctx.reports[0]["metrics"]["train_loss"]
+        assert history(cfg)["complete"]
+    assert first_loss[5.0] > first_loss[0.0] + 0.01, first_loss
+
+
 def test_elastic_shrink_and_grow_on_a_multi_node_cluster(store_template, tmp_path):
     """Runs in its own process: it needs its own Ray cluster (0-CPU head + two 1-CPU nodes)."""
     run_dir = tmp_path / "run"

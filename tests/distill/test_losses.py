@@ -20,6 +20,7 @@ from distill.losses import (
     kl_sampled,
     kl_topk,
     kl_topk_tail,
+    kl_topk_tail_bands,
     ranking_distillation,
     reverse_kl_topk,
 )
@@ -70,10 +71,16 @@ def pair(P=6, C=30, scale=3.0, seed=0):
     return teacher, student.requires_grad_(True)
 
 
+def kd_options(kind: str, student: torch.Tensor) -> dict:
+    """The options a kind cannot do without: kl_bands needs every item's band (three bands, by id)."""
+    return {"item_band": torch.arange(student.shape[1]) % 3} if kind == "kl_bands" else {}
+
+
 def all_kd(student, soft, T, mask=None):
     """Every KD loss on the same inputs, by kind name."""
     ids, z, lse = soft["topk_ids"], soft["topk_logits"], soft["lse"]
     return {
+        "kl_bands": kl_topk_tail_bands(student, ids, z, lse, T, mask=mask, **kd_options("kl_bands", student)),
         "kl_topk": kl_topk(student, ids, z, T, mask=mask),
         "kl_topk_tail": kl_topk_tail(student, ids, z, lse, T, mask=mask),
         "reverse_kl": reverse_kl_topk(student, ids, z, T, mask=mask),
@@ -135,7 +142,7 @@ def test_fully_masked_batch_is_exactly_zero_with_zero_gradient():
     targets = torch.zeros(4, dtype=torch.long)
     full = {**soft, **samp}
     for kind in KINDS:
-        loss, count, _ = distillation_loss(kind, 0.5, 2.0, student, targets, full)
+        loss, count, _ = distillation_loss(kind, 0.5, 2.0, student, targets, full, **kd_options(kind, student))
         assert loss.item() == 0.0 and count.item() == 0
         g, = torch.autograd.grad(loss, student)
         assert torch.count_nonzero(g) == 0
@@ -232,14 +239,15 @@ def test_alpha_zero_is_kd_and_mixing_is_linear():
         "jsd": jsd_topk(s, sub["topk_ids"], sub["topk_logits"], sub["lse"], T)[0],
         "ranking": ranking_distillation(s, sub["topk_ids"], K=6)[0],
         "dkd": dkd_topk_tail(s, sub["topk_ids"], sub["topk_logits"], sub["lse"], targets[keep], T)[0],
+        "kl_bands": kl_topk_tail_bands(s, sub["topk_ids"], sub["topk_logits"], sub["lse"], T, **kd_options("kl_bands", s))[0],
     }
     hard, _ = hard_label_ce(student, targets)
     for kind in KINDS:
-        kd, count, parts = distillation_loss(kind, 0.0, T, student, targets, soft)
+        kd, count, parts = distillation_loss(kind, 0.0, T, student, targets, soft, **kd_options(kind, student))
         torch.testing.assert_close(kd, direct[kind])
         assert set(parts) == {"kd"} and count.item() == int(keep.sum())
         for alpha in (0.25, 0.5, 0.9):
-            mixed, _, parts = distillation_loss(kind, alpha, T, student, targets, soft)
+            mixed, _, parts = distillation_loss(kind, alpha, T, student, targets, soft, **kd_options(kind, student))
             torch.testing.assert_close(mixed, alpha * hard + (1 - alpha) * kd)
             torch.testing.assert_close(parts["hard"], hard.detach())
             torch.testing.assert_close(parts["kd"], kd.detach())
@@ -265,7 +273,7 @@ def test_augmented_positions_never_reach_the_hard_label_term():
     real = ~augmented & (targets != 0)
     kd_rows = augmented | (targets != 0)
     for kind in KINDS:
-        terms = distillation_terms(kind, 0.5, 2.0, student, targets, soft, augmented)
+        terms = distillation_terms(kind, 0.5, 2.0, student, targets, soft, augmented, **kd_options(kind, student))
         hard, hard_count = hard_label_ce(student[real], targets[real])
         torch.testing.assert_close(terms["hard"][0], hard)
         assert int(terms["hard"][1]) == int(real.sum()) == 5  # position 3: no target, not augmented
@@ -274,7 +282,7 @@ def test_augmented_positions_never_reach_the_hard_label_term():
                                       soft["lse"][kd_rows], targets.masked_fill(augmented, 0)[kd_rows], 2.0)
         else:
             kd_ref, _, _ = distillation_loss(kind, 0.0, 2.0, student[kd_rows], torch.ones(int(kd_rows.sum()), dtype=torch.long),
-                                          {n: t[kd_rows] for n, t in soft.items()})
+                                          {n: t[kd_rows] for n, t in soft.items()}, **kd_options(kind, student))
         torch.testing.assert_close(terms["kd"][0], kd_ref)
         assert int(terms["kd"][1]) == int(kd_rows.sum()) == 9
         grad, = torch.autograd.grad(terms["hard"][0], student)
