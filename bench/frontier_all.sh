@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's frontier benchmarks, in order, as one resumable job:
 #
-#   nohup bash bench/frontier_all.sh [ml1m] [ml1m-teacher] [ml1m-losses] [ml1m-schedules] [ml1m-ensemble] [ml1m-augment] [ml1m-bands] [beauty] [beauty-short] > logs/frontier_all.out 2>&1 &
+#   nohup bash bench/frontier_all.sh [ml1m] [ml1m-teacher] [ml1m-losses] [ml1m-schedules] [ml1m-ensemble] [ml1m-augment] [ml1m-bands] [ml1m-bandkd] [beauty] [beauty-short] > logs/frontier_all.out 2>&1 &
 #
 # With no argument ML-1M then Beauty run at their full budgets; naming parts runs only those.
 # Every step continues where a cut-short run stopped, through the project's own resume: the teacher
@@ -156,6 +156,19 @@ for bands in m24t16 r24; do
 done
 }
 
+# KD within popularity bands (distill.loss=kl_bands, band_weight 1) as a lever at 1/10: plain KD hands the student a
+# tenth of the teacher's lead on tail targets (bench/results/frontier_ml1m_losses_bands.md), and in the teacher's top-k
+# the head items hold most of the mass, so the KL barely weighs how the teacher orders the tail items among themselves.
+# The band term adds a KL within each band (head, middle, tail of the training interactions). The ml1m run's store and
+# its finished 1/10 seed-0 pair (plain KD and twin, the ml1m-losses part): only the "-kd-bands" member trains, on
+# both cores (sweep.workers_per_member=2: the global batch does not depend on the worker count). ~45-60 min.
+ml1m-bandkd() {
+ml1m-teacher
+$PY -m cluster.cli precompute "${ML1M[@]}"
+$PY -m bench.frontier --name ml1m_bandkd "${ML1M[@]}" 'sweep.fractions=[0.1]' distill.augmented=skip \
+    'sweep.variants={bands: [distill.loss=kl_bands]}' sweep.workers_per_member=2
+}
+
 # More teacher-labelled augmented rows per training sequence, the one lever that moved the gain up at 1/10 (about
 # +2 points with one row per sequence): three rows per sequence (precompute.augment.ratio=3) in a store of its own,
 # labelled by the ml1m part's teacher, and the 1/10 seed-0 student distilled on store and augmented rows alike
@@ -177,7 +190,7 @@ parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(ml1m beauty)
 for part in "${parts[@]}"; do
     case $part in
-        ml1m|ml1m-teacher|ml1m-losses|ml1m-schedules|ml1m-ensemble|ml1m-augment|ml1m-bands|beauty|beauty-short) $part ;;
-        *) echo "frontier_all: unknown part '$part' (ml1m, ml1m-teacher, ml1m-losses, ml1m-schedules, ml1m-ensemble, ml1m-augment, ml1m-bands, beauty, beauty-short)" >&2; exit 2 ;;
+        ml1m|ml1m-teacher|ml1m-losses|ml1m-schedules|ml1m-ensemble|ml1m-augment|ml1m-bands|ml1m-bandkd|beauty|beauty-short) $part ;;
+        *) echo "frontier_all: unknown part '$part' (ml1m, ml1m-teacher, ml1m-losses, ml1m-schedules, ml1m-ensemble, ml1m-augment, ml1m-bands, ml1m-bandkd, beauty, beauty-short)" >&2; exit 2 ;;
     esac
 done
