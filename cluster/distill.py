@@ -41,7 +41,7 @@ from data_pipeline.exports import read_export_meta, read_export_tensor
 from data_pipeline.layout import RunLayout
 from data_pipeline.streaming import PrefetchIterator, StreamingReader, prefetch_iter
 from distill.hints import ItemEmbeddingHint, hint_items
-from distill.metrics import popularity_band
+from distill.metrics import POPULARITY_BANDS, popularity_band
 from distill.sizing import count_parameters
 from distill.teacher_init import init_item_table_from_teacher
 from distill.training import check_checkpoint_stage, lr_ratio, mixed_loss, seed_step
@@ -133,7 +133,7 @@ def train_student_worker(loop_config: dict[str, Any], ctx: WorkerContext) -> Non
                   "dkd": {"target_weight": dcfg.dkd_target_weight, "nontarget_weight": dcfg.dkd_nontarget_weight}}.get(dcfg.loss, {})
     if dcfg.loss == "kl_bands" and not baseline:  # every item's popularity band, from the training counts
         item_band = torch.from_numpy(popularity_band(train_item_counts(layout.data, num_items, storage))).to(device)
-        kd_options = {"item_band": item_band, "band_weight": dcfg.band_weight}
+        kd_options = {"item_band": item_band, "band_weight": dcfg.band_weight, "num_bands": len(POPULARITY_BANDS)}
 
     def save_and_report(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="recdistill-student-") as tmp:

@@ -60,6 +60,7 @@ def kl_topk_tail_bands(
     *,
     item_band: Tensor,
     band_weight: float = 1.0,
+    num_bands: Optional[int] = None,
     mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`distill.losses_topk.kl_topk_tail` plus ``band_weight`` times the within-band KL (module docstring).
@@ -69,6 +70,8 @@ def kl_topk_tail_bands(
         item_band: (C,) int64, the popularity band of every item id (column 0, the padding, any value), e.g.
             :func:`distill.metrics.popularity_band` of the training counts.
         band_weight: >= 0; 0 is plain ``kl_topk_tail``.
+        num_bands: the bands in ``item_band`` (0..num_bands-1); None reads it from ``item_band``, a device sync
+            that a training loop avoids by giving it.
     Returns ``(loss_sum, count)``.
     """
     if band_weight < 0:
@@ -83,6 +86,7 @@ def kl_topk_tail_bands(
         ids = (topk_ids if keep is None else topk_ids[keep.to(topk_ids.device)]).to(s.device)
         z = (topk_logits if keep is None else topk_logits[keep.to(topk_logits.device)]).to(s.device).detach()
         bands = item_band.to(s.device)[ids]
-        num_bands = int(item_band[1:].max()) + 1 if item_band.shape[0] > 1 else 1
+        if num_bands is None:
+            num_bands = int(item_band[1:].max()) + 1
         rows = rows + band_weight * band_kl(s.gather(1, ids), z, bands, num_bands, T)
     return rows.sum() * (T * T), count

@@ -43,6 +43,9 @@ def test_kl_bands_is_plain_kd_plus_the_weighted_within_band_kl(T, weight):
     teacher, student, item_band, soft = _case()
     got, count = kl_topk_tail_bands(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T,
                                     item_band=item_band, band_weight=weight)
+    given, _ = kl_topk_tail_bands(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T,
+                                  item_band=item_band, band_weight=weight, num_bands=3)
+    assert given.item() == got.item()
     plain, _ = kl_topk_tail(student, soft["topk_ids"], soft["topk_logits"], soft["lse"], T)
     bands = naive_band_kl(teacher, student, soft["topk_ids"], item_band, T).sum() * T * T
     assert count == teacher.shape[0]
