@@ -75,13 +75,22 @@ def catalog_problems(cfg: Config, num_items: int) -> list[Problem]:
     return problems
 
 
+# The options of one KD loss each: set for another loss they would do nothing.
+LOSS_OPTIONS = {"ranking": ("ranking_top",), "dkd": ("dkd_target_weight", "dkd_nontarget_weight"), "kl_bands": ("band_weight",)}
+
+
 def task_problems(cfg: Config) -> list[Problem]:
-    """Settings the rating task (``run.task=rating``) has no use for, refused rather than ignored: its store keeps the
-    teacher's whole distribution over the few rating levels (no top-k, no sampled labels) and its loss is the
-    temperature KL of those distributions mixed with the cross-entropy."""
+    """Settings the run has no use for, refused rather than ignored: a KD loss's options under another loss, and
+    for the rating task (``run.task=rating``) next-item settings: its store keeps the teacher's whole distribution
+    over the few rating levels (no top-k, no sampled labels) and its loss is the temperature KL of those
+    distributions mixed with the cross-entropy."""
+    fields = type(cfg.distill).model_fields
+    problems = [Problem("distill", f"distill.{name} applies to distill.loss={loss} only (this run's is {cfg.distill.loss}): "
+                                   f"remove it, or set distill.loss={loss}")
+                for loss, names in LOSS_OPTIONS.items() if loss != cfg.distill.loss
+                for name in names if getattr(cfg.distill, name) != fields[name].default]
     if cfg.run.task != "rating":
-        return []
-    problems = []
+        return problems
     if cfg.precompute.num_sampled:
         problems.append(Problem("precompute", "precompute.num_sampled has no use for run.task=rating (the store keeps the "
                                               "whole rating distribution); set it to 0"))

@@ -143,6 +143,16 @@ def test_a_catalog_mismatch_is_refused_before_training(tmp_path, capsys):
     assert not (run_dir / "teacher").exists()
 
 
+def test_a_kd_losss_options_under_another_loss_are_refused_not_ignored(tmp_path, capsys):
+    _refused(capsys, ["pipeline", f"run.run_dir={tmp_path / 'run'}", *SMALL, "distill.band_weight=2"],
+             "[distill]", "distill.band_weight applies to distill.loss=kl_bands only (this run's is kl_topk_tail)")
+    _refused(capsys, ["pipeline", f"run.run_dir={tmp_path / 'run'}", *SMALL, "distill.loss=kl_bands", "distill.dkd_target_weight=2"],
+             "distill.dkd_target_weight applies to distill.loss=dkd only")
+    assert not (tmp_path / "run" / "data").exists()  # refused before prepare
+    fine = build_config({}, [f"run.run_dir={tmp_path / 'run'}", *SMALL, "distill.loss=kl_bands", "distill.band_weight=2"])
+    assert not [p for p in build_plan(fine).problems if "applies to distill.loss" in p.message]
+
+
 def test_config_level_problems_name_both_keys(tmp_path):
     cfg = build_config({}, [f"run.run_dir={tmp_path}", "student.train.batch_size=8", "scaling.num_workers=20"])
     with pytest.raises(PlanError) as err:
